@@ -1,0 +1,64 @@
+//! Length-prefixed frames on QUIC streams: a `u32` big-endian length, then that many bytes.
+//!
+//! The length is checked against the limit before anything is buffered, and the body is
+//! buffered only as it arrives, so a peer that announces a large frame and sends nothing
+//! costs nothing.
+
+use bytes::{Bytes, BytesMut};
+use quinn::RecvStream;
+
+/// Why reading a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FrameError {
+    #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("stream ended inside a frame ({got} of {expected} bytes)")]
+    Truncated { got: usize, expected: usize },
+    #[error("stream failed: {0}")]
+    Stream(String),
+}
+
+impl FrameError {
+    /// A short label for metrics and logs.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "too_large",
+            Self::Truncated { .. } => "truncated",
+            Self::Stream(_) => "stream",
+        }
+    }
+}
+
+/// Reads one frame. `Ok(None)` is a clean end of stream at a frame boundary.
+pub(crate) async fn read_frame(
+    recv: &mut RecvStream,
+    limit: usize,
+) -> Result<Option<Bytes>, FrameError> {
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(got)) => {
+            return Err(FrameError::Truncated { got, expected: 4 })
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(FrameError::Stream(e.to_string())),
+    }
+    let size = u32::from_be_bytes(len) as usize;
+    if size > limit {
+        return Err(FrameError::TooLarge { size, limit });
+    }
+    let mut body = BytesMut::with_capacity(size.min(64 * 1024));
+    while body.len() < size {
+        match recv.read_chunk(size - body.len(), true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(FrameError::Truncated {
+                    got: body.len(),
+                    expected: size,
+                })
+            }
+            Err(e) => return Err(FrameError::Stream(e.to_string())),
+        }
+    }
+    Ok(Some(body.freeze()))
+}

@@ -1,0 +1,34 @@
+//! How bytes move between grid members and who is alive.
+//!
+//! # Layout
+//! - [`tls`]: the cluster CA and member certificates ([`tls::Identity`]), rustls configs.
+//! - [`transport`]: the QUIC endpoint ([`transport::Transport`]): connection cache,
+//!   request/response, ordered one-way messages, bulk streams; frames and their limits.
+//! - `gossip`: chitchat carried over the QUIC connections.
+//! - [`membership`]: the member list, events and the oldest member ([`membership::Cluster`]).
+//! - `multicast`: multicast discovery (announces addresses; trust still comes from TLS).
+//! - [`topic`]: cluster messages on named channels ([`topic::Topic`]).
+//! - [`node`]: starts all of the above for one member ([`node::Node`]).
+//! - [`codec`]: MessagePack encoding of values.
+//! - `socket`: the UDP socket with a fault-injection switch ([`FaultSwitch`]).
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod config;
+mod error;
+mod frame;
+mod gossip;
+pub mod membership;
+mod multicast;
+pub mod node;
+pub mod tls;
+pub mod topic;
+pub mod transport;
+mod socket;
+mod wire;
+
+pub use error::NetError;
+pub use socket::FaultSwitch;
+pub use wire::PROTOCOL_VERSION;
