@@ -280,20 +280,29 @@ impl ServerCertVerifier for ClusterServerVerifier {
     }
 }
 
-/// Turns a handshake failure into a sentence that says which of the usual causes it is.
-pub(crate) fn explain_handshake_error(err: &str) -> &'static str {
+/// Turns a handshake failure into a sentence that says which of the usual causes it is,
+/// and whether it deserves a warning (a configuration problem) or not (a peer that is down
+/// or leaving, which gossip runs into all the time).
+pub(crate) fn explain_handshake_error(err: &str) -> (bool, &'static str) {
     let e = err.to_ascii_lowercase();
-    if e.contains("unknownissuer") || e.contains("unknown ca") || e.contains("badsignature")
-        || e.contains("bad certificate") || e.contains("certificate")
+    if e.contains("application protocol") || e.contains("no_application_protocol") || e.contains("alpn") {
+        (true, "the peer speaks another grid protocol version (ALPN mismatch)")
+    } else if e.contains("certificate") || e.contains("unknownissuer") || e.contains("unknown ca")
+        || e.contains("badsignature") || e.contains("crypto") || e.contains("handshake")
     {
-        "certificate not signed by our cluster CA: the peer has another cluster secret or CA \
-         (with default secrets, another cluster name)"
-    } else if e.contains("application protocol") || e.contains("no_application_protocol") {
-        "the peer speaks another grid protocol version (ALPN mismatch)"
+        (
+            true,
+            "certificate not accepted: the peer has another cluster secret or CA (with default \
+             secrets, another cluster name)",
+        )
+    } else if e.contains("refused to accept") {
+        (false, "the peer is shutting down")
     } else if e.contains("timed out") {
-        "no answer (the peer is down or unreachable)"
+        (false, "no answer: the peer is down or unreachable")
+    } else if e == "closed" || e.contains("endpoint stopping") {
+        (false, "this member is shutting down")
     } else {
-        "TLS/QUIC handshake failed"
+        (true, "the connection could not be established")
     }
 }
 

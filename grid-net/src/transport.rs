@@ -515,11 +515,11 @@ impl Transport {
             Ok(c) => c,
             Err(e) => {
                 let text = e.to_string();
-                let why = explain_handshake_error(&text);
-                if why.starts_with("no answer") {
-                    debug!(%addr, error = %text, "cannot connect: {why}");
-                } else {
+                let (serious, why) = explain_handshake_error(&text);
+                if serious {
                     warn!(%addr, error = %text, "cannot connect: {why}");
+                } else {
+                    debug!(%addr, error = %text, "cannot connect: {why}");
                 }
                 return Err(unreachable(format!("{why}: {text}")));
             }
@@ -629,7 +629,12 @@ impl Transport {
             Ok(c) => c,
             Err(e) => {
                 let text = e.to_string();
-                warn!(%remote, error = %text, "refused incoming connection: {}", explain_handshake_error(&text));
+                let (serious, why) = explain_handshake_error(&text);
+                if serious {
+                    warn!(%remote, error = %text, "refused incoming connection: {why}");
+                } else {
+                    debug!(%remote, error = %text, "incoming connection failed: {why}");
+                }
                 metrics::counter!("grid_net_handshakes_refused_total").increment(1);
                 return;
             }

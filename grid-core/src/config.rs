@@ -1,0 +1,230 @@
+//! A member's configuration: one TOML file, every key optional, `GRID_*` environment
+//! variables on top.
+//!
+//! ```toml
+//! cluster_name = "orders"
+//! member_id = "orders-1"          # default: random
+//!
+//! [network]
+//! bind = "10.0.0.5:5701"
+//! seeds = ["10.0.0.6:5701", "orders-2.internal:5701"]
+//!
+//! [tls]                           # production: all three files
+//! ca = "/etc/grid/ca.pem"
+//! cert = "/etc/grid/member.pem"
+//! key = "/etc/grid/member.key"
+//!
+//! [multicast]
+//! enabled = false
+//!
+//! [membership]
+//! gossip_interval_ms = 100
+//!
+//! [attributes]
+//! zone = "eu-west-1a"
+//! ```
+//!
+//! Environment overrides (applied by [`GridConfig::load`] and
+//! [`GridConfig::apply_env`]): `GRID_CLUSTER_NAME`, `GRID_MEMBER_ID`, `GRID_BIND`,
+//! `GRID_ADVERTISE`, `GRID_SEEDS` (comma-separated), `GRID_CLUSTER_SECRET`, `GRID_TLS_CA`,
+//! `GRID_TLS_CERT`, `GRID_TLS_KEY`, `GRID_MULTICAST_ENABLED`, `GRID_MULTICAST_GROUP`,
+//! `GRID_MULTICAST_PORT`, `GRID_ATTRIBUTES` (`k=v,k=v`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use grid_net::config::{MembershipConfig, MulticastConfig, NetConfig, NetworkConfig, TlsConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::GridError;
+
+/// The whole configuration of a member. `Default` works on one machine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GridConfig {
+    /// The cluster's name (default `"grid"`). Members of other clusters are refused.
+    pub cluster_name: String,
+    /// This member's id (default: random). Keep it stable across restarts.
+    pub member_id: Option<String>,
+    /// Addresses and seeds.
+    pub network: NetworkConfig,
+    /// Identity: PEM files, or a development secret.
+    pub tls: TlsConfig,
+    /// Multicast discovery.
+    pub multicast: MulticastConfig,
+    /// Gossip and failure detection.
+    pub membership: MembershipConfig,
+    /// Member attributes (`host`, `zone`, `data = "false"` for a lite member…).
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl Default for GridConfig {
+    fn default() -> Self {
+        Self {
+            cluster_name: "grid".to_string(),
+            member_id: None,
+            network: NetworkConfig::default(),
+            tls: TlsConfig::default(),
+            multicast: MulticastConfig::default(),
+            membership: MembershipConfig::default(),
+            attributes: BTreeMap::new(),
+        }
+    }
+}
+
+fn parse_env<T: FromStr>(name: &str, value: &str) -> Result<T, GridError>
+where
+    T::Err: std::fmt::Display,
+{
+    value.trim().parse().map_err(|e: T::Err| GridError::ConfigEnv {
+        name: name.to_string(),
+        value: value.to_string(),
+        message: e.to_string(),
+    })
+}
+
+impl GridConfig {
+    /// Parses TOML text.
+    ///
+    /// ```
+    /// let c = grid_core::GridConfig::from_toml_str("cluster_name = \"orders\"\n[network]\nseeds = []").unwrap();
+    /// assert_eq!(c.cluster_name, "orders");
+    /// assert!(grid_core::GridConfig::from_toml_str("clustr_name = \"typo\"").is_err());
+    /// ```
+    pub fn from_toml_str(text: &str) -> Result<Self, GridError> {
+        toml::from_str(text).map_err(|e| GridError::ConfigInvalid {
+            path: None,
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads a TOML file.
+    pub fn from_toml_file(path: &Path) -> Result<Self, GridError> {
+        let text = std::fs::read_to_string(path).map_err(|source| GridError::ConfigRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| GridError::ConfigInvalid {
+            path: Some(path.to_path_buf()),
+            message: e.to_string(),
+        })
+    }
+
+    /// The file if given (defaults otherwise), then the process's `GRID_*` variables.
+    pub fn load(path: Option<&Path>) -> Result<Self, GridError> {
+        let mut config = match path {
+            Some(p) => Self::from_toml_file(p)?,
+            None => Self::default(),
+        };
+        config.apply_env(std::env::vars())?;
+        Ok(config)
+    }
+
+    /// Applies `GRID_*` overrides from `vars` (pass `std::env::vars()`).
+    pub fn apply_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<(), GridError> {
+        for (name, value) in vars {
+            match name.as_str() {
+                "GRID_CLUSTER_NAME" => self.cluster_name = value,
+                "GRID_MEMBER_ID" => self.member_id = Some(value),
+                "GRID_BIND" => self.network.bind = parse_env(&name, &value)?,
+                "GRID_ADVERTISE" => self.network.advertise = Some(parse_env(&name, &value)?),
+                "GRID_SEEDS" => {
+                    self.network.seeds = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect()
+                }
+                "GRID_CLUSTER_SECRET" => self.tls.secret = Some(value),
+                "GRID_TLS_CA" => self.tls.ca = Some(PathBuf::from(value)),
+                "GRID_TLS_CERT" => self.tls.cert = Some(PathBuf::from(value)),
+                "GRID_TLS_KEY" => self.tls.key = Some(PathBuf::from(value)),
+                "GRID_MULTICAST_ENABLED" => self.multicast.enabled = parse_env(&name, &value)?,
+                "GRID_MULTICAST_GROUP" => self.multicast.group = parse_env(&name, &value)?,
+                "GRID_MULTICAST_PORT" => self.multicast.port = parse_env(&name, &value)?,
+                "GRID_ATTRIBUTES" => {
+                    for pair in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                        let (k, v) = pair.split_once('=').ok_or_else(|| GridError::ConfigEnv {
+                            name: name.clone(),
+                            value: value.clone(),
+                            message: format!("{pair:?} is not key=value"),
+                        })?;
+                        self.attributes.insert(k.trim().to_string(), v.trim().to_string());
+                    }
+                }
+                other if other.starts_with("GRID_") && other != "GRID_LOG" => {
+                    tracing::debug!(variable = other, "unknown GRID_ variable ignored");
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The networking part, for `grid_net::node::Node::start`.
+    pub fn to_net_config(&self) -> NetConfig {
+        NetConfig {
+            cluster_name: self.cluster_name.clone(),
+            member_id: self.member_id.clone(),
+            attributes: self.attributes.clone(),
+            network: self.network.clone(),
+            tls: self.tls.clone(),
+            multicast: self.multicast.clone(),
+            membership: self.membership.clone(),
+            must_match: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env() {
+        let mut c = GridConfig::from_toml_str(
+            r#"
+            cluster_name = "orders"
+            [network]
+            bind = "127.0.0.1:6000"
+            seeds = ["a:1"]
+            [multicast]
+            enabled = true
+            [attributes]
+            zone = "a"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.network.bind.port(), 6000);
+        assert!(c.multicast.enabled);
+        c.apply_env([
+            ("GRID_SEEDS".to_string(), "b:1, c:2".to_string()),
+            ("GRID_ATTRIBUTES".to_string(), "zone=b,host=h1".to_string()),
+            ("GRID_MULTICAST_ENABLED".to_string(), "false".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ])
+        .unwrap();
+        assert_eq!(c.network.seeds, vec!["b:1", "c:2"]);
+        assert_eq!(c.attributes["zone"], "b");
+        assert_eq!(c.attributes["host"], "h1");
+        assert!(!c.multicast.enabled);
+        let err = c
+            .apply_env([("GRID_BIND".to_string(), "nope".to_string())])
+            .unwrap_err();
+        assert!(err.to_string().contains("GRID_BIND"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(GridConfig::from_toml_str("[network]\nbnd = \"x\"").is_err());
+    }
+
+    #[test]
+    fn defaults_work_alone() {
+        let c = GridConfig::default();
+        assert_eq!(c.network.bind.port(), 5701);
+        assert!(!c.multicast.enabled);
+    }
+}

@@ -1,0 +1,41 @@
+//! The error of grid's public API.
+
+use std::path::PathBuf;
+
+/// What can go wrong starting or using a member.
+#[derive(Debug, thiserror::Error)]
+pub enum GridError {
+    /// The configuration file could not be read. Nothing started.
+    #[error("cannot read configuration file {path}: {source}")]
+    ConfigRead {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The configuration is not valid TOML of the expected shape (unknown keys included).
+    /// Nothing started.
+    #[error("invalid configuration{}: {message}", path.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default())]
+    ConfigInvalid {
+        /// The file, if the configuration came from one.
+        path: Option<PathBuf>,
+        /// What is wrong.
+        message: String,
+    },
+    /// An environment variable override has a value that does not parse.
+    #[error("environment variable {name}={value:?} is invalid: {message}")]
+    ConfigEnv {
+        /// The variable.
+        name: String,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A network or membership error (see [`grid_net::NetError`] for what each means).
+    #[error(transparent)]
+    Net(#[from] grid_net::NetError),
+    /// A topic error (bad name, message too large).
+    #[error(transparent)]
+    Topic(#[from] grid_net::topic::TopicError),
+}

@@ -1,0 +1,227 @@
+//! grid: a peer-to-peer in-memory data grid for Rust services.
+//!
+//! Every process embeds a member; members find each other (seed list or multicast), agree
+//! on membership by gossip, and talk over mutually authenticated QUIC. A single member is a
+//! one-member cluster running the same code.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), grid::GridError> {
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize, Debug, PartialEq)]
+//! struct Hello { from: String }
+//!
+//! let a = grid::Grid::builder().cluster_name("doc").bind("127.0.0.1:0").no_seeds().start().await?;
+//! let b = grid::Grid::builder().cluster_name("doc").bind("127.0.0.1:0").seed(a.addr()).start().await?;
+//! b.cluster().wait_until(std::time::Duration::from_secs(10), |m| m.len() == 2).await;
+//!
+//! let mut inbox = a.topic::<Hello>("greetings")?.subscribe();
+//! b.topic::<Hello>("greetings")?.publish(&Hello { from: "b".into() }).await?;
+//! assert_eq!(inbox.recv().await, Some(Hello { from: "b".into() }));
+//!
+//! b.shutdown().await;
+//! a.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`Grid`] / [`GridBuilder`]: start and stop a member; get its primitives.
+//! - [`Cluster`]: members, events, the leader (re-exported from `grid-net`).
+//! - [`Topic`]: cluster messages (re-exported from `grid-net`).
+//! - [`GridConfig`]: the configuration file and its environment overrides (`grid-core`).
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use grid_core::{codec, GridConfig, GridError};
+pub use grid_net::config::{MembershipConfig, MulticastConfig, NetworkConfig, TlsConfig};
+pub use grid_net::membership::{Cluster, Member, MemberEvent, MembershipEvents};
+pub use grid_net::topic::{Subscription, Topic, TopicError};
+pub use grid_net::NetError;
+
+/// Builds a member's configuration and starts it. Start from [`Grid::builder`].
+#[derive(Debug, Clone, Default)]
+pub struct GridBuilder {
+    config: GridConfig,
+}
+
+impl GridBuilder {
+    /// Replaces the whole configuration (e.g. one loaded with [`GridConfig::load`]); later
+    /// builder calls change it further.
+    pub fn config(mut self, config: GridConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The cluster's name.
+    pub fn cluster_name(mut self, name: impl Into<String>) -> Self {
+        self.config.cluster_name = name.into();
+        self
+    }
+
+    /// This member's id (default: random).
+    pub fn member_id(mut self, id: impl Into<String>) -> Self {
+        self.config.member_id = Some(id.into());
+        self
+    }
+
+    /// The address to bind, e.g. `"127.0.0.1:0"`.
+    ///
+    /// # Panics
+    /// If `addr` is not a socket address: this is a programming error, not input.
+    pub fn bind(mut self, addr: &str) -> Self {
+        self.config.network.bind = addr.parse().expect("bind takes an IP:port literal");
+        self
+    }
+
+    /// The address other members should dial, when it differs from the bound one.
+    pub fn advertise(mut self, addr: SocketAddr) -> Self {
+        self.config.network.advertise = Some(addr);
+        self
+    }
+
+    /// Adds a seed member (`host:port`, or a `SocketAddr`).
+    pub fn seed(mut self, seed: impl ToString) -> Self {
+        if self.config.network.seeds == NetworkConfig::default().seeds {
+            self.config.network.seeds.clear();
+        }
+        self.config.network.seeds.push(seed.to_string());
+        self
+    }
+
+    /// Replaces the seed list.
+    pub fn seeds<S: ToString>(mut self, seeds: impl IntoIterator<Item = S>) -> Self {
+        self.config.network.seeds = seeds.into_iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// No seeds: the member starts alone (and is found by others that have it as a seed, or
+    /// by multicast).
+    pub fn no_seeds(mut self) -> Self {
+        self.config.network.seeds.clear();
+        self
+    }
+
+    /// Turns multicast discovery on or off with the default group.
+    pub fn multicast(mut self, enabled: bool) -> Self {
+        self.config.multicast.enabled = enabled;
+        self
+    }
+
+    /// Multicast discovery settings.
+    pub fn multicast_config(mut self, multicast: MulticastConfig) -> Self {
+        self.config.multicast = multicast;
+        self
+    }
+
+    /// Development identity: the cluster CA is derived from this secret.
+    pub fn secret(mut self, secret: impl Into<String>) -> Self {
+        self.config.tls.secret = Some(secret.into());
+        self
+    }
+
+    /// Production identity: the cluster CA, this member's certificate and key (PEM files).
+    pub fn tls_files(mut self, ca: impl Into<PathBuf>, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.config.tls.ca = Some(ca.into());
+        self.config.tls.cert = Some(cert.into());
+        self.config.tls.key = Some(key.into());
+        self
+    }
+
+    /// Sets a member attribute, gossiped to every member.
+    pub fn attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.attributes.insert(key.into(), value.into());
+        self
+    }
+
+    /// A lite member: it can use everything but holds no data (`data=false`).
+    pub fn lite_member(self) -> Self {
+        self.attribute("data", "false")
+    }
+
+    /// Time between gossip rounds (default 100 ms).
+    pub fn gossip_interval(mut self, interval: Duration) -> Self {
+        self.config.membership.gossip_interval_ms = interval.as_millis() as u64;
+        self
+    }
+
+    /// Largest frame sent or accepted (default 16 MiB).
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.config.network.max_frame_size = bytes;
+        self
+    }
+
+    /// The configuration built so far.
+    pub fn build_config(&self) -> &GridConfig {
+        &self.config
+    }
+
+    /// Starts the member. Returns once its port is bound and gossip runs; other members
+    /// appear in [`Grid::cluster`] as they are found.
+    pub async fn start(self) -> Result<Grid, GridError> {
+        let node = grid_net::node::Node::start(self.config.to_net_config()).await?;
+        Ok(Grid {
+            node: Arc::new(node),
+        })
+    }
+}
+
+/// A running member. Cheap to clone; the member stops when [`Grid::shutdown`] is called
+/// (gracefully) or the last clone is dropped (abruptly: others see it fail).
+#[derive(Debug, Clone)]
+pub struct Grid {
+    node: Arc<grid_net::node::Node>,
+}
+
+impl Grid {
+    /// A builder with the defaults (cluster `grid`, port 5701, seeds 127.0.0.1:5701–5703).
+    pub fn builder() -> GridBuilder {
+        GridBuilder::default()
+    }
+
+    /// Starts a member from a configuration.
+    pub async fn start(config: GridConfig) -> Result<Self, GridError> {
+        GridBuilder { config }.start().await
+    }
+
+    /// The cluster as this member sees it.
+    pub fn cluster(&self) -> &Cluster {
+        self.node.cluster()
+    }
+
+    /// The address other members dial.
+    pub fn addr(&self) -> SocketAddr {
+        self.node.addr()
+    }
+
+    /// The channel `name` of messages of type `M`.
+    pub fn topic<M: Serialize + DeserializeOwned>(&self, name: &str) -> Result<Topic<M>, GridError> {
+        Ok(self.node.topic(name)?)
+    }
+
+    /// Leaves the cluster gracefully: other members report it as left at once.
+    pub async fn shutdown(&self) {
+        self.node.shutdown().await;
+    }
+
+    /// Stops the member abruptly, without telling anyone (as if killed). For tests and demos.
+    #[doc(hidden)]
+    pub fn kill(&self) {
+        self.node.kill();
+    }
+
+    /// The transport underneath (for services, tests and benchmarks).
+    #[doc(hidden)]
+    pub fn transport(&self) -> &grid_net::transport::Transport {
+        self.node.transport()
+    }
+}
