@@ -32,3 +32,5 @@ mod wire;
 pub use error::NetError;
 pub use socket::FaultSwitch;
 pub use wire::PROTOCOL_VERSION;
+#[doc(hidden)]
+pub use wire::testing as wire_testing;

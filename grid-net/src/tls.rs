@@ -285,7 +285,7 @@ impl ServerCertVerifier for ClusterServerVerifier {
 /// or leaving, which gossip runs into all the time).
 pub(crate) fn explain_handshake_error(err: &str) -> (bool, &'static str) {
     let e = err.to_ascii_lowercase();
-    if e.contains("application protocol") || e.contains("no_application_protocol") || e.contains("alpn") {
+    if e.contains("error 120") || e.contains("known protocol") || e.contains("application protocol") {
         (true, "the peer speaks another grid protocol version (ALPN mismatch)")
     } else if e.contains("certificate") || e.contains("unknownissuer") || e.contains("unknown ca")
         || e.contains("badsignature") || e.contains("crypto") || e.contains("handshake")

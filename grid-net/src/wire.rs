@@ -14,7 +14,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The first byte of every stream says what the stream carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub(crate) enum StreamKind {
+pub enum StreamKind {
     /// Bidirectional, first stream of a connection: [`Hello`] then [`HelloReply`].
     Hello = b'H',
     /// Bidirectional: one routed request frame, then one response frame.
@@ -110,5 +110,44 @@ mod tests {
         assert!(decode_routed(&Bytes::from_static(b"")).is_none());
         assert!(decode_routed(&Bytes::from_static(b"\x09abc")).is_none());
         assert!(decode_routed(&Bytes::from_static(b"\x02\xff\xfe")).is_none());
+    }
+}
+
+/// Raw wire building blocks, for tests that play a misbehaving peer.
+#[doc(hidden)]
+pub mod testing {
+    use std::net::SocketAddr;
+
+    use bytes::{BufMut, BytesMut};
+
+    pub use super::StreamKind;
+
+    /// The bytes a dialer writes on its first stream: kind byte, framed hello.
+    pub fn hello_stream(cluster: &str, member_id: &str, generation: u64, addr: SocketAddr) -> Vec<u8> {
+        let hello = super::Hello {
+            cluster: cluster.to_string(),
+            protocol: super::PROTOCOL_VERSION,
+            member_id: member_id.to_string(),
+            generation,
+            addr,
+            settings: vec![],
+        };
+        let body = crate::codec::encode(&hello).unwrap_or_default();
+        let mut buf = BytesMut::new();
+        buf.put_u8(StreamKind::Hello as u8);
+        buf.put_u32(body.len() as u32);
+        buf.put_slice(&body);
+        buf.to_vec()
+    }
+
+    /// A well-formed request stream: kind byte, framed routed request.
+    pub fn request_stream(route: &str, body: &[u8]) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        buf.put_u8(StreamKind::Request as u8);
+        buf.put_u32((1 + route.len() + body.len()) as u32);
+        buf.put_u8(route.len() as u8);
+        buf.put_slice(route.as_bytes());
+        buf.put_slice(body);
+        buf.to_vec()
     }
 }

@@ -1,0 +1,239 @@
+//! A raw quinn client with a valid certificate sends garbage, truncated and oversized
+//! frames: the member closes that stream (or, past a limit, that connection), logs why, and
+//! keeps serving everyone else.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use grid_net::tls::Identity;
+use grid_net::transport::{LocalMember, Transport, TransportConfig};
+use grid_net::wire_testing::{hello_stream, request_stream, StreamKind};
+use grid_net::NetError;
+
+const SECRET: &[u8] = b"frames test secret";
+
+fn local(id: &str) -> LocalMember {
+    LocalMember {
+        cluster: "frames".into(),
+        member_id: id.into(),
+        generation: 1,
+        settings: vec![],
+    }
+}
+
+fn member(id: &str, config: TransportConfig) -> Transport {
+    let identity = Identity::from_secret(SECRET, id).unwrap();
+    let t = Transport::bind("127.0.0.1:0".parse().unwrap(), None, &identity, local(id), config).unwrap();
+    t.on_request("echo", |_peer, body| async move { Ok(body) });
+    t
+}
+
+/// A quinn endpoint holding a certificate of the cluster, speaking ALPN `alpn`.
+fn raw_endpoint(alpn: &[u8]) -> quinn::Endpoint {
+    let identity = Identity::from_secret(SECRET, "raw").unwrap();
+    let crypto = identity.client_config_with_alpn(alpn).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap(),
+    )));
+    ep
+}
+
+async fn raw_connect(ep: &quinn::Endpoint, addr: SocketAddr) -> quinn::Connection {
+    let conn = ep.connect(addr, "grid.member").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&hello_stream("frames", "raw", 1, ep.local_addr().unwrap()))
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let reply = recv.read_to_end(64 * 1024).await.unwrap();
+    assert!(!reply.is_empty());
+    conn
+}
+
+/// Sends `bytes` on a new bidirectional stream; the answer, or why there is none.
+async fn raw_stream(conn: &quinn::Connection, bytes: &[u8]) -> Result<Vec<u8>, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    // The member may stop the stream before reading it all: that is the point.
+    let _ = send.write_all(bytes).await;
+    let _ = send.finish();
+    tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 20))
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+async fn still_serves(member: &Transport, other: &Transport) {
+    let reply = other
+        .request(member.local_addr(), "echo", b"ping", Duration::from_secs(5))
+        .await
+        .expect("the member keeps serving other members");
+    assert_eq!(&reply[..], b"ping");
+}
+
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
+    let logs = Logs::default();
+    let w = logs.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_ansi(false)
+        .with_writer(move || w.clone())
+        .finish();
+    (logs, tracing::subscriber::set_default(sub))
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn bad_frames_close_the_stream_and_the_member_keeps_serving() {
+    let (logs, _guard) = capture_logs();
+    let m = member("m", TransportConfig::default());
+    let other = member("other", TransportConfig::default());
+    let ep = raw_endpoint(grid_net::tls::ALPN);
+    let conn = raw_connect(&ep, m.local_addr()).await;
+
+    // A well-formed request works on the raw connection.
+    let ok = raw_stream(&conn, &request_stream("echo", b"hi")).await.unwrap();
+    assert_eq!(&ok[4..], b"\x00hi");
+
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("unknown stream kind", vec![0xff, 0, 0, 0, 1, 0]),
+        ("truncated frame", {
+            let mut v = vec![StreamKind::Request as u8];
+            v.extend_from_slice(&100u32.to_be_bytes());
+            v.extend_from_slice(&[1; 10]);
+            v
+        }),
+        ("oversized frame", {
+            let mut v = vec![StreamKind::Request as u8];
+            v.extend_from_slice(&u32::MAX.to_be_bytes());
+            v.extend_from_slice(&[0; 1000]);
+            v
+        }),
+        ("undecodable routed frame", {
+            let mut v = vec![StreamKind::Request as u8];
+            v.extend_from_slice(&3u32.to_be_bytes());
+            v.extend_from_slice(&[9, b'a', b'b']);
+            v
+        }),
+        ("empty stream", vec![]),
+    ];
+    for (what, bytes) in cases {
+        let r = raw_stream(&conn, &bytes).await;
+        assert!(r.is_err(), "{what}: the stream should be reset, got {r:?}");
+        still_serves(&m, &other).await;
+        // The same connection still serves well-formed requests.
+        let ok = raw_stream(&conn, &request_stream("echo", b"again")).await;
+        assert!(ok.is_ok(), "{what}: connection should survive one bad stream");
+    }
+
+    // Garbage on unidirectional streams: a bad kind, and a gossip frame that is not gossip.
+    for bytes in [vec![0xee, 1, 2, 3], {
+        let mut v = vec![StreamKind::Gossip as u8];
+        v.extend_from_slice(&5u32.to_be_bytes());
+        v.extend_from_slice(b"junk!");
+        v
+    }] {
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&bytes).await.unwrap();
+        s.finish().unwrap();
+    }
+    // An unknown route is an error answer, not a protocol violation.
+    let r = other
+        .request(m.local_addr(), "nope", b"", Duration::from_secs(5))
+        .await;
+    assert!(matches!(r, Err(NetError::Remote(ref e)) if e.contains("no handler")), "{r:?}");
+    still_serves(&m, &other).await;
+
+    let text = logs.text();
+    for expected in ["bad_kind", "truncated", "too_large", "undecodable", "bad input from peer"] {
+        assert!(text.contains(expected), "log should mention {expected}:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_peer_that_keeps_sending_garbage_loses_its_connection() {
+    let m = member("m", TransportConfig::default());
+    let other = member("other", TransportConfig::default());
+    let ep = raw_endpoint(grid_net::tls::ALPN);
+    let conn = raw_connect(&ep, m.local_addr()).await;
+    for _ in 0..TransportConfig::default().max_protocol_errors {
+        let _ = raw_stream(&conn, &[0xff]).await;
+    }
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("connection closed");
+    assert!(reason.to_string().contains("too many protocol errors"), "{reason}");
+    still_serves(&m, &other).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn garbage_instead_of_a_hello_closes_the_connection() {
+    let (logs, _guard) = capture_logs();
+    let m = member("m", TransportConfig::default());
+    let other = member("other", TransportConfig::default());
+    let ep = raw_endpoint(grid_net::tls::ALPN);
+    let conn = ep.connect(m.local_addr(), "grid.member").unwrap().await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    send.finish().unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("connection closed");
+    assert!(reason.to_string().contains("bad handshake"), "{reason}");
+    still_serves(&m, &other).await;
+    assert!(logs.text().contains("bad handshake"), "{}", logs.text());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn oversized_requests_are_refused_before_sending() {
+    let config = TransportConfig {
+        max_frame_size: 1024,
+        ..TransportConfig::default()
+    };
+    let m = member("m", config.clone());
+    let other = member("other", config);
+    let r = other
+        .request(m.local_addr(), "echo", &[0u8; 2000], Duration::from_secs(5))
+        .await;
+    assert!(matches!(r, Err(NetError::FrameTooLarge { size: 2005, limit: 1024 })), "{r:?}");
+    // A response over the limit becomes an error answer.
+    m.on_request("big", |_p, _b| async move { Ok(vec![7u8; 5000].into()) });
+    let r = other
+        .request(m.local_addr(), "big", b"", Duration::from_secs(5))
+        .await;
+    assert!(matches!(r, Err(NetError::Remote(ref e)) if e.contains("exceeds")), "{r:?}");
+    still_serves(&m, &other).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn another_protocol_version_is_refused_and_both_sides_say_so() {
+    let (logs, _guard) = capture_logs();
+    let m = member("m", TransportConfig::default());
+    let ep = raw_endpoint(b"grid/2");
+    let r = ep.connect(m.local_addr(), "grid.member").unwrap().await;
+    let err = r.expect_err("a grid/2 peer must be refused").to_string();
+    assert!(err.to_lowercase().contains("protocol"), "{err}");
+    // The member's side of the story.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !logs.text().contains("ALPN") && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(logs.text().contains("another grid protocol version"), "{}", logs.text());
+}

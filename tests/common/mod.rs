@@ -1,0 +1,107 @@
+//! Helpers shared by the integration tests: in-process clusters on 127.0.0.1, port 0.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use grid::{Grid, GridBuilder};
+
+/// Logs go to the test's output (shown on failure); `RUST_LOG` sets the level.
+pub fn init_tracing() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// A builder for a test member of `cluster`: loopback, port 0, no default seeds.
+pub fn member(cluster: &str, id: &str) -> GridBuilder {
+    Grid::builder()
+        .cluster_name(cluster)
+        .member_id(id)
+        .secret(format!("test secret {cluster}"))
+        .bind("127.0.0.1:0")
+        .no_seeds()
+}
+
+/// Starts `n` members m0..m{n-1}, all seeded with m0, and waits until every member sees all.
+pub async fn cluster(name: &str, n: usize) -> Vec<Grid> {
+    init_tracing();
+    let first = member(name, "m0").start().await.expect("start m0");
+    let mut grids = vec![first.clone()];
+    for i in 1..n {
+        grids.push(
+            member(name, &format!("m{i}"))
+                .seed(first.addr())
+                .start()
+                .await
+                .expect("start member"),
+        );
+    }
+    for g in &grids {
+        assert!(
+            g.cluster()
+                .wait_until(Duration::from_secs(15), |m| m.len() == n)
+                .await,
+            "{} sees {} members, not {n}",
+            g.cluster().local_member().id,
+            g.cluster().members().len()
+        );
+    }
+    grids
+}
+
+/// Log text captured by [`capture_logs`].
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captures the logs of everything running on this thread (use a `current_thread` runtime
+/// so that every member's tasks run here).
+pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    (logs, tracing::subscriber::set_default(subscriber))
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
