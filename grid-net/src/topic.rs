@@ -119,6 +119,14 @@ impl TopicRegistry {
         (id, rx, dropped)
     }
 
+    fn count(&self, channel: &str) -> usize {
+        self.channels
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(channel)
+            .map_or(0, Vec::len)
+    }
+
     fn remove(&self, channel: &str, id: u64) {
         let mut channels = self.channels.write().unwrap_or_else(|e| e.into_inner());
         if let Some(subs) = channels.get_mut(channel) {
@@ -235,6 +243,11 @@ impl<M: Serialize + DeserializeOwned> Topic<M> {
             self.registry.deliver(&self.name, Bytes::from(body));
         }
         Ok(())
+    }
+
+    /// How many subscriptions this channel has on this member.
+    pub fn local_subscriber_count(&self) -> usize {
+        self.registry.count(&self.name)
     }
 
     /// Subscribes with the default queue of [`DEFAULT_SUBSCRIBER_QUEUE`] messages.

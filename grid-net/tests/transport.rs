@@ -1,0 +1,198 @@
+//! The transport between two members: typed requests, errors and deadlines, bulk streams,
+//! ordered messages, connection de-duplication, reconnection after a peer restarts.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use grid_net::tls::Identity;
+use grid_net::transport::{LocalMember, Transport, TransportConfig};
+use grid_net::NetError;
+
+fn member_at(id: &str, generation: u64, addr: &str, config: TransportConfig) -> Transport {
+    let identity = Identity::from_secret(b"transport tests", id).unwrap();
+    let local = LocalMember {
+        cluster: "t".into(),
+        member_id: id.into(),
+        generation,
+        settings: vec![("partitions".into(), "271".into())],
+    };
+    Transport::bind(addr.parse().unwrap(), None, &identity, local, config).unwrap()
+}
+
+fn member(id: &str) -> Transport {
+    member_at(id, 1, "127.0.0.1:0", TransportConfig::default())
+}
+
+async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+#[tokio::test]
+async fn typed_requests_errors_and_deadlines() {
+    let a = member("a");
+    let b = member("b");
+    a.on_request_typed("add", |_p, (x, y): (u64, u64)| async move { Ok::<_, String>(x + y) });
+    a.on_request_typed("fail", |_p, (): ()| async move { Err::<(), _>("no luck".to_string()) });
+    a.on_request_typed("slow", |_p, (): ()| async move {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        Ok::<_, String>(())
+    });
+    let sum: u64 = b
+        .request_typed(a.local_addr(), "add", &(2u64, 40u64), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(sum, 42);
+    let r: Result<(), _> = b.request_typed(a.local_addr(), "fail", &(), Duration::from_secs(5)).await;
+    assert!(matches!(r, Err(NetError::Remote(ref m)) if m == "no luck"), "{r:?}");
+    let r: Result<(), _> = b
+        .request_typed(a.local_addr(), "slow", &(), Duration::from_millis(200))
+        .await;
+    assert!(matches!(r, Err(NetError::Timeout { .. })), "{r:?}");
+    // A request of the wrong type is answered with an error, not a crash.
+    let r: Result<u64, _> = b
+        .request_typed(a.local_addr(), "add", &"not numbers", Duration::from_secs(5))
+        .await;
+    assert!(matches!(r, Err(NetError::Remote(_))), "{r:?}");
+}
+
+#[tokio::test]
+async fn mismatched_settings_are_refused() {
+    let a = member("a");
+    let identity = Identity::from_secret(b"transport tests", "odd").unwrap();
+    let odd = Transport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        &identity,
+        LocalMember {
+            cluster: "t".into(),
+            member_id: "odd".into(),
+            generation: 1,
+            settings: vec![("partitions".into(), "1999".into())],
+        },
+        TransportConfig::default(),
+    )
+    .unwrap();
+    a.on_request("echo", |_p, b| async move { Ok(b) });
+    let r = odd.request(a.local_addr(), "echo", b"x", Duration::from_secs(5)).await;
+    match r {
+        Err(NetError::Refused { reason, .. }) => assert!(reason.contains("partitions"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn bulk_streams_carry_many_chunks() {
+    let a = member("a");
+    let b = member("b");
+    a.on_bulk("sink", |_p, header, mut chunks| async move {
+        let mut total = 0u64;
+        let mut n = 0u64;
+        while let Some(c) = chunks.next().await.map_err(|e| e.to_string())? {
+            total += c.len() as u64;
+            n += 1;
+        }
+        Ok(format!("{}:{n}:{total}", String::from_utf8_lossy(&header)).into_bytes().into())
+    });
+    let mut s = b.open_bulk(a.local_addr(), "sink", b"partition-7").await.unwrap();
+    let chunk = vec![0xabu8; 1 << 20];
+    for _ in 0..20 {
+        s.send(&chunk).await.unwrap();
+    }
+    let answer = s.finish(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(&answer[..], b"partition-7:20:20971520");
+}
+
+#[tokio::test]
+async fn ordered_messages_arrive_in_order() {
+    let a = member("a");
+    let b = member("b");
+    let next = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    {
+        let (next, errors) = (next.clone(), errors.clone());
+        a.on_message("seq", move |_p, body| {
+            let n = u64::from_be_bytes(body[..8].try_into().unwrap());
+            if next.fetch_add(1, Ordering::SeqCst) != n {
+                errors.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    for i in 0..10_000u64 {
+        b.send_ordered(a.local_addr(), "seq", &i.to_be_bytes()).await.unwrap();
+    }
+    assert!(eventually(Duration::from_secs(10), || next.load(Ordering::SeqCst) == 10_000).await);
+    assert_eq!(errors.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn simultaneous_dials_settle_on_one_connection() {
+    let config = TransportConfig {
+        idle_timeout: Duration::from_secs(1),
+        ..TransportConfig::default()
+    };
+    let a = member_at("a", 1, "127.0.0.1:0", config.clone());
+    let b = member_at("b", 1, "127.0.0.1:0", config);
+    for t in [&a, &b] {
+        t.on_request("echo", |_p, b| async move { Ok(b) });
+    }
+    // Both dial each other at the same moment, many times over.
+    let mut calls = Vec::new();
+    for _ in 0..20 {
+        let (a2, b2) = (a.clone(), b.clone());
+        let (aa, ba) = (a.local_addr(), b.local_addr());
+        calls.push(tokio::spawn(async move {
+            a2.request(ba, "echo", b"x", Duration::from_secs(5)).await
+        }));
+        calls.push(tokio::spawn(async move {
+            b2.request(aa, "echo", b"x", Duration::from_secs(5)).await
+        }));
+    }
+    for c in calls {
+        c.await.unwrap().expect("every call succeeds, duplicate or not");
+    }
+    // The duplicate is closed after its grace period; both sides keep the same one.
+    assert!(
+        eventually(Duration::from_secs(5), || a.open_connections() == 1 && b.open_connections() == 1).await,
+        "a has {} connections, b has {}",
+        a.open_connections(),
+        b.open_connections()
+    );
+    for _ in 0..10 {
+        a.request(b.local_addr(), "echo", b"y", Duration::from_secs(5)).await.unwrap();
+        b.request(a.local_addr(), "echo", b"y", Duration::from_secs(5)).await.unwrap();
+    }
+    assert_eq!((a.open_connections(), b.open_connections()), (1, 1));
+}
+
+#[tokio::test]
+async fn a_restarted_peer_is_reached_again() {
+    let a = member("a");
+    let b = member("b");
+    b.on_request("who", |_p, _b| async move { Ok(b"old".to_vec().into()) });
+    let addr = b.local_addr();
+    assert_eq!(&a.request(addr, "who", b"", Duration::from_secs(5)).await.unwrap()[..], b"old");
+    b.kill();
+    drop(b);
+    let r = a.request(addr, "who", b"", Duration::from_millis(500)).await;
+    assert!(r.is_err(), "a killed peer does not answer");
+    // Same address, new generation.
+    let again = member_at("b", 2, &addr.to_string(), TransportConfig::default());
+    again.on_request("who", |_p, _b| async move { Ok(b"new".to_vec().into()) });
+    let mut answer = None;
+    for _ in 0..50 {
+        if let Ok(r) = a.request(addr, "who", b"", Duration::from_millis(500)).await {
+            answer = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answer.as_deref(), Some(&b"new"[..]));
+}
