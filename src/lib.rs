@@ -130,7 +130,12 @@ impl GridBuilder {
     }
 
     /// Production identity: the cluster CA, this member's certificate and key (PEM files).
-    pub fn tls_files(mut self, ca: impl Into<PathBuf>, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+    pub fn tls_files(
+        mut self,
+        ca: impl Into<PathBuf>,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
         self.config.tls.ca = Some(ca.into());
         self.config.tls.cert = Some(cert.into());
         self.config.tls.key = Some(key.into());
@@ -204,7 +209,10 @@ impl Grid {
     }
 
     /// The channel `name` of messages of type `M`.
-    pub fn topic<M: Serialize + DeserializeOwned>(&self, name: &str) -> Result<Topic<M>, GridError> {
+    pub fn topic<M: Serialize + DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Topic<M>, GridError> {
         Ok(self.node.topic(name)?)
     }
 
@@ -225,3 +233,8 @@ impl Grid {
         self.node.transport()
     }
 }
+
+/// The README's examples, compiled as doc tests so that they stay true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -88,7 +88,9 @@ struct Chat {
 }
 
 async fn demo() -> anyhow::Result<()> {
-    println!("grid demo: 3 members in one process, on 127.0.0.1, QUIC + mutual TLS, gossip membership\n");
+    println!(
+        "grid demo: 3 members in one process, on 127.0.0.1, QUIC + mutual TLS, gossip membership\n"
+    );
     let t0 = Instant::now();
     let builder = |id: &str| {
         Grid::builder()
@@ -102,10 +104,18 @@ async fn demo() -> anyhow::Result<()> {
     let m3 = builder("m3").seed(m1.addr()).start().await?;
     let members = [&m1, &m2, &m3];
     for m in members {
-        println!("  started {} on {}", m.cluster().local_member().id, m.addr());
+        println!(
+            "  started {} on {}",
+            m.cluster().local_member().id,
+            m.addr()
+        );
     }
     for m in members {
-        if !m.cluster().wait_until(Duration::from_secs(10), |v| v.len() == 3).await {
+        if !m
+            .cluster()
+            .wait_until(Duration::from_secs(10), |v| v.len() == 3)
+            .await
+        {
             bail!("the cluster did not form within 10 s");
         }
     }
@@ -131,7 +141,10 @@ async fn demo() -> anyhow::Result<()> {
         let from = m.cluster().local_member().id.to_string();
         let text = format!("hello from {from}");
         m.topic::<Chat>("demo.chat")?
-            .publish(&Chat { from: from.clone(), text })
+            .publish(&Chat {
+                from: from.clone(),
+                text,
+            })
             .await?;
         for (j, inbox) in inboxes.iter_mut().enumerate() {
             if i == j {
@@ -170,7 +183,9 @@ async fn demo() -> anyhow::Result<()> {
     m3.kill();
     for w in watchers {
         match tokio::time::timeout(Duration::from_secs(10), w).await {
-            Ok(Ok(Some((me, took)))) => println!("  {me} saw m3 fail after {:.2} s", took.as_secs_f64()),
+            Ok(Ok(Some((me, took)))) => {
+                println!("  {me} saw m3 fail after {:.2} s", took.as_secs_f64())
+            }
             _ => bail!("m3's failure was not detected within 10 s"),
         }
     }

@@ -11,7 +11,11 @@ use grid::MemberEvent;
 use common::{cluster, init_tracing, member};
 
 fn ids(g: &grid::Grid) -> BTreeSet<String> {
-    g.cluster().members().iter().map(|m| m.id.to_string()).collect()
+    g.cluster()
+        .members()
+        .iter()
+        .map(|m| m.id.to_string())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,7 +46,7 @@ async fn time_until(
         let who = who.to_string();
         tasks.push(tokio::spawn(async move {
             while let Some(e) = events.recv().await {
-                if &*e.member().id == who && is_it(&e) {
+                if *e.member().id == who && is_it(&e) {
                     return Some(start.elapsed());
                 }
             }
@@ -212,12 +216,13 @@ async fn member_attributes_and_lite_members_are_visible_everywhere() {
     );
     let seen_b = a.cluster().member("b").unwrap();
     assert!(!seen_b.is_data_member());
-    assert!(b
-        .cluster()
-        .wait_until(Duration::from_secs(10), |m| m
-            .iter()
-            .any(|x| &*x.id == "a" && x.attribute("zone") == Some("z1")))
-        .await);
+    assert!(
+        b.cluster()
+            .wait_until(Duration::from_secs(10), |m| m
+                .iter()
+                .any(|x| &*x.id == "a" && x.attribute("zone") == Some("z1")))
+            .await
+    );
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -32,12 +32,26 @@ async fn stay_apart(a: &Grid, b: &Grid) -> NetError {
 async fn another_secret_cannot_join_and_both_sides_log_why() {
     let (logs, _guard) = capture_logs();
     let a = member("sec", "a").secret("right").start().await.unwrap();
-    let b = member("sec", "b").secret("wrong").seed(a.addr()).start().await.unwrap();
+    let b = member("sec", "b")
+        .secret("wrong")
+        .seed(a.addr())
+        .start()
+        .await
+        .unwrap();
     let err = stay_apart(&a, &b).await;
-    assert!(err.to_string().contains("certificate not accepted"), "{err}");
+    assert!(
+        err.to_string().contains("certificate not accepted"),
+        "{err}"
+    );
     let text = logs.text();
-    assert!(text.contains("refused incoming connection: certificate not accepted"), "{text}");
-    assert!(text.contains("cannot connect: certificate not accepted"), "{text}");
+    assert!(
+        text.contains("refused incoming connection: certificate not accepted"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cannot connect: certificate not accepted"),
+        "{text}"
+    );
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -46,9 +60,17 @@ async fn another_secret_cannot_join_and_both_sides_log_why() {
 async fn another_cluster_name_cannot_join_and_both_sides_log_why() {
     let (logs, _guard) = capture_logs();
     let a = member("name-a", "a").secret("same").start().await.unwrap();
-    let b = member("name-b", "b").secret("same").seed(a.addr()).start().await.unwrap();
+    let b = member("name-b", "b")
+        .secret("same")
+        .seed(a.addr())
+        .start()
+        .await
+        .unwrap();
     let err = stay_apart(&a, &b).await;
-    assert!(matches!(err, NetError::Refused { .. } | NetError::Unreachable { .. }), "{err}");
+    assert!(
+        matches!(err, NetError::Refused { .. } | NetError::Unreachable { .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("wrong cluster name"), "{err}");
     let text = logs.text();
     assert!(text.contains("refusing member"), "{text}");
@@ -92,7 +114,11 @@ fn member_files(dir: &Path, ca: &Ca, name: &str) -> (PathBuf, PathBuf, PathBuf) 
 #[tokio::test(flavor = "current_thread")]
 async fn members_of_one_ca_join_and_a_member_of_another_ca_cannot() {
     let (logs, _guard) = capture_logs();
-    let dir = std::env::temp_dir().join(format!("grid-tls-{}-{}", std::process::id(), rand::random::<u32>()));
+    let dir = std::env::temp_dir().join(format!(
+        "grid-tls-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let ca = new_ca("cluster CA");
     let other_ca = new_ca("another CA");
@@ -100,7 +126,11 @@ async fn members_of_one_ca_join_and_a_member_of_another_ca_cannot() {
     let (ca_b, cert_b, key_b) = member_files(&dir, &ca, "b");
     let (ca_c, cert_c, key_c) = member_files(&dir, &other_ca, "c");
 
-    let a = member("pem", "a").tls_files(ca_a, cert_a, key_a).start().await.unwrap();
+    let a = member("pem", "a")
+        .tls_files(ca_a, cert_a, key_a)
+        .start()
+        .await
+        .unwrap();
     let b = member("pem", "b")
         .tls_files(ca_b, cert_b, key_b)
         .seed(a.addr())
@@ -108,7 +138,9 @@ async fn members_of_one_ca_join_and_a_member_of_another_ca_cannot() {
         .await
         .unwrap();
     assert!(
-        a.cluster().wait_until(Duration::from_secs(10), |m| m.len() == 2).await,
+        a.cluster()
+            .wait_until(Duration::from_secs(10), |m| m.len() == 2)
+            .await,
         "members with certificates of one CA form a cluster"
     );
     let c = member("pem", "c")
@@ -118,7 +150,9 @@ async fn members_of_one_ca_join_and_a_member_of_another_ca_cannot() {
         .await
         .unwrap();
     assert!(
-        !a.cluster().wait_until(Duration::from_millis(1500), |m| m.len() > 2).await,
+        !a.cluster()
+            .wait_until(Duration::from_millis(1500), |m| m.len() > 2)
+            .await,
         "a member of another CA must not join"
     );
     assert_eq!(c.cluster().members().len(), 1);
@@ -128,11 +162,19 @@ async fn members_of_one_ca_join_and_a_member_of_another_ca_cannot() {
         .await
         .is_err());
     assert!(
-        eventually(Duration::from_secs(3), || logs.text().contains("refused incoming connection")).await,
+        eventually(Duration::from_secs(3), || logs
+            .text()
+            .contains("refused incoming connection"))
+        .await,
         "{}",
         logs.text()
     );
-    assert!(logs.text().contains("cannot connect: certificate not accepted"), "{}", logs.text());
+    assert!(
+        logs.text()
+            .contains("cannot connect: certificate not accepted"),
+        "{}",
+        logs.text()
+    );
     for g in [&a, &b, &c] {
         g.shutdown().await;
     }

@@ -26,7 +26,10 @@ async fn recv(sub: &mut grid::Subscription<Msg>) -> Msg {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_arrive_in_publish_order_per_publisher() {
     let grids = cluster("topic-order", 3).await;
-    let mut sub = grids[0].topic::<Msg>("orders").unwrap().subscribe_with_capacity(10_000);
+    let mut sub = grids[0]
+        .topic::<Msg>("orders")
+        .unwrap()
+        .subscribe_with_capacity(10_000);
     const N: u32 = 2000;
     let mut publishers = Vec::new();
     for g in &grids[1..] {
@@ -34,7 +37,13 @@ async fn messages_arrive_in_publish_order_per_publisher() {
         let from = g.cluster().local_member().id.to_string();
         publishers.push(tokio::spawn(async move {
             for seq in 0..N {
-                topic.publish(&Msg { from: from.clone(), seq }).await.unwrap();
+                topic
+                    .publish(&Msg {
+                        from: from.clone(),
+                        seq,
+                    })
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -61,10 +70,22 @@ async fn the_publisher_is_excluded_unless_asked() {
     let topic = grids[0].topic::<Msg>("news").unwrap();
     let mut own = topic.subscribe();
     let mut remote = grids[1].topic::<Msg>("news").unwrap().subscribe();
-    topic.publish(&Msg { from: "m0".into(), seq: 1 }).await.unwrap();
+    topic
+        .publish(&Msg {
+            from: "m0".into(),
+            seq: 1,
+        })
+        .await
+        .unwrap();
     assert_eq!(recv(&mut remote).await.seq, 1);
     let including = topic.clone().including_publisher();
-    including.publish(&Msg { from: "m0".into(), seq: 2 }).await.unwrap();
+    including
+        .publish(&Msg {
+            from: "m0".into(),
+            seq: 2,
+        })
+        .await
+        .unwrap();
     assert_eq!(recv(&mut remote).await.seq, 2);
     // The publisher's own subscriber got only the second message.
     assert_eq!(recv(&mut own).await.seq, 2);
@@ -86,14 +107,30 @@ async fn dropping_a_subscription_unsubscribes() {
     assert_eq!(topic.local_subscriber_count(), 1);
     // A subscription made after the drop sees messages; the dropped one is gone from the
     // registry, so delivery to it is not even attempted (no drop counted anywhere).
-    publisher.publish(&Msg { from: "m0".into(), seq: 7 }).await.unwrap();
+    publisher
+        .publish(&Msg {
+            from: "m0".into(),
+            seq: 7,
+        })
+        .await
+        .unwrap();
     assert_eq!(recv(&mut kept).await.seq, 7);
     assert_eq!(kept.dropped(), 0);
     drop(kept);
     assert_eq!(topic.local_subscriber_count(), 0);
     let mut later = topic.subscribe();
-    publisher.publish(&Msg { from: "m0".into(), seq: 8 }).await.unwrap();
-    assert_eq!(recv(&mut later).await.seq, 8, "only messages after subscribing");
+    publisher
+        .publish(&Msg {
+            from: "m0".into(),
+            seq: 8,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&mut later).await.seq,
+        8,
+        "only messages after subscribing"
+    );
     for g in &grids {
         g.shutdown().await;
     }
@@ -107,18 +144,31 @@ async fn a_slow_subscriber_loses_messages_without_holding_up_others() {
     let mut fast = topic.subscribe_with_capacity(1000);
     let publisher = grids[0].topic::<Msg>("firehose").unwrap();
     for seq in 0..500 {
-        publisher.publish(&Msg { from: "m0".into(), seq }).await.unwrap();
+        publisher
+            .publish(&Msg {
+                from: "m0".into(),
+                seq,
+            })
+            .await
+            .unwrap();
     }
     for seq in 0..500 {
         assert_eq!(recv(&mut fast).await.seq, seq);
     }
-    assert_eq!(slow.dropped(), 492, "8 queued, the rest dropped and counted");
+    assert_eq!(
+        slow.dropped(),
+        492,
+        "8 queued, the rest dropped and counted"
+    );
     // The connection still carries other channels.
     let mut other = grids[1].topic::<Msg>("other").unwrap().subscribe();
     grids[0]
         .topic::<Msg>("other")
         .unwrap()
-        .publish(&Msg { from: "m0".into(), seq: 1 })
+        .publish(&Msg {
+            from: "m0".into(),
+            seq: 1,
+        })
         .await
         .unwrap();
     assert_eq!(recv(&mut other).await.seq, 1);
@@ -145,7 +195,10 @@ async fn names_and_sizes_are_bounded() {
     ));
     let big = g.topic::<Vec<u8>>("big").unwrap();
     let r = big.publish(&vec![1u8; 100 * 1024]).await;
-    assert!(matches!(r, Err(TopicError::MessageTooLarge { .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(TopicError::MessageTooLarge { .. })),
+        "{r:?}"
+    );
     assert!(big.publish(&vec![1u8; 1024]).await.is_ok());
     g.shutdown().await;
 }

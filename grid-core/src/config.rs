@@ -77,11 +77,14 @@ fn parse_env<T: FromStr>(name: &str, value: &str) -> Result<T, GridError>
 where
     T::Err: std::fmt::Display,
 {
-    value.trim().parse().map_err(|e: T::Err| GridError::ConfigEnv {
-        name: name.to_string(),
-        value: value.to_string(),
-        message: e.to_string(),
-    })
+    value
+        .trim()
+        .parse()
+        .map_err(|e: T::Err| GridError::ConfigEnv {
+            name: name.to_string(),
+            value: value.to_string(),
+            message: e.to_string(),
+        })
 }
 
 impl GridConfig {
@@ -122,7 +125,10 @@ impl GridConfig {
     }
 
     /// Applies `GRID_*` overrides from `vars` (pass `std::env::vars()`).
-    pub fn apply_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<(), GridError> {
+    pub fn apply_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), GridError> {
         for (name, value) in vars {
             match name.as_str() {
                 "GRID_CLUSTER_NAME" => self.cluster_name = value,
@@ -151,7 +157,8 @@ impl GridConfig {
                             value: value.clone(),
                             message: format!("{pair:?} is not key=value"),
                         })?;
-                        self.attributes.insert(k.trim().to_string(), v.trim().to_string());
+                        self.attributes
+                            .insert(k.trim().to_string(), v.trim().to_string());
                     }
                 }
                 other if other.starts_with("GRID_") && other != "GRID_LOG" => {

@@ -42,7 +42,12 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        for input in [&b""[..], &b"\xff\xff\xff"[..], &b"\x93\x01"[..], &[0xdc, 0xff, 0xff][..]] {
+        for input in [
+            &b""[..],
+            &b"\xff\xff\xff"[..],
+            &b"\x93\x01"[..],
+            &[0xdc, 0xff, 0xff][..],
+        ] {
             assert!(decode::<(String, u64, Vec<u8>)>(input).is_err());
         }
     }

@@ -51,7 +51,11 @@ impl Socket for QuicGossipSocket {
         Ok(self.transport.advertise_addr())
     }
 
-    async fn send(&mut self, to: SocketAddr, envelope: ChitchatEnvelope) -> anyhow::Result<SendOutcome> {
+    async fn send(
+        &mut self,
+        to: SocketAddr,
+        envelope: ChitchatEnvelope,
+    ) -> anyhow::Result<SendOutcome> {
         let payload = envelope.serialize_to_vec();
         let num_bytes_sent = payload.len();
         // Never awaits the network: see `Transport::send_gossip`.

@@ -23,14 +23,14 @@ mod gossip;
 pub mod membership;
 mod multicast;
 pub mod node;
+mod socket;
 pub mod tls;
 pub mod topic;
 pub mod transport;
-mod socket;
 mod wire;
 
 pub use error::NetError;
 pub use socket::FaultSwitch;
-pub use wire::PROTOCOL_VERSION;
 #[doc(hidden)]
 pub use wire::testing as wire_testing;
+pub use wire::PROTOCOL_VERSION;

@@ -194,15 +194,20 @@ impl Cluster {
         mut pred: impl FnMut(&[Member]) -> bool,
     ) -> bool {
         let mut rx = self.shared.view.clone();
-        tokio::time::timeout(timeout, async move {
-            rx.wait_for(|v| pred(v)).await.is_ok()
-        })
+        tokio::time::timeout(
+            timeout,
+            async move { rx.wait_for(|v| pred(v)).await.is_ok() },
+        )
         .await
         .unwrap_or(false)
     }
 
     pub(crate) fn mark_departed(&self, id: &str, generation: u64) {
-        let mut departed = self.shared.departed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut departed = self
+            .shared
+            .departed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if departed.len() >= MAX_DEPARTED {
             departed.clear();
         }
@@ -256,11 +261,7 @@ fn members_from(
 }
 
 /// The events that turn `old` into `new`.
-fn diff(
-    old: &[Member],
-    new: &[Member],
-    departed: &HashMap<Arc<str>, u64>,
-) -> Vec<MemberEvent> {
+fn diff(old: &[Member], new: &[Member], departed: &HashMap<Arc<str>, u64>) -> Vec<MemberEvent> {
     let gone = |m: &Member| {
         if departed.get(&m.id).is_some_and(|g| *g >= m.generation) {
             MemberEvent::Left(m.clone())
@@ -277,7 +278,10 @@ fn diff(
         }
     }
     for n in new {
-        if !old.iter().any(|m| m.id == n.id && m.generation == n.generation) {
+        if !old
+            .iter()
+            .any(|m| m.id == n.id && m.generation == n.generation)
+        {
             events.push(MemberEvent::Joined(n.clone()));
         }
     }
@@ -311,7 +315,11 @@ pub(crate) fn start(
         loop {
             {
                 let Some(shared) = weak.upgrade() else { break };
-                let departed = shared.departed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let departed = shared
+                    .departed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
                 let mut next = members_from(&live.borrow_and_update(), &departed);
                 if !next.iter().any(|m| m.id == shared.local.id) {
                     // Until chitchat lists us (it always does), keep ourselves in the view.

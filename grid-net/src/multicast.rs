@@ -24,7 +24,10 @@ struct Announcement {
     addr: SocketAddr,
 }
 
-fn bind_socket(config: &MulticastConfig, interface: Ipv4Addr) -> std::io::Result<std::net::UdpSocket> {
+fn bind_socket(
+    config: &MulticastConfig,
+    interface: Ipv4Addr,
+) -> std::io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_address(true)?;
     #[cfg(unix)]

@@ -15,7 +15,9 @@ use tracing::{info, warn};
 
 use crate::config::NetConfig;
 use crate::gossip::QuicGossip;
-use crate::membership::{self, Cluster, Member, ATTR_PREFIX, KEY_PROTOCOL, KEY_STATUS, ROUTE_LEAVE};
+use crate::membership::{
+    self, Cluster, Member, ATTR_PREFIX, KEY_PROTOCOL, KEY_STATUS, ROUTE_LEAVE,
+};
 use crate::tls::Identity;
 use crate::topic::{Topic, TopicError, TopicRegistry, ROUTE_TOPIC};
 use crate::transport::{LocalMember, Transport, TransportConfig};
@@ -73,7 +75,10 @@ fn identity(config: &NetConfig, member_id: &str) -> Result<Identity, NetError> {
                          cluster CA is derived from the cluster name, so anyone who knows the name \
                          can join. Set tls.secret, or tls.ca/cert/key, in production."
                     );
-                    format!("grid development secret for cluster {}", config.cluster_name)
+                    format!(
+                        "grid development secret for cluster {}",
+                        config.cluster_name
+                    )
                 }
             };
             Identity::from_secret(secret.as_bytes(), member_id)
@@ -94,7 +99,9 @@ fn bind_socket(config: &NetConfig) -> Result<std::net::UdpSocket, NetError> {
     let mut last = None;
     for i in 0..=tries {
         let mut addr = bind;
-        let Some(port) = bind.port().checked_add(i) else { break };
+        let Some(port) = bind.port().checked_add(i) else {
+            break;
+        };
         addr.set_port(port);
         match std::net::UdpSocket::bind(addr) {
             Ok(s) => return Ok(s),
@@ -176,9 +183,13 @@ impl Node {
         for (k, v) in &config.attributes {
             key_values.push((format!("{ATTR_PREFIX}{k}"), v.clone()));
         }
-        let handle = spawn_chitchat(chitchat_config, key_values, &QuicGossip::new(transport.clone()))
-            .await
-            .map_err(|e| NetError::Protocol(format!("gossip did not start: {e}")))?;
+        let handle = spawn_chitchat(
+            chitchat_config,
+            key_values,
+            &QuicGossip::new(transport.clone()),
+        )
+        .await
+        .map_err(|e| NetError::Protocol(format!("gossip did not start: {e}")))?;
         let live = handle.with_chitchat(|c| c.live_nodes_watcher()).await;
 
         let local = Member {
@@ -191,16 +202,19 @@ impl Node {
         let cluster = membership::start(local, live, transport.clone());
         {
             let cluster = cluster.clone();
-            transport.on_request_typed(ROUTE_LEAVE, move |peer, (id, generation): (String, u64)| {
-                let cluster = cluster.clone();
-                async move {
-                    if *peer.member_id != id {
-                        return Err("a member can only announce its own departure".to_string());
+            transport.on_request_typed(
+                ROUTE_LEAVE,
+                move |peer, (id, generation): (String, u64)| {
+                    let cluster = cluster.clone();
+                    async move {
+                        if *peer.member_id != id {
+                            return Err("a member can only announce its own departure".to_string());
+                        }
+                        cluster.mark_departed(&id, generation);
+                        Ok(())
                     }
-                    cluster.mark_departed(&id, generation);
-                    Ok(())
-                }
-            });
+                },
+            );
         }
         let topics = Arc::new(TopicRegistry::default());
         {
@@ -251,7 +265,10 @@ impl Node {
     }
 
     /// A handle on the channel `name` carrying messages of type `M`.
-    pub fn topic<M: Serialize + DeserializeOwned>(&self, name: &str) -> Result<Topic<M>, TopicError> {
+    pub fn topic<M: Serialize + DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Topic<M>, TopicError> {
         Topic::new(
             name,
             self.topics.clone(),
@@ -267,7 +284,11 @@ impl Node {
         if self.stopped.swap(true, Ordering::SeqCst) {
             return;
         }
-        let handle = self.chitchat.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let handle = self
+            .chitchat
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(handle) = &handle {
             handle
                 .with_chitchat(|c| c.self_node_state().set(KEY_STATUS, "leaving"))
@@ -286,7 +307,9 @@ impl Node {
             let t = self.transport.clone();
             let notice = notice.clone();
             async move {
-                let r: Result<(), _> = t.request_typed(addr, ROUTE_LEAVE, &notice, LEAVE_TIMEOUT).await;
+                let r: Result<(), _> = t
+                    .request_typed(addr, ROUTE_LEAVE, &notice, LEAVE_TIMEOUT)
+                    .await;
                 if let Err(e) = r {
                     warn!(%addr, error = %e, "leave notice not acknowledged");
                 }
@@ -311,7 +334,12 @@ impl Node {
             return;
         }
         self.transport.kill();
-        if let Some(handle) = self.chitchat.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(handle) = self
+            .chitchat
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             handle.abort();
         }
         if let Some(m) = &self.multicast {

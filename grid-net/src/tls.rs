@@ -89,8 +89,8 @@ impl Identity {
         let ca_key = KeyPair::try_from(ed25519_pkcs8_from_seed(&seed).as_slice())
             .map_err(|e| tls_err("CA key", e))?;
 
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())
-            .map_err(|e| tls_err("CA params", e))?;
+        let mut ca_params =
+            CertificateParams::new(Vec::<String>::new()).map_err(|e| tls_err("CA params", e))?;
         ca_params
             .distinguished_name
             .push(DnType::CommonName, "grid development cluster CA");
@@ -107,10 +107,13 @@ impl Identity {
             .self_signed(&ca_key)
             .map_err(|e| tls_err("CA certificate", e))?;
 
-        let member_key = KeyPair::generate_for(&PKCS_ED25519).map_err(|e| tls_err("member key", e))?;
+        let member_key =
+            KeyPair::generate_for(&PKCS_ED25519).map_err(|e| tls_err("member key", e))?;
         let mut params = CertificateParams::new(vec![SERVER_NAME.to_string()])
             .map_err(|e| tls_err("member params", e))?;
-        params.distinguished_name.push(DnType::CommonName, member_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, member_name);
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -246,10 +249,13 @@ impl ServerCertVerifier for ClusterServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -285,10 +291,18 @@ impl ServerCertVerifier for ClusterServerVerifier {
 /// or leaving, which gossip runs into all the time).
 pub(crate) fn explain_handshake_error(err: &str) -> (bool, &'static str) {
     let e = err.to_ascii_lowercase();
-    if e.contains("error 120") || e.contains("known protocol") || e.contains("application protocol") {
-        (true, "the peer speaks another grid protocol version (ALPN mismatch)")
-    } else if e.contains("certificate") || e.contains("unknownissuer") || e.contains("unknown ca")
-        || e.contains("badsignature") || e.contains("crypto") || e.contains("handshake")
+    if e.contains("error 120") || e.contains("known protocol") || e.contains("application protocol")
+    {
+        (
+            true,
+            "the peer speaks another grid protocol version (ALPN mismatch)",
+        )
+    } else if e.contains("certificate")
+        || e.contains("unknownissuer")
+        || e.contains("unknown ca")
+        || e.contains("badsignature")
+        || e.contains("crypto")
+        || e.contains("handshake")
     {
         (
             true,

@@ -76,13 +76,19 @@ impl TopicRegistry {
     /// Hands `body` to every subscriber of `channel` without waiting.
     pub(crate) fn deliver(&self, channel: &str, body: Bytes) {
         let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
-        let Some(subs) = channels.get(channel) else { return };
+        let Some(subs) = channels.get(channel) else {
+            return;
+        };
         for sub in subs {
             if sub.tx.try_send(body.clone()).is_err() && !sub.tx.is_closed() {
                 let n = sub.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 metrics::counter!("grid_topic_dropped_total").increment(1);
                 if n.is_power_of_two() {
-                    warn!(channel, dropped = n, "topic subscriber is too slow, messages dropped");
+                    warn!(
+                        channel,
+                        dropped = n,
+                        "topic subscriber is too slow, messages dropped"
+                    );
                 }
             }
         }
@@ -95,14 +101,21 @@ impl TopicRegistry {
             return;
         };
         let len = len as usize;
-        let Some(name) = frame.get(1..1 + len).and_then(|n| std::str::from_utf8(n).ok()) else {
+        let Some(name) = frame
+            .get(1..1 + len)
+            .and_then(|n| std::str::from_utf8(n).ok())
+        else {
             warn!("malformed topic message dropped");
             return;
         };
         self.deliver(name, frame.slice(1 + len..));
     }
 
-    fn add(&self, channel: &Arc<str>, capacity: usize) -> (u64, mpsc::Receiver<Bytes>, Arc<AtomicU64>) {
+    fn add(
+        &self,
+        channel: &Arc<str>,
+        capacity: usize,
+    ) -> (u64, mpsc::Receiver<Bytes>, Arc<AtomicU64>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let dropped = Arc::new(AtomicU64::new(0));
@@ -233,7 +246,11 @@ impl<M: Serialize + DeserializeOwned> Topic<M> {
         frame.put_slice(&body);
         let local = self.cluster.local_member().id.clone();
         for member in self.cluster.members().iter().filter(|m| m.id != local) {
-            match self.transport.send_ordered(member.addr, ROUTE_TOPIC, &frame).await {
+            match self
+                .transport
+                .send_ordered(member.addr, ROUTE_TOPIC, &frame)
+                .await
+            {
                 Ok(()) => {}
                 Err(NetError::ShuttingDown) => return Err(NetError::ShuttingDown.into()),
                 Err(e) => warn!(member = %member.id, error = %e, "topic message not sent"),
@@ -288,7 +305,9 @@ impl<M: DeserializeOwned> Subscription<M> {
             let bytes = self.rx.recv().await?;
             match codec::decode(&bytes) {
                 Ok(m) => return Some(m),
-                Err(e) => warn!(channel = %self.name, error = %e, "undecodable topic message skipped"),
+                Err(e) => {
+                    warn!(channel = %self.name, error = %e, "undecodable topic message skipped")
+                }
             }
         }
     }

@@ -98,8 +98,9 @@ pub struct PeerInfo {
 
 type RequestFn = dyn Fn(PeerInfo, Bytes) -> BoxFuture<'static, Result<Bytes, String>> + Send + Sync;
 type MessageFn = dyn Fn(PeerInfo, Bytes) + Send + Sync;
-type BulkFn =
-    dyn Fn(PeerInfo, Bytes, BulkReceiver) -> BoxFuture<'static, Result<Bytes, String>> + Send + Sync;
+type BulkFn = dyn Fn(PeerInfo, Bytes, BulkReceiver) -> BoxFuture<'static, Result<Bytes, String>>
+    + Send
+    + Sync;
 
 #[derive(Clone)]
 enum Route {
@@ -234,10 +235,8 @@ impl Transport {
         local: LocalMember,
         config: TransportConfig,
     ) -> Result<Self, NetError> {
-        let socket = std::net::UdpSocket::bind(bind).map_err(|source| NetError::Bind {
-            addr: bind,
-            source,
-        })?;
+        let socket = std::net::UdpSocket::bind(bind)
+            .map_err(|source| NetError::Bind { addr: bind, source })?;
         Self::from_socket(socket, advertise, identity, local, config)
     }
 
@@ -267,12 +266,14 @@ impl Transport {
             .send_window(64 * 1024 * 1024);
         let transport = Arc::new(transport);
 
-        let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(identity.server_config()?)
-            .map_err(|e| NetError::Tls(format!("QUIC server config: {e}")))?;
+        let server_crypto =
+            quinn::crypto::rustls::QuicServerConfig::try_from(identity.server_config()?)
+                .map_err(|e| NetError::Tls(format!("QUIC server config: {e}")))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
         server_config.transport_config(transport.clone());
-        let client_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(identity.client_config()?)
-            .map_err(|e| NetError::Tls(format!("QUIC client config: {e}")))?;
+        let client_crypto =
+            quinn::crypto::rustls::QuicClientConfig::try_from(identity.client_config()?)
+                .map_err(|e| NetError::Tls(format!("QUIC client config: {e}")))?;
         let mut client_config = quinn::ClientConfig::new(Arc::new(client_crypto));
         client_config.transport_config(transport);
 
@@ -281,14 +282,20 @@ impl Transport {
         let faults = Arc::new(FaultSwitch::default());
         let udp = runtime
             .wrap_udp_socket(socket)
-            .map_err(|source| NetError::Bind { addr: bound, source })?;
+            .map_err(|source| NetError::Bind {
+                addr: bound,
+                source,
+            })?;
         let endpoint = Endpoint::new_with_abstract_socket(
             quinn::EndpointConfig::default(),
             Some(server_config),
             Arc::new(FaultySocket::new(udp, faults.clone())),
             runtime,
         )
-        .map_err(|source| NetError::Bind { addr: bound, source })?;
+        .map_err(|source| NetError::Bind {
+            addr: bound,
+            source,
+        })?;
 
         let inner = Arc::new(Inner {
             endpoint,
@@ -308,7 +315,7 @@ impl Transport {
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let Some(inner) = accept.upgrade() else { break };
-                tokio::spawn(Transport { inner }.handle_incoming(incoming));
+                tokio::spawn(Self { inner }.handle_incoming(incoming));
             }
         });
         Ok(Self { inner })
@@ -316,7 +323,10 @@ impl Transport {
 
     /// The address the socket is bound to.
     pub fn local_addr(&self) -> SocketAddr {
-        self.inner.endpoint.local_addr().unwrap_or(self.inner.advertise)
+        self.inner
+            .endpoint
+            .local_addr()
+            .unwrap_or(self.inner.advertise)
     }
 
     /// The address other members dial.
@@ -347,11 +357,17 @@ impl Transport {
     /// The peers this member has a live cached connection to.
     pub fn connected_peers(&self) -> Vec<PeerInfo> {
         let peers = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
-        peers.values().filter_map(|s| s.live().map(|l| l.peer)).collect()
+        peers
+            .values()
+            .filter_map(|s| s.live().map(|l| l.peer))
+            .collect()
     }
 
     fn route(&self, route: &str, r: Route) {
-        assert!(route.len() <= MAX_ROUTE_LEN, "route names are at most 255 bytes");
+        assert!(
+            route.len() <= MAX_ROUTE_LEN,
+            "route names are at most 255 bytes"
+        );
         self.inner
             .routes
             .write()
@@ -387,7 +403,9 @@ impl Transport {
             async move {
                 let req: Req = codec::decode(&body).map_err(|e| e.to_string())?;
                 let resp = handler(peer, req).await?;
-                codec::encode(&resp).map(Bytes::from).map_err(|e| e.to_string())
+                codec::encode(&resp)
+                    .map(Bytes::from)
+                    .map_err(|e| e.to_string())
             }
         });
     }
@@ -479,7 +497,10 @@ impl Transport {
             .unwrap_or_else(|_| {
                 Err(NetError::Unreachable {
                     addr,
-                    reason: format!("dial timed out after {:?}", self.inner.config.connect_timeout),
+                    reason: format!(
+                        "dial timed out after {:?}",
+                        self.inner.config.connect_timeout
+                    ),
                 })
             });
         match dialed {
@@ -599,7 +620,10 @@ impl Transport {
                 } else if cur.dialed_by_us == live.dialed_by_us {
                     true
                 } else {
-                    let ours = (self.inner.local.member_id.as_str(), self.inner.local.generation);
+                    let ours = (
+                        self.inner.local.member_id.as_str(),
+                        self.inner.local.generation,
+                    );
                     let theirs = (&*live.peer.member_id, live.peer.generation);
                     // The connection we keep is the one the smaller member dialed.
                     live.dialed_by_us == (ours < theirs)
@@ -609,7 +633,9 @@ impl Transport {
                 debug!(peer = %winner.peer.addr, "duplicate connection, closing one after {grace:?}");
                 tokio::spawn(async move {
                     tokio::time::sleep(grace).await;
-                    loser.conn.close(codes::CLOSE_DUPLICATE, b"duplicate connection");
+                    loser
+                        .conn
+                        .close(codes::CLOSE_DUPLICATE, b"duplicate connection");
                 });
                 winner
             }
@@ -642,9 +668,14 @@ impl Transport {
         let hello = tokio::time::timeout(self.inner.config.connect_timeout, async {
             let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
             let mut kind = [0u8; 1];
-            recv.read_exact(&mut kind).await.map_err(|e| e.to_string())?;
+            recv.read_exact(&mut kind)
+                .await
+                .map_err(|e| e.to_string())?;
             if kind[0] != StreamKind::Hello as u8 {
-                return Err(format!("first stream is of kind {:#04x}, not a hello", kind[0]));
+                return Err(format!(
+                    "first stream is of kind {:#04x}, not a hello",
+                    kind[0]
+                ));
             }
             let frame = read_frame(&mut recv, 64 * 1024)
                 .await
@@ -682,7 +713,9 @@ impl Transport {
             member_id: self.inner.local.member_id.clone(),
             generation: self.inner.local.generation,
         };
-        let Ok(reply) = codec::encode(&reply) else { return };
+        let Ok(reply) = codec::encode(&reply) else {
+            return;
+        };
         if send.write_chunk(framed(None, &reply)).await.is_err() {
             return;
         }
@@ -717,7 +750,11 @@ impl Transport {
             ));
         }
         for (k, v) in &local.settings {
-            let theirs = hello.settings.iter().find(|(hk, _)| hk == k).map(|(_, v)| v);
+            let theirs = hello
+                .settings
+                .iter()
+                .find(|(hk, _)| hk == k)
+                .map(|(_, v)| v);
             if theirs != Some(v) {
                 return Some(format!(
                     "setting {k:?} differs: this member has {v:?}, the peer {theirs:?}"
@@ -808,7 +845,14 @@ impl Transport {
         let kind = match Self::read_kind(&mut recv).await {
             Ok(Some(k)) => k,
             Ok(None) => {
-                self.bad_input(&live, &errors, "empty_stream", &"no kind byte", Some(&mut send), &mut recv);
+                self.bad_input(
+                    &live,
+                    &errors,
+                    "empty_stream",
+                    &"no kind byte",
+                    Some(&mut send),
+                    &mut recv,
+                );
                 return;
             }
             Err(_) => return,
@@ -816,14 +860,28 @@ impl Transport {
         let kind = match StreamKind::from_byte(kind) {
             Some(k @ (StreamKind::Request | StreamKind::Bulk)) => k,
             _ => {
-                self.bad_input(&live, &errors, "bad_kind", &format!("bidirectional stream of kind {kind:#04x}"), Some(&mut send), &mut recv);
+                self.bad_input(
+                    &live,
+                    &errors,
+                    "bad_kind",
+                    &format!("bidirectional stream of kind {kind:#04x}"),
+                    Some(&mut send),
+                    &mut recv,
+                );
                 return;
             }
         };
         let frame = match read_frame(&mut recv, limit).await {
             Ok(Some(f)) => f,
             Ok(None) => {
-                self.bad_input(&live, &errors, "truncated", &"stream ended before its frame", Some(&mut send), &mut recv);
+                self.bad_input(
+                    &live,
+                    &errors,
+                    "truncated",
+                    &"stream ended before its frame",
+                    Some(&mut send),
+                    &mut recv,
+                );
                 return;
             }
             Err(FrameError::Stream(_)) => return,
@@ -833,7 +891,14 @@ impl Transport {
             }
         };
         let Some((route, body)) = decode_routed(&frame) else {
-            self.bad_input(&live, &errors, "undecodable", &"malformed routed frame", Some(&mut send), &mut recv);
+            self.bad_input(
+                &live,
+                &errors,
+                "undecodable",
+                &"malformed routed frame",
+                Some(&mut send),
+                &mut recv,
+            );
             return;
         };
         let result = match (kind, self.find_route(route)) {
@@ -848,7 +913,10 @@ impl Transport {
                 if body.len() + 1 > limit {
                     let mut b = BytesMut::new();
                     b.put_u8(RESPONSE_ERR);
-                    b.put_slice(format!("response of {} bytes exceeds the frame limit", body.len()).as_bytes());
+                    b.put_slice(
+                        format!("response of {} bytes exceeds the frame limit", body.len())
+                            .as_bytes(),
+                    );
                     framed(None, &b)
                 } else {
                     let mut buf = BytesMut::with_capacity(5 + body.len());
@@ -875,7 +943,14 @@ impl Transport {
         let kind = match Self::read_kind(&mut recv).await {
             Ok(Some(k)) => k,
             Ok(None) => {
-                self.bad_input(&live, &errors, "empty_stream", &"no kind byte", None, &mut recv);
+                self.bad_input(
+                    &live,
+                    &errors,
+                    "empty_stream",
+                    &"no kind byte",
+                    None,
+                    &mut recv,
+                );
                 return;
             }
             Err(_) => return,
@@ -890,7 +965,14 @@ impl Transport {
                         }
                     }
                 }
-                Ok(None) => self.bad_input(&live, &errors, "truncated", &"empty gossip stream", None, &mut recv),
+                Ok(None) => self.bad_input(
+                    &live,
+                    &errors,
+                    "truncated",
+                    &"empty gossip stream",
+                    None,
+                    &mut recv,
+                ),
                 Err(FrameError::Stream(_)) => {}
                 Err(e) => self.bad_input(&live, &errors, e.kind(), &e, None, &mut recv),
             },
@@ -898,7 +980,14 @@ impl Transport {
                 match read_frame(&mut recv, limit).await {
                     Ok(Some(frame)) => {
                         let Some((route, body)) = decode_routed(&frame) else {
-                            self.bad_input(&live, &errors, "undecodable", &"malformed routed frame", None, &mut recv);
+                            self.bad_input(
+                                &live,
+                                &errors,
+                                "undecodable",
+                                &"malformed routed frame",
+                                None,
+                                &mut recv,
+                            );
                             return;
                         };
                         match self.find_route(route) {
@@ -940,7 +1029,10 @@ impl Transport {
             .unwrap_or(Err(NetError::Timeout { addr, timeout }))
     }
 
-    async fn open_bi_retrying(&self, addr: SocketAddr) -> Result<(SendStream, RecvStream), NetError> {
+    async fn open_bi_retrying(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(SendStream, RecvStream), NetError> {
         let live = self.connection(addr).await?;
         match live.conn.open_bi().await {
             Ok(s) => Ok(s),
@@ -961,7 +1053,11 @@ impl Transport {
         self.read_response(addr, &mut recv).await
     }
 
-    async fn read_response(&self, addr: SocketAddr, recv: &mut RecvStream) -> Result<Bytes, NetError> {
+    async fn read_response(
+        &self,
+        addr: SocketAddr,
+        recv: &mut RecvStream,
+    ) -> Result<Bytes, NetError> {
         match read_frame(recv, self.inner.config.max_frame_size).await {
             Ok(Some(frame)) => match frame.first() {
                 Some(&RESPONSE_OK) => Ok(frame.slice(1..)),
@@ -996,7 +1092,12 @@ impl Transport {
     /// Queues a one-way message on `route` to `addr`. Messages to one peer are delivered in
     /// the order they were queued, at most once: a message queued while the peer is
     /// unreachable is dropped (logged and counted). Waits while the peer's queue is full.
-    pub async fn send_ordered(&self, addr: SocketAddr, route: &str, body: &[u8]) -> Result<(), NetError> {
+    pub async fn send_ordered(
+        &self,
+        addr: SocketAddr,
+        route: &str,
+        body: &[u8],
+    ) -> Result<(), NetError> {
         self.check_frame(1 + route.len() + body.len())?;
         if self.inner.closing.load(Ordering::Relaxed) {
             return Err(NetError::ShuttingDown);
@@ -1059,7 +1160,12 @@ impl Transport {
     }
 
     /// Opens a bulk stream on `route` to `addr`, sending `header` first.
-    pub async fn open_bulk(&self, addr: SocketAddr, route: &str, header: &[u8]) -> Result<BulkSender, NetError> {
+    pub async fn open_bulk(
+        &self,
+        addr: SocketAddr,
+        route: &str,
+        header: &[u8],
+    ) -> Result<BulkSender, NetError> {
         self.check_frame(1 + route.len() + header.len())?;
         let (mut send, recv) = self.open_bi_retrying(addr).await?;
         send.write_chunk(routed_frame(Some(StreamKind::Bulk), route, header))
@@ -1133,7 +1239,13 @@ impl Transport {
         if let Some(slot) = slot {
             let mut st = slot.lock();
             if let Some(live) = st.conn.take() {
-                live.conn.close(codes::CLOSE_FORGOTTEN, b"member left the cluster");
+                // Not at once: the answer to a leaving member's goodbye may still be on its
+                // way over this connection.
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    live.conn
+                        .close(codes::CLOSE_FORGOTTEN, b"member left the cluster");
+                });
             }
             st.ordered = None;
         }
@@ -1145,9 +1257,15 @@ impl Transport {
         if self.inner.closing.swap(true, Ordering::SeqCst) {
             return;
         }
-        self.inner.endpoint.close(codes::CLOSE_SHUTDOWN, b"member shutting down");
+        self.inner
+            .endpoint
+            .close(codes::CLOSE_SHUTDOWN, b"member shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
-        self.inner.peers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.inner
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         info!(member = %self.inner.local.member_id, "transport closed");
     }
 
@@ -1157,7 +1275,11 @@ impl Transport {
         self.inner.faults.kill();
         self.inner.closing.store(true, Ordering::SeqCst);
         self.inner.endpoint.close(codes::CLOSE_SHUTDOWN, b"killed");
-        self.inner.peers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.inner
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 }
 

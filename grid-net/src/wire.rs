@@ -123,7 +123,12 @@ pub mod testing {
     pub use super::StreamKind;
 
     /// The bytes a dialer writes on its first stream: kind byte, framed hello.
-    pub fn hello_stream(cluster: &str, member_id: &str, generation: u64, addr: SocketAddr) -> Vec<u8> {
+    pub fn hello_stream(
+        cluster: &str,
+        member_id: &str,
+        generation: u64,
+        addr: SocketAddr,
+    ) -> Vec<u8> {
         let hello = super::Hello {
             cluster: cluster.to_string(),
             protocol: super::PROTOCOL_VERSION,

@@ -24,7 +24,14 @@ fn local(id: &str) -> LocalMember {
 
 fn member(id: &str, config: TransportConfig) -> Transport {
     let identity = Identity::from_secret(SECRET, id).unwrap();
-    let t = Transport::bind("127.0.0.1:0".parse().unwrap(), None, &identity, local(id), config).unwrap();
+    let t = Transport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        &identity,
+        local(id),
+        config,
+    )
+    .unwrap();
     t.on_request("echo", |_peer, body| async move { Ok(body) });
     t
 }
@@ -109,7 +116,9 @@ async fn bad_frames_close_the_stream_and_the_member_keeps_serving() {
     let conn = raw_connect(&ep, m.local_addr()).await;
 
     // A well-formed request works on the raw connection.
-    let ok = raw_stream(&conn, &request_stream("echo", b"hi")).await.unwrap();
+    let ok = raw_stream(&conn, &request_stream("echo", b"hi"))
+        .await
+        .unwrap();
     assert_eq!(&ok[4..], b"\x00hi");
 
     let cases: Vec<(&str, Vec<u8>)> = vec![
@@ -140,7 +149,10 @@ async fn bad_frames_close_the_stream_and_the_member_keeps_serving() {
         still_serves(&m, &other).await;
         // The same connection still serves well-formed requests.
         let ok = raw_stream(&conn, &request_stream("echo", b"again")).await;
-        assert!(ok.is_ok(), "{what}: connection should survive one bad stream");
+        assert!(
+            ok.is_ok(),
+            "{what}: connection should survive one bad stream"
+        );
     }
 
     // Garbage on unidirectional streams: a bad kind, and a gossip frame that is not gossip.
@@ -158,12 +170,24 @@ async fn bad_frames_close_the_stream_and_the_member_keeps_serving() {
     let r = other
         .request(m.local_addr(), "nope", b"", Duration::from_secs(5))
         .await;
-    assert!(matches!(r, Err(NetError::Remote(ref e)) if e.contains("no handler")), "{r:?}");
+    assert!(
+        matches!(r, Err(NetError::Remote(ref e)) if e.contains("no handler")),
+        "{r:?}"
+    );
     still_serves(&m, &other).await;
 
     let text = logs.text();
-    for expected in ["bad_kind", "truncated", "too_large", "undecodable", "bad input from peer"] {
-        assert!(text.contains(expected), "log should mention {expected}:\n{text}");
+    for expected in [
+        "bad_kind",
+        "truncated",
+        "too_large",
+        "undecodable",
+        "bad input from peer",
+    ] {
+        assert!(
+            text.contains(expected),
+            "log should mention {expected}:\n{text}"
+        );
     }
 }
 
@@ -179,7 +203,10 @@ async fn a_peer_that_keeps_sending_garbage_loses_its_connection() {
     let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
         .await
         .expect("connection closed");
-    assert!(reason.to_string().contains("too many protocol errors"), "{reason}");
+    assert!(
+        reason.to_string().contains("too many protocol errors"),
+        "{reason}"
+    );
     still_serves(&m, &other).await;
 }
 
@@ -189,7 +216,11 @@ async fn garbage_instead_of_a_hello_closes_the_connection() {
     let m = member("m", TransportConfig::default());
     let other = member("other", TransportConfig::default());
     let ep = raw_endpoint(grid_net::tls::ALPN);
-    let conn = ep.connect(m.local_addr(), "grid.member").unwrap().await.unwrap();
+    let conn = ep
+        .connect(m.local_addr(), "grid.member")
+        .unwrap()
+        .await
+        .unwrap();
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     send.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     send.finish().unwrap();
@@ -212,13 +243,25 @@ async fn oversized_requests_are_refused_before_sending() {
     let r = other
         .request(m.local_addr(), "echo", &[0u8; 2000], Duration::from_secs(5))
         .await;
-    assert!(matches!(r, Err(NetError::FrameTooLarge { size: 2005, limit: 1024 })), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Err(NetError::FrameTooLarge {
+                size: 2005,
+                limit: 1024
+            })
+        ),
+        "{r:?}"
+    );
     // A response over the limit becomes an error answer.
     m.on_request("big", |_p, _b| async move { Ok(vec![7u8; 5000].into()) });
     let r = other
         .request(m.local_addr(), "big", b"", Duration::from_secs(5))
         .await;
-    assert!(matches!(r, Err(NetError::Remote(ref e)) if e.contains("exceeds")), "{r:?}");
+    assert!(
+        matches!(r, Err(NetError::Remote(ref e)) if e.contains("exceeds")),
+        "{r:?}"
+    );
     still_serves(&m, &other).await;
 }
 
@@ -235,5 +278,9 @@ async fn another_protocol_version_is_refused_and_both_sides_say_so() {
     while !logs.text().contains("ALPN") && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(logs.text().contains("another grid protocol version"), "{}", logs.text());
+    assert!(
+        logs.text().contains("another grid protocol version"),
+        "{}",
+        logs.text()
+    );
 }

@@ -39,26 +39,45 @@ async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 async fn typed_requests_errors_and_deadlines() {
     let a = member("a");
     let b = member("b");
-    a.on_request_typed("add", |_p, (x, y): (u64, u64)| async move { Ok::<_, String>(x + y) });
-    a.on_request_typed("fail", |_p, (): ()| async move { Err::<(), _>("no luck".to_string()) });
+    a.on_request_typed("add", |_p, (x, y): (u64, u64)| async move {
+        Ok::<_, String>(x + y)
+    });
+    a.on_request_typed("fail", |_p, (): ()| async move {
+        Err::<(), _>("no luck".to_string())
+    });
     a.on_request_typed("slow", |_p, (): ()| async move {
         tokio::time::sleep(Duration::from_secs(5)).await;
         Ok::<_, String>(())
     });
     let sum: u64 = b
-        .request_typed(a.local_addr(), "add", &(2u64, 40u64), Duration::from_secs(5))
+        .request_typed(
+            a.local_addr(),
+            "add",
+            &(2u64, 40u64),
+            Duration::from_secs(5),
+        )
         .await
         .unwrap();
     assert_eq!(sum, 42);
-    let r: Result<(), _> = b.request_typed(a.local_addr(), "fail", &(), Duration::from_secs(5)).await;
-    assert!(matches!(r, Err(NetError::Remote(ref m)) if m == "no luck"), "{r:?}");
+    let r: Result<(), _> = b
+        .request_typed(a.local_addr(), "fail", &(), Duration::from_secs(5))
+        .await;
+    assert!(
+        matches!(r, Err(NetError::Remote(ref m)) if m == "no luck"),
+        "{r:?}"
+    );
     let r: Result<(), _> = b
         .request_typed(a.local_addr(), "slow", &(), Duration::from_millis(200))
         .await;
     assert!(matches!(r, Err(NetError::Timeout { .. })), "{r:?}");
     // A request of the wrong type is answered with an error, not a crash.
     let r: Result<u64, _> = b
-        .request_typed(a.local_addr(), "add", &"not numbers", Duration::from_secs(5))
+        .request_typed(
+            a.local_addr(),
+            "add",
+            &"not numbers",
+            Duration::from_secs(5),
+        )
         .await;
     assert!(matches!(r, Err(NetError::Remote(_))), "{r:?}");
 }
@@ -81,7 +100,9 @@ async fn mismatched_settings_are_refused() {
     )
     .unwrap();
     a.on_request("echo", |_p, b| async move { Ok(b) });
-    let r = odd.request(a.local_addr(), "echo", b"x", Duration::from_secs(5)).await;
+    let r = odd
+        .request(a.local_addr(), "echo", b"x", Duration::from_secs(5))
+        .await;
     match r {
         Err(NetError::Refused { reason, .. }) => assert!(reason.contains("partitions"), "{reason}"),
         other => panic!("expected a refusal, got {other:?}"),
@@ -99,9 +120,14 @@ async fn bulk_streams_carry_many_chunks() {
             total += c.len() as u64;
             n += 1;
         }
-        Ok(format!("{}:{n}:{total}", String::from_utf8_lossy(&header)).into_bytes().into())
+        Ok(format!("{}:{n}:{total}", String::from_utf8_lossy(&header))
+            .into_bytes()
+            .into())
     });
-    let mut s = b.open_bulk(a.local_addr(), "sink", b"partition-7").await.unwrap();
+    let mut s = b
+        .open_bulk(a.local_addr(), "sink", b"partition-7")
+        .await
+        .unwrap();
     let chunk = vec![0xabu8; 1 << 20];
     for _ in 0..20 {
         s.send(&chunk).await.unwrap();
@@ -126,9 +152,15 @@ async fn ordered_messages_arrive_in_order() {
         });
     }
     for i in 0..10_000u64 {
-        b.send_ordered(a.local_addr(), "seq", &i.to_be_bytes()).await.unwrap();
+        b.send_ordered(a.local_addr(), "seq", &i.to_be_bytes())
+            .await
+            .unwrap();
     }
-    assert!(eventually(Duration::from_secs(10), || next.load(Ordering::SeqCst) == 10_000).await);
+    assert!(
+        eventually(Duration::from_secs(10), || next.load(Ordering::SeqCst)
+            == 10_000)
+        .await
+    );
     assert_eq!(errors.load(Ordering::SeqCst), 0);
 }
 
@@ -156,18 +188,26 @@ async fn simultaneous_dials_settle_on_one_connection() {
         }));
     }
     for c in calls {
-        c.await.unwrap().expect("every call succeeds, duplicate or not");
+        c.await
+            .unwrap()
+            .expect("every call succeeds, duplicate or not");
     }
     // The duplicate is closed after its grace period; both sides keep the same one.
     assert!(
-        eventually(Duration::from_secs(5), || a.open_connections() == 1 && b.open_connections() == 1).await,
+        eventually(Duration::from_secs(5), || a.open_connections() == 1
+            && b.open_connections() == 1)
+        .await,
         "a has {} connections, b has {}",
         a.open_connections(),
         b.open_connections()
     );
     for _ in 0..10 {
-        a.request(b.local_addr(), "echo", b"y", Duration::from_secs(5)).await.unwrap();
-        b.request(a.local_addr(), "echo", b"y", Duration::from_secs(5)).await.unwrap();
+        a.request(b.local_addr(), "echo", b"y", Duration::from_secs(5))
+            .await
+            .unwrap();
+        b.request(a.local_addr(), "echo", b"y", Duration::from_secs(5))
+            .await
+            .unwrap();
     }
     assert_eq!((a.open_connections(), b.open_connections()), (1, 1));
 }
@@ -178,17 +218,27 @@ async fn a_restarted_peer_is_reached_again() {
     let b = member("b");
     b.on_request("who", |_p, _b| async move { Ok(b"old".to_vec().into()) });
     let addr = b.local_addr();
-    assert_eq!(&a.request(addr, "who", b"", Duration::from_secs(5)).await.unwrap()[..], b"old");
+    assert_eq!(
+        &a.request(addr, "who", b"", Duration::from_secs(5))
+            .await
+            .unwrap()[..],
+        b"old"
+    );
     b.kill();
     drop(b);
-    let r = a.request(addr, "who", b"", Duration::from_millis(500)).await;
+    let r = a
+        .request(addr, "who", b"", Duration::from_millis(500))
+        .await;
     assert!(r.is_err(), "a killed peer does not answer");
     // Same address, new generation.
     let again = member_at("b", 2, &addr.to_string(), TransportConfig::default());
     again.on_request("who", |_p, _b| async move { Ok(b"new".to_vec().into()) });
     let mut answer = None;
     for _ in 0..50 {
-        if let Ok(r) = a.request(addr, "who", b"", Duration::from_millis(500)).await {
+        if let Ok(r) = a
+            .request(addr, "who", b"", Duration::from_millis(500))
+            .await
+        {
             answer = Some(r);
             break;
         }
