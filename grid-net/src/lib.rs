@@ -22,6 +22,7 @@ mod frame;
 mod gossip;
 pub mod membership;
 mod multicast;
+mod mux;
 pub mod node;
 mod socket;
 pub mod tls;

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -24,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::codec;
 use crate::frame::{read_frame, FrameError};
+use crate::mux::{self, MuxClient, MuxError, MUX_MAX_PAYLOAD};
 use crate::socket::{FaultSwitch, FaultySocket};
 use crate::tls::{explain_handshake_error, Identity, SERVER_NAME};
 use crate::wire::{
@@ -31,6 +33,10 @@ use crate::wire::{
     RESPONSE_ERR, RESPONSE_OK,
 };
 use crate::NetError;
+
+/// Largest gossip message: chitchat's own datagram limit. Gossip is compressed, so this
+/// also bounds what one message can decompress to.
+pub(crate) const MAX_GOSSIP_FRAME: usize = 65_507;
 
 /// Tuning of the transport. The defaults suit a LAN or one machine.
 #[derive(Debug, Clone)]
@@ -114,6 +120,8 @@ struct Live {
     conn: Connection,
     peer: PeerInfo,
     dialed_by_us: bool,
+    /// Our request lanes on this connection.
+    mux: Arc<MuxClient>,
 }
 
 #[derive(Default)]
@@ -594,6 +602,7 @@ impl Transport {
                         addr,
                     },
                     dialed_by_us: true,
+                    mux: Arc::default(),
                 })
             }
             HelloReply::Rejected { reason } => {
@@ -728,6 +737,7 @@ impl Transport {
                 addr: hello.addr,
             },
             dialed_by_us: false,
+            mux: Arc::default(),
         };
         debug!(peer = %live.peer.member_id, addr = %live.peer.addr, "accepted connection");
         let slot = self.slot(live.peer.addr);
@@ -858,6 +868,10 @@ impl Transport {
             Err(_) => return,
         };
         let kind = match StreamKind::from_byte(kind) {
+            Some(StreamKind::Mux) => {
+                self.serve_mux(&live, send, recv, &errors).await;
+                return;
+            }
             Some(k @ (StreamKind::Request | StreamKind::Bulk)) => k,
             _ => {
                 self.bad_input(
@@ -938,6 +952,70 @@ impl Transport {
         }
     }
 
+    /// Answers the requests a peer sends on one of its lanes, each in its own task, answers
+    /// in completion order.
+    async fn serve_mux(
+        &self,
+        live: &Live,
+        send: SendStream,
+        mut recv: RecvStream,
+        errors: &AtomicU32,
+    ) {
+        let limit = self.inner.config.max_frame_size;
+        let send = Arc::new(tokio::sync::Mutex::new(send));
+        loop {
+            let frame = match read_frame(&mut recv, limit + 9).await {
+                Ok(Some(f)) => f,
+                Ok(None) | Err(FrameError::Stream(_)) => return,
+                Err(e) => {
+                    self.bad_input(
+                        live,
+                        errors,
+                        e.kind(),
+                        &e,
+                        send.try_lock().ok().as_deref_mut(),
+                        &mut recv,
+                    );
+                    return;
+                }
+            };
+            let Some((id, route, body)) = mux::parse_request(&frame) else {
+                self.bad_input(
+                    live,
+                    errors,
+                    "undecodable",
+                    &"malformed lane request",
+                    send.try_lock().ok().as_deref_mut(),
+                    &mut recv,
+                );
+                return;
+            };
+            let handler = match self.find_route(route) {
+                Some(Route::Request(h)) => Ok(h),
+                _ => Err(format!("no handler for route {route:?} on this member")),
+            };
+            let mut call = match handler {
+                Ok(h) => h(live.peer.clone(), body),
+                Err(e) => Box::pin(std::future::ready(Err(e))),
+            };
+            // Most handlers (a local map lookup) finish on their first poll: answer inline
+            // and save a task. The others get a task, so one slow handler holds up nobody.
+            if let Some(result) = (&mut call).now_or_never() {
+                let frame = mux::response_frame(id, &result, limit);
+                if send.lock().await.write_chunk(frame).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            let send = send.clone();
+            tokio::spawn(async move {
+                let result = call.await;
+                let frame = mux::response_frame(id, &result, limit);
+                let _ = send.lock().await.write_chunk(frame).await;
+            });
+        }
+    }
+
     async fn handle_uni(self, live: Live, mut recv: RecvStream, errors: Arc<AtomicU32>) {
         let limit = self.inner.config.max_frame_size;
         let kind = match Self::read_kind(&mut recv).await {
@@ -956,7 +1034,7 @@ impl Transport {
             Err(_) => return,
         };
         match StreamKind::from_byte(kind) {
-            Some(StreamKind::Gossip) => match read_frame(&mut recv, limit).await {
+            Some(StreamKind::Gossip) => match read_frame(&mut recv, MAX_GOSSIP_FRAME).await {
                 Ok(Some(frame)) => {
                     if let Some(sink) = self.inner.gossip_sink.get() {
                         if sink.try_send((live.peer.addr, frame)).is_err() {
@@ -1023,10 +1101,42 @@ impl Transport {
         timeout: Duration,
     ) -> Result<Bytes, NetError> {
         self.check_frame(1 + route.len() + body.len())?;
-        let frame = routed_frame(Some(StreamKind::Request), route, body);
-        tokio::time::timeout(timeout, self.request_inner(addr, frame))
+        let call = async {
+            if body.len() <= MUX_MAX_PAYLOAD {
+                self.request_on_lane(addr, route, body).await
+            } else {
+                self.request_inner(addr, routed_frame(Some(StreamKind::Request), route, body))
+                    .await
+            }
+        };
+        tokio::time::timeout(timeout, call)
             .await
             .unwrap_or(Err(NetError::Timeout { addr, timeout }))
+    }
+
+    async fn request_on_lane(
+        &self,
+        addr: SocketAddr,
+        route: &str,
+        body: &[u8],
+    ) -> Result<Bytes, NetError> {
+        let limit = self.inner.config.max_frame_size;
+        let mut last = String::new();
+        for _attempt in 0..2 {
+            let live = self.connection(addr).await?;
+            match live.mux.request(&live.conn, route, body, limit).await {
+                Ok(reply) => return reply,
+                Err(MuxError::NotSent(e)) => {
+                    // Nothing reached the peer: drop a dead connection and try once more.
+                    if live.conn.close_reason().is_some() {
+                        self.evict(addr, &live.conn);
+                    }
+                    last = e;
+                }
+                Err(MuxError::Lost(e)) => return Err(lost(addr, e)),
+            }
+        }
+        Err(lost(addr, last))
     }
 
     async fn open_bi_retrying(
@@ -1190,7 +1300,7 @@ impl Transport {
         if self.inner.closing.load(Ordering::Relaxed) {
             return;
         }
-        if payload.len() > self.inner.config.max_frame_size {
+        if payload.len() > MAX_GOSSIP_FRAME {
             warn!(%addr, size = payload.len(), "gossip message over the frame limit, dropped");
             return;
         }

@@ -26,6 +26,9 @@ pub enum StreamKind {
     /// Bidirectional: a routed header frame, chunk frames until the end of the stream, then
     /// one response frame.
     Bulk = b'B',
+    /// Bidirectional, long-lived: id-tagged requests one way, id-tagged answers the other
+    /// (see `mux`).
+    Mux = b'M',
 }
 
 impl StreamKind {
@@ -36,6 +39,7 @@ impl StreamKind {
             b'G' => Self::Gossip,
             b'O' => Self::Ordered,
             b'B' => Self::Bulk,
+            b'M' => Self::Mux,
             _ => return None,
         })
     }

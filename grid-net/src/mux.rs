@@ -1,0 +1,252 @@
+//! Requests multiplexed on a few long-lived streams ("lanes") per connection.
+//!
+//! Measured on loopback (BENCHMARKS.md), a stream per request costs quinn about twice the
+//! work of a frame on a stream that already exists, so small requests travel on lanes: the
+//! caller tags each request with an id, the callee answers on the same lane with that id, in
+//! whatever order the handlers finish. Large payloads (over [`MUX_MAX_PAYLOAD`]) keep a stream
+//! of their own so that they cannot hold up the small ones behind them.
+//!
+//! Lane frames, inside the usual `u32` length prefix:
+//! - request: `[u64 id][u8 route length][route][body]`
+//! - response: `[u64 id][u8 status][body]`
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use quinn::{Connection, RecvStream, SendStream};
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use crate::frame::{read_frame, FrameError};
+use crate::wire::{codes, StreamKind, RESPONSE_ERR, RESPONSE_OK};
+use crate::NetError;
+
+/// Lanes per connection and direction. More than one, so that one large answer holds up
+/// only a share of the traffic.
+pub(crate) const LANES: usize = 2;
+/// Requests with a body larger than this take a stream of their own.
+pub(crate) const MUX_MAX_PAYLOAD: usize = 64 * 1024;
+
+type Reply = Result<Bytes, NetError>;
+
+/// Why a lane request got no answer.
+#[derive(Debug)]
+pub(crate) enum MuxError {
+    /// The request was not sent: retrying cannot run it twice.
+    NotSent(String),
+    /// The request was sent and the lane broke before the answer: it may have run.
+    Lost(String),
+}
+
+struct Lane {
+    send: tokio::sync::Mutex<SendStream>,
+    /// `None` once the lane is dead.
+    pending: Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>,
+}
+
+impl Lane {
+    fn is_dead(&self) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+    }
+
+    /// Marks the lane dead; waiting callers see their answer channel close.
+    fn fail_all(&self, why: &str) {
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(p) = pending.filter(|p| !p.is_empty()) {
+            debug!(waiting = p.len(), why, "request lane closed");
+        }
+    }
+}
+
+/// Removes a request's pending entry if the caller gives up (deadline), so that entries
+/// never outlive their callers.
+struct PendingGuard<'a> {
+    lane: &'a Lane,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(map) = self
+            .lane
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            map.remove(&self.id);
+        }
+    }
+}
+
+/// The calling side of one connection's lanes.
+#[derive(Default)]
+pub(crate) struct MuxClient {
+    lanes: Mutex<[Option<Arc<Lane>>; LANES]>,
+    next_lane: AtomicUsize,
+    next_id: AtomicU64,
+}
+
+impl MuxClient {
+    async fn lane(&self, conn: &Connection, limit: usize) -> Result<Arc<Lane>, String> {
+        let i = self.next_lane.fetch_add(1, Ordering::Relaxed) % LANES;
+        {
+            let lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(lane) = lanes[i].as_ref().filter(|l| !l.is_dead()) {
+                return Ok(lane.clone());
+            }
+        }
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&[StreamKind::Mux as u8])
+            .await
+            .map_err(|e| e.to_string())?;
+        let lane = Arc::new(Lane {
+            send: tokio::sync::Mutex::new(send),
+            pending: Mutex::new(Some(HashMap::new())),
+        });
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(existing) = lanes[i].as_ref().filter(|l| !l.is_dead()) {
+            // Another caller opened it meanwhile; ours is dropped (its stream finishes).
+            return Ok(existing.clone());
+        }
+        lanes[i] = Some(lane.clone());
+        tokio::spawn(read_responses(lane.clone(), recv, limit));
+        Ok(lane)
+    }
+
+    /// Sends one request on a lane of `conn` and waits for its answer (the caller bounds
+    /// the wait).
+    pub(crate) async fn request(
+        &self,
+        conn: &Connection,
+        route: &str,
+        body: &[u8],
+        limit: usize,
+    ) -> Result<Reply, MuxError> {
+        let lane = self.lane(conn, limit).await.map_err(MuxError::NotSent)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = lane.pending.lock().unwrap_or_else(|e| e.into_inner());
+            match pending.as_mut() {
+                Some(map) => map.insert(id, tx),
+                None => return Err(MuxError::NotSent("lane closed".into())),
+            };
+        }
+        let _guard = PendingGuard { lane: &lane, id };
+        let inner_len = 8 + 1 + route.len() + body.len();
+        let mut frame = BytesMut::with_capacity(4 + inner_len);
+        frame.put_u32(inner_len as u32);
+        frame.put_u64(id);
+        frame.put_u8(route.len() as u8);
+        frame.put_slice(route.as_bytes());
+        frame.put_slice(body);
+        let written = lane.send.lock().await.write_chunk(frame.freeze()).await;
+        if let Err(e) = written {
+            lane.fail_all("lane closed");
+            // A failed write may have sent part of the frame, never all of it: the peer
+            // cannot have run the request.
+            return Err(MuxError::NotSent(e.to_string()));
+        }
+        match rx.await {
+            Ok(reply) => Ok(reply),
+            Err(_) => Err(MuxError::Lost("lane closed before the answer".into())),
+        }
+    }
+}
+
+async fn read_responses(lane: Arc<Lane>, mut recv: RecvStream, limit: usize) {
+    loop {
+        match read_frame(&mut recv, limit + 9).await {
+            Ok(Some(frame)) if frame.len() >= 9 => {
+                let mut id = [0u8; 8];
+                id.copy_from_slice(&frame[..8]);
+                let id = u64::from_be_bytes(id);
+                let reply = match frame[8] {
+                    RESPONSE_OK => Ok(frame.slice(9..)),
+                    RESPONSE_ERR => Err(NetError::Remote(
+                        String::from_utf8_lossy(&frame[9..]).into_owned(),
+                    )),
+                    _ => Err(NetError::Protocol("response with unknown status".into())),
+                };
+                let tx = lane
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_mut()
+                    .and_then(|m| m.remove(&id));
+                if let Some(tx) = tx {
+                    let _ = tx.send(reply);
+                }
+            }
+            Ok(Some(_)) => {
+                debug!("short frame on a request lane, lane closed");
+                let _ = recv.stop(codes::STREAM_BAD_INPUT);
+                break;
+            }
+            Ok(None) | Err(FrameError::Stream(_)) => break,
+            Err(e) => {
+                debug!(error = %e, "bad frame on a request lane, lane closed");
+                let _ = recv.stop(codes::STREAM_BAD_INPUT);
+                break;
+            }
+        }
+    }
+    lane.fail_all("request lane closed");
+}
+
+/// A response frame for a lane: `[u32 len][u64 id][u8 status][body]`.
+pub(crate) fn response_frame(id: u64, result: &Result<Bytes, String>, limit: usize) -> Bytes {
+    let (status, body): (u8, &[u8]) = match result {
+        Ok(b) if b.len() <= limit => (RESPONSE_OK, b),
+        Ok(_) => (RESPONSE_ERR, b"response exceeds the frame limit"),
+        Err(e) => (RESPONSE_ERR, e.as_bytes()),
+    };
+    let mut frame = BytesMut::with_capacity(13 + body.len());
+    frame.put_u32(9 + body.len() as u32);
+    frame.put_u64(id);
+    frame.put_u8(status);
+    frame.put_slice(body);
+    frame.freeze()
+}
+
+/// Splits a lane request frame into (id, route, body); `None` if malformed.
+pub(crate) fn parse_request(frame: &Bytes) -> Option<(u64, &str, Bytes)> {
+    let id = u64::from_be_bytes(frame.get(..8)?.try_into().ok()?);
+    let len = *frame.get(8)? as usize;
+    let route = std::str::from_utf8(frame.get(9..9 + len)?).ok()?;
+    Some((id, route, frame.slice(9 + len..)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_frames_parse_and_garbage_does_not() {
+        let mut f = BytesMut::new();
+        f.put_u64(7);
+        f.put_u8(4);
+        f.put_slice(b"echo");
+        f.put_slice(b"body");
+        let f = f.freeze();
+        let (id, route, body) = parse_request(&f).unwrap();
+        assert_eq!((id, route, &body[..]), (7, "echo", &b"body"[..]));
+        for bad in [
+            &b""[..],
+            &b"\0\0\0\0\0\0\0\x07"[..],
+            &b"\0\0\0\0\0\0\0\x07\x09ab"[..],
+        ] {
+            assert!(parse_request(&Bytes::copy_from_slice(bad)).is_none());
+        }
+    }
+}
