@@ -39,9 +39,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use grid_core::runtime::Runtime;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub use grid_cache::Cache;
+pub use grid_core::config::PartitionConfig;
 pub use grid_core::{codec, GridConfig, GridError};
 pub use grid_net::config::{MembershipConfig, MulticastConfig, NetworkConfig, TlsConfig};
 pub use grid_net::membership::{Cluster, Member, MemberEvent, MembershipEvents};
@@ -159,6 +162,30 @@ impl GridBuilder {
         self
     }
 
+    /// Synchronous backups per partition, 0 to 6 (default 1).
+    pub fn backups(mut self, backups: u8) -> Self {
+        self.config.partitions.backups = backups;
+        self
+    }
+
+    /// Partition count (default 271), fixed for the life of the cluster.
+    pub fn partitions(mut self, count: u32) -> Self {
+        self.config.partitions.count = count;
+        self
+    }
+
+    /// Put a partition's replicas on members with distinct values of this attribute.
+    pub fn placement_attribute(mut self, attribute: impl Into<String>) -> Self {
+        self.config.partitions.placement_attribute = Some(attribute.into());
+        self
+    }
+
+    /// Deadline of one operation, retries included (default 10 s).
+    pub fn op_timeout(mut self, timeout: Duration) -> Self {
+        self.config.partitions.op_timeout_ms = timeout.as_millis() as u64;
+        self
+    }
+
     /// Largest frame sent or accepted (default 16 MiB).
     pub fn max_frame_size(mut self, bytes: usize) -> Self {
         self.config.network.max_frame_size = bytes;
@@ -173,9 +200,19 @@ impl GridBuilder {
     /// Starts the member. Returns once its port is bound and gossip runs; other members
     /// appear in [`Grid::cluster`] as they are found.
     pub async fn start(self) -> Result<Grid, GridError> {
+        self.config.validate()?;
         let node = grid_net::node::Node::start(self.config.to_net_config()).await?;
+        let runtime = Runtime::start(
+            node.transport().clone(),
+            node.cluster().clone(),
+            self.config.runtime_config(),
+        );
+        let caches = Arc::new(grid_cache::CacheService::new(self.config.partitions.count));
+        runtime.register(caches.clone());
         Ok(Grid {
             node: Arc::new(node),
+            runtime,
+            caches,
         })
     }
 }
@@ -185,6 +222,8 @@ impl GridBuilder {
 #[derive(Debug, Clone)]
 pub struct Grid {
     node: Arc<grid_net::node::Node>,
+    runtime: Runtime,
+    caches: Arc<grid_cache::CacheService>,
 }
 
 impl Grid {
@@ -216,9 +255,32 @@ impl Grid {
         Ok(self.node.topic(name)?)
     }
 
-    /// Leaves the cluster gracefully: other members report it as left at once.
+    /// The cache `name` with keys `K` and values `V` (see [`Cache`]). The same name is the
+    /// same cache on every member; the types are the caller's promise.
+    pub fn cache<K, V>(&self, name: &str) -> Cache<K, V>
+    where
+        K: Serialize,
+        V: Serialize + DeserializeOwned,
+    {
+        Cache::new(name, self.runtime.clone(), self.caches.clone())
+    }
+
+    /// Leaves the cluster gracefully: first hands this member's partitions to the others
+    /// (so nothing is lost even without backups), then tells every member it is leaving —
+    /// they report it as left at once.
     pub async fn shutdown(&self) {
+        if self.cluster().local_member().is_data_member() && self.cluster().members().len() > 1 {
+            if let Err(e) = self.runtime.drain(Duration::from_secs(60)).await {
+                tracing::warn!(error = %e, "partitions not fully handed off before leaving");
+            }
+        }
         self.node.shutdown().await;
+    }
+
+    /// The partition runtime (tests, benchmarks and services built on grid).
+    #[doc(hidden)]
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
     }
 
     /// Stops the member abruptly, without telling anyone (as if killed). For tests and demos.

@@ -20,6 +20,10 @@
 //! [membership]
 //! gossip_interval_ms = 100
 //!
+//! [partitions]
+//! count = 271                     # fixed for the life of the cluster
+//! backups = 1
+//!
 //! [attributes]
 //! zone = "eu-west-1a"
 //! ```
@@ -57,6 +61,38 @@ pub struct GridConfig {
     pub membership: MembershipConfig,
     /// Member attributes (`host`, `zone`, `data = "false"` for a lite member…).
     pub attributes: BTreeMap<String, String>,
+    /// How data is split and copied.
+    pub partitions: PartitionConfig,
+}
+
+/// How data is split across members and copied.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PartitionConfig {
+    /// Partition count, fixed for the life of the cluster (default 271). A member with
+    /// another count is refused.
+    pub count: u32,
+    /// Synchronous backups per partition, 0 to 6 (default 1).
+    pub backups: u8,
+    /// Put the replicas of a partition on members with distinct values of this attribute
+    /// (e.g. `"zone"` or `"host"`).
+    pub placement_attribute: Option<String>,
+    /// Deadline of one operation, retries included, in milliseconds (default 10000).
+    pub op_timeout_ms: u64,
+    /// Partition copies the coordinator runs at once (default 8).
+    pub max_parallel_migrations: usize,
+}
+
+impl Default for PartitionConfig {
+    fn default() -> Self {
+        Self {
+            count: 271,
+            backups: 1,
+            placement_attribute: None,
+            op_timeout_ms: 10_000,
+            max_parallel_migrations: 8,
+        }
+    }
 }
 
 impl Default for GridConfig {
@@ -69,6 +105,7 @@ impl Default for GridConfig {
             multicast: MulticastConfig::default(),
             membership: MembershipConfig::default(),
             attributes: BTreeMap::new(),
+            partitions: PartitionConfig::default(),
         }
     }
 }
@@ -180,7 +217,40 @@ impl GridConfig {
             tls: self.tls.clone(),
             multicast: self.multicast.clone(),
             membership: self.membership.clone(),
-            must_match: Vec::new(),
+            // A member that splits keys differently would route them to the wrong owner.
+            must_match: vec![("partitions".to_string(), self.partitions.count.to_string())],
+        }
+    }
+
+    /// Checks the values serde cannot: ranges.
+    pub fn validate(&self) -> Result<(), GridError> {
+        let invalid = |message: String| GridError::ConfigInvalid {
+            path: None,
+            message,
+        };
+        if self.partitions.count == 0 {
+            return Err(invalid("partitions.count must be at least 1".into()));
+        }
+        if self.partitions.backups > 6 {
+            return Err(invalid(format!(
+                "partitions.backups must be 0 to 6, not {}",
+                self.partitions.backups
+            )));
+        }
+        Ok(())
+    }
+
+    /// The partition runtime's settings.
+    pub fn runtime_config(&self) -> crate::runtime::RuntimeConfig {
+        crate::runtime::RuntimeConfig {
+            table: crate::partition::table::TableConfig {
+                partitions: self.partitions.count,
+                backups: self.partitions.backups,
+                placement_attribute: self.partitions.placement_attribute.clone(),
+            },
+            op_timeout: std::time::Duration::from_millis(self.partitions.op_timeout_ms.max(1)),
+            max_parallel_migrations: self.partitions.max_parallel_migrations.max(1),
+            ..crate::runtime::RuntimeConfig::default()
         }
     }
 }

@@ -38,4 +38,25 @@ pub enum GridError {
     /// A topic error (bad name, message too large).
     #[error(transparent)]
     Topic(#[from] grid_net::topic::TopicError),
+    /// The service refused the operation (e.g. a value that does not decode); nothing
+    /// changed.
+    #[error("operation failed: {0}")]
+    Service(String),
+    /// The partition's owner vanished while running an operation that is not safe to
+    /// repeat: it may or may not have taken effect. Read back to find out.
+    #[error("outcome unknown: {0}")]
+    Indeterminate(String),
+    /// The operation could not complete within its deadline (retries included); the last
+    /// reason is given. It did not take effect, unless the last reason says the owner
+    /// vanished mid-call.
+    #[error("no answer within {after:?}: {last}")]
+    Timeout {
+        /// Time spent.
+        after: std::time::Duration,
+        /// Why the last attempt did not succeed.
+        last: String,
+    },
+    /// A key or value could not be encoded or decoded.
+    #[error(transparent)]
+    Codec(#[from] grid_net::codec::CodecError),
 }

@@ -1,9 +1,12 @@
-//! What grid members agree on: configuration, errors and the value codec. Later the
-//! partition table and the member runtime live here too.
+//! What grid members agree on: configuration, errors, the value codec, the partition table
+//! and the member runtime that routes, replicates and migrates partitions.
 //!
 //! # Layout
 //! - [`config`]: [`GridConfig`], loaded from TOML with `GRID_*` environment overrides.
 //! - [`error`]: [`GridError`], the error of grid's public API.
+//! - [`partition`]: [`partition_of`](partition::partition_of) and the partition table planner,
+//!   a pure function from (previous table, members, configuration) to the next table.
+//! - [`runtime`]: the member runtime ([`runtime::Runtime`]) and the service SPI.
 //! - [`codec`]: re-export of `grid_net::codec` (MessagePack), so services need not depend on
 //!   the transport crate for it.
 
@@ -12,6 +15,8 @@
 
 pub mod config;
 pub mod error;
+pub mod runtime;
+pub mod partition;
 
 pub use config::GridConfig;
 pub use error::GridError;

@@ -1,0 +1,444 @@
+//! The coordinator's decisions, without IO: which table to publish and which partitions to
+//! copy where, given membership changes and migration results.
+//!
+//! The coordinator is the oldest live data member. It keeps two tables: the *published*
+//! one, which every member routes by and in which every replica really holds its data, and
+//! the *target* one ([`PartitionTable::plan`]) it is heading for. The difference is a set
+//! of moves, (partition, destination) pairs, each a copy of the partition from its owner.
+//! A partition switches to its target replicas once all its moves are done — and, when its
+//! owner changes hands, once the old owner has frozen it, so that no write can land on the
+//! old owner after the new one takes over.
+//!
+//! Failures take a shortcut: a dead member's replicas are dropped from the published table
+//! at once (the first surviving backup becomes owner, which needs no copy), and the copies
+//! that restore the backup count are ordinary moves.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+
+use crate::partition::table::{data_moves, Candidate, PartitionTable, TableConfig};
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Effect {
+    /// Send this table to every member.
+    Publish(PartitionTable),
+    /// Ask `source` (the partition's owner) to copy `partition` to `destination`.
+    Migrate {
+        partition: u32,
+        source: Arc<str>,
+        destination: Arc<str>,
+    },
+    /// Ask `owner` to stop taking operations on `partition` before it changes hands.
+    Freeze { partition: u32, owner: Arc<str> },
+}
+
+/// Counters, for observability and the rebalancing harness.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationStats {
+    /// Migrations started.
+    pub started: u64,
+    /// Migrations completed.
+    pub completed: u64,
+    /// Migrations that failed (and were retried).
+    pub failed: u64,
+    /// Migrations waiting or under way.
+    pub in_flight: u64,
+}
+
+/// The coordinator state machine.
+#[derive(Debug)]
+pub(crate) struct Coordinator {
+    config: TableConfig,
+    published: PartitionTable,
+    target: PartitionTable,
+    pending: BTreeSet<(u32, Arc<str>)>,
+    in_flight: BTreeSet<(u32, Arc<str>)>,
+    /// Partitions whose moves are all done and whose old owner must freeze first.
+    freezing: BTreeSet<u32>,
+    /// Partitions ready to switch to their target replicas at the next publication.
+    ready: BTreeMap<u32, bool>,
+    max_parallel: usize,
+    stats: MigrationStats,
+}
+
+impl Coordinator {
+    /// Starts from the newest table any member holds.
+    pub(crate) fn new(newest: PartitionTable, config: TableConfig, max_parallel: usize) -> Self {
+        Self {
+            config,
+            target: newest.clone(),
+            published: newest,
+            pending: BTreeSet::new(),
+            in_flight: BTreeSet::new(),
+            freezing: BTreeSet::new(),
+            ready: BTreeMap::new(),
+            max_parallel: max_parallel.max(1),
+            stats: MigrationStats::default(),
+        }
+    }
+
+    pub(crate) fn published(&self) -> &PartitionTable {
+        &self.published
+    }
+
+    pub(crate) fn stats(&self) -> MigrationStats {
+        MigrationStats {
+            in_flight: (self.pending.len() + self.in_flight.len()) as u64,
+            ..self.stats.clone()
+        }
+    }
+
+    /// Whether the published table is the target (no migration left).
+    pub(crate) fn is_settled(&self) -> bool {
+        self.pending.is_empty()
+            && self.in_flight.is_empty()
+            && self.freezing.is_empty()
+            && self.ready.is_empty()
+            && self.published.version() > 0
+            && (0..self.published.partitions()).all(|p| {
+                self.published.replicas(p).eq(self.target.replicas(p))
+            })
+    }
+
+    /// The data members changed: `members` may hold partitions; `draining` are alive and
+    /// still serve what they hold, but must hand it all to `members`.
+    pub(crate) fn on_members(&mut self, members: &[Candidate], draining: &[Arc<str>]) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let alive: HashSet<&str> = members
+            .iter()
+            .map(|c| &*c.id)
+            .chain(draining.iter().map(|d| &**d))
+            .collect();
+        // 1. Drop the dead from the published table: promotion, no data moves.
+        let published_members: BTreeSet<&Arc<str>> = self.published.members().iter().collect();
+        if published_members.iter().any(|m| !alive.contains(&***m)) || self.published.version() == 0 {
+            let version = self.published.version() + 1;
+            let mut assignments = Vec::new();
+            let mut epochs = Vec::new();
+            for p in 0..self.published.partitions() {
+                let old_owner = self.published.owner(p).cloned();
+                let survivors: Vec<Arc<str>> = self
+                    .published
+                    .replicas(p)
+                    .filter(|m| alive.contains(&***m))
+                    .cloned()
+                    .collect();
+                let epoch = if survivors.first() == old_owner.as_ref() {
+                    self.published.epoch(p)
+                } else {
+                    version
+                };
+                assignments.push(survivors);
+                epochs.push(epoch);
+            }
+            let interim = PartitionTable::from_assignments(
+                version,
+                self.published.partitions(),
+                assignments,
+                epochs,
+            );
+            // A brand new cluster has nothing to copy: publish the plan itself.
+            let first = self.published.version() == 0;
+            self.published = interim;
+            if first {
+                let planned = PartitionTable::plan(&self.published, members, &self.config);
+                self.published = planned;
+            } else if self.published.members().is_empty() {
+                // Every replica of everything died: start over from a plan.
+                let planned = PartitionTable::plan(&self.published, members, &self.config);
+                self.published = planned;
+            }
+            effects.push(Effect::Publish(self.published.clone()));
+        }
+        // Moves to a destination that died are moot (a late answer is ignored).
+        self.pending.retain(|(_, d)| alive.contains(&**d));
+        self.in_flight.retain(|(_, d)| alive.contains(&**d));
+        // 2. Head for the plan from here.
+        self.target = PartitionTable::plan(&self.published, members, &self.config);
+        let moves: BTreeSet<(u32, Arc<str>)> = data_moves(&self.published, &self.target)
+            .into_iter()
+            .collect();
+        self.pending = moves
+            .iter()
+            .filter(|m| !self.in_flight.contains(m))
+            .cloned()
+            .collect();
+        // Partitions with no live replica at all cannot be copied: take the target as is.
+        let mut lost = false;
+        for p in 0..self.published.partitions() {
+            if self.published.owner(p).is_none() && self.target.owner(p).is_some() {
+                self.pending.retain(|(q, _)| *q != p);
+                self.ready.insert(p, false);
+                lost = true;
+            }
+        }
+        self.freezing.retain(|p| moves.iter().all(|(q, _)| q != p));
+        self.ready
+            .retain(|p, _| moves.iter().all(|(q, _)| q != p) || self.published.owner(*p).is_none());
+        // Partitions whose replicas change without any copy (e.g. a backup dropped).
+        for p in 0..self.published.partitions() {
+            let differs = !self.published.replicas(p).eq(self.target.replicas(p));
+            let has_moves = moves.iter().any(|(q, _)| *q == p);
+            if differs && !has_moves && !self.ready.contains_key(&p) {
+                self.partition_done(p, &mut effects);
+            }
+        }
+        if lost {
+            effects.extend(self.flush());
+        }
+        self.start_moves(&mut effects);
+        effects
+    }
+
+    fn start_moves(&mut self, effects: &mut Vec<Effect>) {
+        while self.in_flight.len() < self.max_parallel {
+            let Some(next) = self.pending.iter().next().cloned() else { break };
+            self.pending.remove(&next);
+            let Some(source) = self.published.owner(next.0).cloned() else { continue };
+            self.in_flight.insert(next.clone());
+            self.stats.started += 1;
+            effects.push(Effect::Migrate {
+                partition: next.0,
+                source,
+                destination: next.1,
+            });
+        }
+    }
+
+    /// All copies for `p` are done: switch it, after a freeze if its owner changes.
+    fn partition_done(&mut self, p: u32, effects: &mut Vec<Effect>) {
+        let old = self.published.owner(p).cloned();
+        let new = self.target.owner(p).cloned();
+        match (old, new) {
+            (Some(old), Some(new)) if old != new => {
+                if self.freezing.insert(p) {
+                    effects.push(Effect::Freeze {
+                        partition: p,
+                        owner: old,
+                    });
+                }
+            }
+            _ => {
+                self.ready.insert(p, true);
+            }
+        }
+    }
+
+    /// A migration ended.
+    pub(crate) fn on_migrated(&mut self, partition: u32, destination: &Arc<str>, ok: bool) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let key = (partition, destination.clone());
+        if !self.in_flight.remove(&key) {
+            return effects; // superseded by a membership change
+        }
+        if ok {
+            self.stats.completed += 1;
+            let still_moving = self
+                .pending
+                .iter()
+                .chain(self.in_flight.iter())
+                .any(|(q, _)| *q == partition);
+            let wanted = self.target.rank_of(partition, destination).is_some();
+            if !still_moving && wanted {
+                self.partition_done(partition, &mut effects);
+            }
+        } else {
+            self.stats.failed += 1;
+            if self.target.rank_of(partition, destination).is_some() {
+                self.pending.insert(key);
+            }
+        }
+        self.start_moves(&mut effects);
+        effects
+    }
+
+    /// The old owner froze `partition` (or could not be reached, `ok == false`).
+    pub(crate) fn on_frozen(&mut self, partition: u32, ok: bool) -> Vec<Effect> {
+        if self.freezing.remove(&partition) {
+            // A clean handoff keeps the epoch: the new owner's state is exactly the old one's.
+            // Without the freeze acknowledged, the switch is treated like a failover.
+            self.ready.insert(partition, ok);
+        }
+        Vec::new()
+    }
+
+    /// Publishes the partitions that are ready, if any.
+    pub(crate) fn flush(&mut self) -> Option<Effect> {
+        if self.ready.is_empty() {
+            return None;
+        }
+        let version = self.published.version() + 1;
+        let mut assignments = Vec::new();
+        let mut epochs = Vec::new();
+        for p in 0..self.published.partitions() {
+            match self.ready.get(&p) {
+                Some(&clean) => {
+                    let new: Vec<Arc<str>> = self.target.replicas(p).cloned().collect();
+                    let owner_changed = new.first() != self.published.owner(p);
+                    epochs.push(if owner_changed && !clean {
+                        version
+                    } else {
+                        self.published.epoch(p)
+                    });
+                    assignments.push(new);
+                }
+                None => {
+                    assignments.push(self.published.replicas(p).cloned().collect());
+                    epochs.push(self.published.epoch(p));
+                }
+            }
+        }
+        self.ready.clear();
+        self.published = PartitionTable::from_assignments(
+            version,
+            self.published.partitions(),
+            assignments,
+            epochs,
+        );
+        Some(Effect::Publish(self.published.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(ids: &[&str]) -> Vec<Candidate> {
+        ids.iter()
+            .map(|id| Candidate {
+                id: Arc::from(*id),
+                group: None,
+            })
+            .collect()
+    }
+
+    fn config(partitions: u32, backups: u8) -> TableConfig {
+        TableConfig {
+            partitions,
+            backups,
+            placement_attribute: None,
+        }
+    }
+
+    fn published(effects: &[Effect]) -> Option<&PartitionTable> {
+        effects.iter().rev().find_map(|e| match e {
+            Effect::Publish(t) => Some(t),
+            _ => None,
+        })
+    }
+
+    /// Drives migrations to completion the way a perfect network would.
+    fn drive(c: &mut Coordinator, mut effects: Vec<Effect>) -> Vec<Effect> {
+        let mut all = Vec::new();
+        while !effects.is_empty() {
+            let mut next = Vec::new();
+            for e in effects {
+                match &e {
+                    Effect::Migrate {
+                        partition,
+                        destination,
+                        ..
+                    } => next.extend(c.on_migrated(*partition, destination, true)),
+                    Effect::Freeze { partition, .. } => next.extend(c.on_frozen(*partition, true)),
+                    Effect::Publish(_) => {}
+                }
+                all.push(e);
+            }
+            next.extend(c.flush());
+            effects = next;
+        }
+        all
+    }
+
+    #[test]
+    fn a_new_cluster_publishes_its_plan_at_once() {
+        let mut c = Coordinator::new(PartitionTable::empty(31), config(31, 1), 4);
+        let effects = c.on_members(&members(&["a", "b", "c"]), &[]);
+        let t = published(&effects).expect("a table");
+        assert!(t.check(&config(31, 1)).is_ok());
+        assert!(!effects.iter().any(|e| matches!(e, Effect::Migrate { .. })));
+        assert!(c.is_settled());
+    }
+
+    #[test]
+    fn a_join_copies_before_it_switches_and_freezes_owners_that_change() {
+        let cfg = config(61, 1);
+        let mut c = Coordinator::new(PartitionTable::empty(61), cfg.clone(), 4);
+        let e = c_on(&mut c, &["a", "b", "c"]);
+        drive(&mut c, e);
+        let before = c.published().clone();
+        let effects = c.on_members(&members(&["a", "b", "c", "d"]), &[]);
+        // Nothing switches before its data is copied.
+        assert!(published(&effects).is_none());
+        assert!(effects.iter().filter(|e| matches!(e, Effect::Migrate { .. })).count() <= 4);
+        let all = drive(&mut c, effects);
+        let after = c.published();
+        assert!(c.is_settled());
+        assert!(after.version() > before.version());
+        assert!(after.primaries_per_member().get("d").copied().unwrap_or(0) >= 61 / 4);
+        // Every partition whose owner changed was frozen on its old owner first.
+        for p in 0..61 {
+            if before.owner(p) != after.owner(p) {
+                assert!(all.contains(&Effect::Freeze {
+                    partition: p,
+                    owner: before.owner(p).unwrap().clone()
+                }));
+                assert_eq!(after.epoch(p), before.epoch(p), "clean handoff keeps the epoch");
+            }
+        }
+    }
+
+    fn c_on(c: &mut Coordinator, ids: &[&str]) -> Vec<Effect> {
+        c.on_members(&members(ids), &[])
+    }
+
+    #[test]
+    fn a_failure_promotes_at_once_then_restores_backups() {
+        let cfg = config(41, 1);
+        let mut c = Coordinator::new(PartitionTable::empty(41), cfg.clone(), 8);
+        let e = c_on(&mut c, &["a", "b", "c"]);
+        drive(&mut c, e);
+        let before = c.published().clone();
+        let effects = c.on_members(&members(&["a", "b"]), &[]);
+        let interim = published(&effects).expect("published at once").clone();
+        for p in 0..41 {
+            if before.owner(p).map(|o| &**o) == Some("c") {
+                let first_backup = before.replicas(p).nth(1).cloned();
+                assert_eq!(interim.owner(p), first_backup.as_ref(), "promoted");
+                assert_ne!(interim.epoch(p), before.epoch(p), "a failover starts a new epoch");
+            }
+        }
+        drive(&mut c, effects);
+        assert!(c.is_settled());
+        assert!(c.published().check(&cfg).is_ok());
+        for p in 0..41 {
+            assert_eq!(c.published().replicas(p).count(), 2, "backup count restored");
+        }
+    }
+
+    #[test]
+    fn a_failed_migration_is_retried_and_a_dead_destination_is_forgotten() {
+        let cfg = config(13, 1);
+        let mut c = Coordinator::new(PartitionTable::empty(13), cfg, 1);
+        let e = c_on(&mut c, &["a", "b"]);
+        drive(&mut c, e);
+        let effects = c.on_members(&members(&["a", "b", "c"]), &[]);
+        let Some(Effect::Migrate {
+            partition,
+            destination,
+            ..
+        }) = effects.iter().find(|e| matches!(e, Effect::Migrate { .. })).cloned()
+        else {
+            panic!("a migration")
+        };
+        let retry = c.on_migrated(partition, &destination, false);
+        assert!(retry.iter().any(|e| matches!(e, Effect::Migrate { partition: q, .. } if *q == partition)));
+        // The destination dies mid-migration: its moves are dropped, nothing hangs.
+        let effects = c.on_members(&members(&["a", "b"]), &[]);
+        drive(&mut c, effects);
+        let _ = c.on_migrated(partition, &destination, true); // a late answer is ignored
+        drive(&mut c, Vec::new());
+        assert!(c.published().members().iter().all(|m| &**m != "c"));
+    }
+}

@@ -1,0 +1,278 @@
+//! The coordinator's IO: on the oldest live data member, feeds membership changes,
+//! migration results and drain requests to the [`Coordinator`] state machine and carries
+//! out its effects (publish a table, start a migration, freeze a partition).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::coordinator::{Coordinator, Effect};
+use super::messages::{routes, FreezeRequest, MigrateRequest, MigrateResponse, TableMessage};
+use super::{CoordinatorStatus, Inner, Runtime};
+use crate::partition::table::PartitionTable;
+
+/// Publications are batched: at most one per this interval while migrations complete.
+const PUBLISH_INTERVAL: Duration = Duration::from_millis(20);
+/// The coordinator re-sends its table this often, for members that missed it.
+const REPUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+enum Outcome {
+    Migrated { partition: u32, destination: Arc<str>, ok: bool },
+    Frozen { partition: u32, ok: bool },
+}
+
+type Drain = (Arc<str>, oneshot::Sender<()>);
+
+fn is_coordinator(rt: &Runtime) -> bool {
+    rt.inner
+        .cluster
+        .members()
+        .iter()
+        .find(|m| m.is_data_member())
+        .is_some_and(|m| m.id == rt.inner.me)
+}
+
+/// Runs for the life of the member: coordinates while it is the oldest data member, and
+/// otherwise makes sure it has a table.
+pub(super) async fn run(weak: Weak<Inner>, mut drains: mpsc::Receiver<Drain>) {
+    let Some(inner) = weak.upgrade() else { return };
+    let mut view = inner.cluster.watch();
+    drop(inner);
+    let mut tick = tokio::time::interval(REPUSH_INTERVAL);
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let rt = Runtime { inner };
+        if is_coordinator(&rt) {
+            if !coordinate(&rt, &mut view, &mut drains).await {
+                return;
+            }
+            continue;
+        }
+        tokio::select! {
+            changed = view.changed() => if changed.is_err() { return },
+            drain = drains.recv() => match drain {
+                // Not the coordinator: dropping the sender tells the asker to look again.
+                Some(d) => drop(d),
+                None => return,
+            },
+            _ = tick.tick() => {
+                if rt.table().version() == 0 {
+                    if let Some(oldest) = rt.inner.cluster.members().iter().find(|m| m.is_data_member()).cloned() {
+                        rt.fetch_table_from(&oldest).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One term as coordinator. Returns false when the member is shutting down.
+async fn coordinate(
+    rt: &Runtime,
+    view: &mut tokio::sync::watch::Receiver<Arc<Vec<grid_net::membership::Member>>>,
+    drains: &mut mpsc::Receiver<Drain>,
+) -> bool {
+    info!("this member is now the partition coordinator");
+    let newest = newest_table(rt).await;
+    let mut c = Coordinator::new(
+        newest,
+        rt.inner.config.table.clone(),
+        rt.inner.config.max_parallel_migrations,
+    );
+    let (results_tx, mut results) = mpsc::channel::<Outcome>(1024);
+    let mut draining: BTreeSet<Arc<str>> = BTreeSet::new();
+    let mut waiters: Vec<Drain> = Vec::new();
+    let mut effects = c.on_members(&rt.candidates(&draining), &draining.iter().cloned().collect::<Vec<_>>());
+    // Whoever is new needs the table we start from, even if it does not change.
+    effects.push(Effect::Publish(c.published().clone()));
+    let mut last_publish = Instant::now() - PUBLISH_INTERVAL;
+    let mut repush = tokio::time::interval(REPUSH_INTERVAL);
+    loop {
+        for e in effects.drain(..) {
+            carry_out(rt, &c, e, &results_tx, &mut last_publish);
+        }
+        if last_publish.elapsed() >= PUBLISH_INTERVAL || c.stats().in_flight == 0 {
+            if let Some(e) = c.flush() {
+                carry_out(rt, &c, e, &results_tx, &mut last_publish);
+            }
+        }
+        rt.inner.status.send_replace(CoordinatorStatus {
+            active: true,
+            settled: c.is_settled(),
+            stats: c.stats(),
+        });
+        let flush_soon = tokio::time::sleep(PUBLISH_INTERVAL);
+        tokio::select! {
+            changed = view.changed() => {
+                if changed.is_err() {
+                    return false;
+                }
+                if !is_coordinator(rt) {
+                    info!("this member is no longer the coordinator");
+                    rt.inner.status.send_replace(CoordinatorStatus::default());
+                    return true;
+                }
+                let members = rt.inner.cluster.members();
+                draining.retain(|d| members.iter().any(|m| m.id == *d));
+                effects = c.on_members(&rt.candidates(&draining), &draining.iter().cloned().collect::<Vec<_>>());
+                effects.push(Effect::Publish(c.published().clone()));
+            }
+            Some(outcome) = results.recv() => {
+                effects = match outcome {
+                    Outcome::Migrated { partition, destination, ok } => c.on_migrated(partition, &destination, ok),
+                    Outcome::Frozen { partition, ok } => c.on_frozen(partition, ok),
+                };
+            }
+            drain = drains.recv() => {
+                let Some((member, tx)) = drain else { return false };
+                if c.published().members().contains(&member) {
+                    info!(%member, "draining member");
+                    draining.insert(member.clone());
+                    waiters.push((member, tx));
+                    effects = c.on_members(&rt.candidates(&draining), &draining.iter().cloned().collect::<Vec<_>>());
+                } else {
+                    let _ = tx.send(());
+                }
+            }
+            _ = repush.tick() => {
+                push_table(rt, c.published().clone());
+            }
+            _ = flush_soon => {}
+        }
+        // Answer the drains that are done.
+        let published: BTreeSet<Arc<str>> = c.published().members().iter().cloned().collect();
+        let (done, pending): (Vec<Drain>, Vec<Drain>) =
+            waiters.drain(..).partition(|(m, _)| !published.contains(m));
+        waiters = pending;
+        for (m, tx) in done {
+            debug!(member = %m, "drain complete");
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The newest table any live member holds (a new coordinator continues from it).
+async fn newest_table(rt: &Runtime) -> PartitionTable {
+    let mut newest = (*rt.table()).clone();
+    let asks = rt
+        .inner
+        .cluster
+        .members()
+        .iter()
+        .filter(|m| m.id != rt.inner.me)
+        .map(|m| {
+            let t = rt.inner.transport.clone();
+            let addr = m.addr;
+            async move {
+                t.request_typed::<(), TableMessage>(addr, routes::TABLE_GET, &(), Duration::from_secs(2))
+                    .await
+                    .ok()
+                    .and_then(|m| m.table)
+            }
+        })
+        .collect::<Vec<_>>();
+    for t in futures::future::join_all(asks).await.into_iter().flatten() {
+        if t.version() > newest.version() && t.partitions() == newest.partitions() {
+            newest = t;
+        }
+    }
+    newest
+}
+
+fn push_table(rt: &Runtime, table: PartitionTable) {
+    rt.apply_table_from(&rt.inner.me.clone(), table.clone());
+    let msg = Arc::new(TableMessage { table: Some(table) });
+    for m in rt.inner.cluster.members().iter().filter(|m| m.id != rt.inner.me) {
+        let t = rt.inner.transport.clone();
+        let msg = msg.clone();
+        let addr = m.addr;
+        tokio::spawn(async move {
+            if let Err(e) = t
+                .request_typed::<_, ()>(addr, routes::TABLE_PUSH, &*msg, Duration::from_secs(2))
+                .await
+            {
+                debug!(%addr, error = %e, "table push failed; the next one will retry");
+            }
+        });
+    }
+}
+
+fn carry_out(
+    rt: &Runtime,
+    c: &Coordinator,
+    effect: Effect,
+    results: &mpsc::Sender<Outcome>,
+    last_publish: &mut Instant,
+) {
+    match effect {
+        Effect::Publish(table) => {
+            *last_publish = Instant::now();
+            push_table(rt, table);
+        }
+        Effect::Migrate {
+            partition,
+            source,
+            destination,
+        } => {
+            let rt = rt.clone();
+            let results = results.clone();
+            let req = MigrateRequest {
+                table_version: c.published().version(),
+                partition,
+                destination: destination.to_string(),
+            };
+            tokio::spawn(async move {
+                let outcome: Result<MigrateResponse, String> = if source == rt.inner.me {
+                    rt.on_migrate(req).await
+                } else {
+                    match rt.inner.cluster.member(&source) {
+                        Some(m) => rt
+                            .inner
+                            .transport
+                            .request_typed(m.addr, routes::MIGRATE, &req, Duration::from_secs(120))
+                            .await
+                            .map_err(|e| e.to_string()),
+                        None => Err(format!("source {source} is gone")),
+                    }
+                };
+                if let Err(e) = &outcome {
+                    warn!(partition, %destination, error = %e, "migration failed; will retry");
+                }
+                let _ = results
+                    .send(Outcome::Migrated {
+                        partition,
+                        destination,
+                        ok: outcome.is_ok(),
+                    })
+                    .await;
+            });
+        }
+        Effect::Freeze { partition, owner } => {
+            let rt = rt.clone();
+            let results = results.clone();
+            let req = FreezeRequest {
+                table_version: c.published().version(),
+                partition,
+            };
+            tokio::spawn(async move {
+                let ok = if owner == rt.inner.me {
+                    rt.on_freeze(req).await.is_ok()
+                } else {
+                    match rt.inner.cluster.member(&owner) {
+                        Some(m) => rt
+                            .inner
+                            .transport
+                            .request_typed::<_, ()>(m.addr, routes::FREEZE, &req, Duration::from_secs(10))
+                            .await
+                            .is_ok(),
+                        None => false,
+                    }
+                };
+                let _ = results.send(Outcome::Frozen { partition, ok }).await;
+            });
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The runtime's messages between members (MessagePack through `grid_net::codec`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::partition::table::PartitionTable;
+
+/// Routes of the runtime.
+pub(crate) mod routes {
+    pub(crate) const OP: &str = "grid.rt.op";
+    pub(crate) const BACKUP: &str = "grid.rt.backup";
+    pub(crate) const SYNC: &str = "grid.rt.sync";
+    pub(crate) const TABLE_PUSH: &str = "grid.rt.table.push";
+    pub(crate) const TABLE_GET: &str = "grid.rt.table.get";
+    pub(crate) const MIGRATE: &str = "grid.rt.migrate";
+    pub(crate) const FREEZE: &str = "grid.rt.freeze";
+    pub(crate) const DRAIN: &str = "grid.rt.drain";
+}
+
+/// An operation for a partition's owner.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct OpRequest {
+    pub(crate) service: String,
+    pub(crate) partition: u32,
+    #[serde(with = "serde_bytes_compat")]
+    pub(crate) op: Vec<u8>,
+}
+
+/// The owner's answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum OpResponse {
+    /// Done; the service's answer.
+    Ok(#[serde(with = "serde_bytes_compat")] Vec<u8>),
+    /// The service refused the operation (its error; nothing changed).
+    Failed(String),
+    /// This member is not the owner in its table of this version: refresh and retry.
+    WrongOwner { table_version: u64 },
+    /// The partition is being handed over: retry shortly.
+    Frozen,
+}
+
+/// A change for a backup.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct BackupRequest {
+    pub(crate) service: String,
+    pub(crate) partition: u32,
+    pub(crate) epoch: u64,
+    pub(crate) version: u64,
+    #[serde(with = "serde_bytes_compat")]
+    pub(crate) change: Vec<u8>,
+}
+
+/// A backup's answer.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) enum BackupResponse {
+    Applied,
+    /// The backup missed changes or follows another epoch: send it the whole partition.
+    NeedSync,
+}
+
+/// Header of a full partition sync (a bulk stream of snapshot chunks follows).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct SyncHeader {
+    pub(crate) service: String,
+    pub(crate) partition: u32,
+    pub(crate) epoch: u64,
+    pub(crate) version: u64,
+}
+
+/// Coordinator to owner: copy a partition (every service) to `destination` and keep it in
+/// sync until the table makes it a replica.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct MigrateRequest {
+    pub(crate) table_version: u64,
+    pub(crate) partition: u32,
+    pub(crate) destination: String,
+}
+
+/// Answer to a migration: entries and bytes copied.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct MigrateResponse {
+    pub(crate) entries: u64,
+    pub(crate) bytes: u64,
+}
+
+/// Coordinator to owner: stop taking operations on `partition` until a table newer than
+/// `table_version` arrives (or a timeout passes), so its ownership can change hands cleanly.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct FreezeRequest {
+    pub(crate) table_version: u64,
+    pub(crate) partition: u32,
+}
+
+/// A table, pushed by the coordinator or fetched by a member.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct TableMessage {
+    pub(crate) table: Option<PartitionTable>,
+}
+
+/// `Vec<u8>` as MessagePack binary (not an array of integers): smaller and faster.
+pub(crate) mod serde_bytes_compat {
+    use serde::{Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                while let Some(b) = seq.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}

@@ -1,0 +1,567 @@
+//! The member runtime: routes a service's operations to the partition's owner, runs them
+//! one at a time per partition, replicates their changes to the synchronous backups before
+//! answering, applies the tables the coordinator publishes, and (on the coordinator) moves
+//! partitions when members come and go.
+//!
+//! # Layout
+//! - [`service`]: the SPI a partitioned service implements ([`PartitionService`]).
+//! - `coordinator`: the coordinator's decisions, without IO (sans-IO state machine).
+//! - `driver`: the coordinator's IO — runs on the oldest data member.
+//! - `replica`: the owner's and the backups' side of an operation; full syncs; migrations.
+//! - `messages`: what the runtime sends between members.
+//!
+//! # Guarantees
+//! - An operation on one partition runs alone on its owner; a change is applied on the owner
+//!   only after every live backup acknowledged it, so a read (even a lock-free local one)
+//!   never sees a write that a failure of the owner could lose.
+//! - A caller sees the answer, a typed error, or a timeout. Operations that are safe to
+//!   repeat (declared idempotent) are retried across owner changes within the deadline;
+//!   others return [`GridError::Indeterminate`] when the owner vanished mid-call.
+//! - Reads right after an ownership change may briefly go to the old owner, which answers
+//!   from its (complete) copy until the new table reaches it.
+
+pub(crate) mod coordinator;
+mod driver;
+pub(crate) mod messages;
+mod replica;
+pub mod service;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use grid_net::membership::{Cluster, Member};
+use grid_net::transport::Transport;
+use grid_net::NetError;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info};
+
+pub use coordinator::MigrationStats;
+pub use service::{PartitionService, Prepared};
+
+use crate::partition::table::{Candidate, PartitionTable, TableConfig};
+use crate::GridError;
+use messages::{routes, OpRequest, OpResponse, TableMessage};
+
+/// Settings of the runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Partition count, backups and placement.
+    pub table: TableConfig,
+    /// Default deadline of an operation, retries included (default 10 s).
+    pub op_timeout: Duration,
+    /// Deadline of one backup acknowledgement (default 5 s); a backup that misses it is
+    /// resynchronised later.
+    pub backup_timeout: Duration,
+    /// Migrations run at once by the coordinator (default 8).
+    pub max_parallel_migrations: usize,
+    /// Size of the chunks partitions are copied in (default 1 MiB).
+    pub chunk_bytes: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            table: TableConfig::default(),
+            op_timeout: Duration::from_secs(10),
+            backup_timeout: Duration::from_secs(5),
+            max_parallel_migrations: 8,
+            chunk_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct ReplicaState {
+    epoch: u64,
+    version: u64,
+    /// Set when a migration filled this replica before the table that makes this member a
+    /// replica arrived: such data must survive the tables published in between.
+    incoming_since: Option<Instant>,
+}
+
+/// How long data copied in by a migration waits for the table that uses it before it is
+/// treated as abandoned.
+const INCOMING_GRACE: Duration = Duration::from_secs(60);
+
+struct ServiceSlot {
+    service: Arc<dyn PartitionService>,
+    replicas: Vec<tokio::sync::Mutex<ReplicaState>>,
+}
+
+#[derive(Default)]
+struct PartitionCtl {
+    /// Frozen for a handoff until a table newer than this version, or the deadline.
+    frozen: Mutex<Option<(u64, Instant)>>,
+    /// Members being filled by a migration: they get every change, like backups.
+    extras: Mutex<Vec<(Arc<str>, Instant)>>,
+}
+
+/// What the coordinator is doing, as seen from its member.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CoordinatorStatus {
+    /// Whether this member is the coordinator.
+    pub active: bool,
+    /// Whether the published table is the target one (no migration pending).
+    pub settled: bool,
+    /// Migration counters since this member became coordinator.
+    pub stats: MigrationStats,
+}
+
+pub(crate) struct Inner {
+    transport: Transport,
+    cluster: Cluster,
+    me: Arc<str>,
+    config: RuntimeConfig,
+    table: watch::Sender<Arc<PartitionTable>>,
+    services: RwLock<HashMap<String, Arc<ServiceSlot>>>,
+    partitions: Vec<PartitionCtl>,
+    status: watch::Sender<CoordinatorStatus>,
+    /// Who published the table we apply (a newly joined member adopts its coordinator's).
+    table_source: Mutex<Option<Arc<str>>>,
+    drains: mpsc::Sender<(Arc<str>, oneshot::Sender<()>)>,
+    moved: Mutex<(u64, u64)>,
+}
+
+/// A member's partition runtime. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("member", &self.inner.me)
+            .field("table_version", &self.table().version())
+            .finish()
+    }
+}
+
+/// How a call went, before retries.
+enum Attempt {
+    Done(Vec<u8>),
+    Failed(String),
+    Retry(String),
+    Indeterminate(String),
+}
+
+impl Runtime {
+    /// Starts the runtime on a member's transport and membership. Registers its routes and
+    /// the coordinator duty (active while this member is the oldest data member).
+    pub fn start(transport: Transport, cluster: Cluster, config: RuntimeConfig) -> Self {
+        let me: Arc<str> = cluster.local_member().id.clone();
+        let partitions = config.table.partitions;
+        let (drain_tx, drain_rx) = mpsc::channel(64);
+        let inner = Arc::new(Inner {
+            transport,
+            cluster,
+            me,
+            table: watch::Sender::new(Arc::new(PartitionTable::empty(partitions))),
+            services: RwLock::new(HashMap::new()),
+            partitions: (0..partitions).map(|_| PartitionCtl::default()).collect(),
+            status: watch::Sender::new(CoordinatorStatus::default()),
+            table_source: Mutex::new(None),
+            drains: drain_tx,
+            moved: Mutex::new((0, 0)),
+            config,
+        });
+        let rt = Self { inner };
+        rt.register_routes();
+        tokio::spawn(driver::run(Arc::downgrade(&rt.inner), drain_rx));
+        rt
+    }
+
+    /// Registers a partitioned service. Every member must register the same services.
+    pub fn register(&self, service: Arc<dyn PartitionService>) {
+        let slot = ServiceSlot {
+            replicas: (0..self.inner.config.table.partitions)
+                .map(|_| tokio::sync::Mutex::new(ReplicaState::default()))
+                .collect(),
+            service,
+        };
+        let name = slot.service.name().to_string();
+        self.inner
+            .services
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, Arc::new(slot));
+    }
+
+    /// The partition of an encoded key.
+    pub fn partition_of(&self, key: &[u8]) -> u32 {
+        crate::partition::partition_of(key, self.inner.config.table.partitions)
+    }
+
+    /// The newest table this member applied.
+    pub fn table(&self) -> Arc<PartitionTable> {
+        self.inner.table.borrow().clone()
+    }
+
+    /// A watch of the applied table.
+    pub fn watch_table(&self) -> watch::Receiver<Arc<PartitionTable>> {
+        self.inner.table.subscribe()
+    }
+
+    /// Whether this member owns `partition` in its table (for lock-free local reads).
+    pub fn owns(&self, partition: u32) -> bool {
+        self.table()
+            .owner(partition)
+            .is_some_and(|o| *o == self.inner.me)
+    }
+
+    /// This member's id.
+    pub fn member_id(&self) -> &Arc<str> {
+        &self.inner.me
+    }
+
+    /// The runtime's settings.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    /// The coordinator's status (meaningful on the coordinator).
+    pub fn coordinator_status(&self) -> CoordinatorStatus {
+        self.inner.status.borrow().clone()
+    }
+
+    /// Entries and bytes this member copied out in migrations and syncs.
+    pub fn moved(&self) -> (u64, u64) {
+        *self.inner.moved.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `op` of `service` on `partition`'s owner and returns the service's answer.
+    /// `idempotent` operations are retried when the owner vanished mid-call.
+    pub async fn execute(
+        &self,
+        service: &str,
+        partition: u32,
+        op: Vec<u8>,
+        idempotent: bool,
+    ) -> Result<Vec<u8>, GridError> {
+        let started = Instant::now();
+        let deadline = started + self.inner.config.op_timeout;
+        let mut backoff = Duration::from_millis(1);
+        let req = OpRequest {
+            service: service.to_string(),
+            partition,
+            op,
+        };
+        loop {
+            match self.attempt(&req, deadline).await {
+                Attempt::Done(answer) => {
+                    metrics::histogram!("grid_op_seconds").record(started.elapsed().as_secs_f64());
+                    return Ok(answer);
+                }
+                Attempt::Failed(e) => return Err(GridError::Service(e)),
+                Attempt::Indeterminate(e) if !idempotent => {
+                    return Err(GridError::Indeterminate(e))
+                }
+                Attempt::Indeterminate(why) | Attempt::Retry(why) => {
+                    let now = Instant::now();
+                    if now + backoff >= deadline {
+                        return Err(GridError::Timeout {
+                            after: now - started,
+                            last: why,
+                        });
+                    }
+                    debug!(partition, %why, "retrying operation");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self, req: &OpRequest, deadline: Instant) -> Attempt {
+        let table = self.table();
+        let Some(owner) = table.owner(req.partition).cloned() else {
+            return Attempt::Retry(format!("partition {} has no owner yet", req.partition));
+        };
+        if owner == self.inner.me {
+            return match self.execute_local(&req.service, req.partition, &req.op).await {
+                OpResponse::Ok(a) => Attempt::Done(a),
+                OpResponse::Failed(e) => Attempt::Failed(e),
+                OpResponse::WrongOwner { .. } => Attempt::Retry("ownership moved".into()),
+                OpResponse::Frozen => Attempt::Retry("partition is changing hands".into()),
+            };
+        }
+        let Some(member) = self.inner.cluster.member(&owner) else {
+            return Attempt::Retry(format!("owner {owner} is not a live member"));
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let answer: Result<OpResponse, NetError> = self
+            .inner
+            .transport
+            .request_typed(member.addr, routes::OP, req, remaining)
+            .await;
+        match answer {
+            Ok(OpResponse::Ok(a)) => Attempt::Done(a),
+            Ok(OpResponse::Failed(e)) => Attempt::Failed(e),
+            Ok(OpResponse::WrongOwner { table_version }) => {
+                if table_version > table.version() {
+                    self.fetch_table_from(&member).await;
+                }
+                Attempt::Retry(format!("{owner} is not the owner (its table {table_version})"))
+            }
+            Ok(OpResponse::Frozen) => Attempt::Retry("partition is changing hands".into()),
+            Err(NetError::Unreachable { reason, .. }) => Attempt::Retry(reason),
+            Err(NetError::Refused { reason, .. }) => Attempt::Retry(reason),
+            Err(NetError::ShuttingDown) => Attempt::Failed("this member is shutting down".into()),
+            Err(e @ (NetError::ConnectionLost { .. } | NetError::Timeout { .. })) => {
+                Attempt::Indeterminate(e.to_string())
+            }
+            Err(NetError::Remote(e)) => Attempt::Failed(e),
+            Err(e) => Attempt::Failed(e.to_string()),
+        }
+    }
+
+    async fn fetch_table_from(&self, member: &Member) {
+        let got: Result<TableMessage, _> = self
+            .inner
+            .transport
+            .request_typed(member.addr, routes::TABLE_GET, &(), Duration::from_secs(2))
+            .await;
+        if let Ok(TableMessage { table: Some(t) }) = got {
+            self.apply_table_from(&member.id, t);
+        }
+    }
+
+    /// Applies a table sent by `source` if it is newer than ours — or if `source` is the
+    /// coordinator (the oldest data member) and ours came from elsewhere: a member that
+    /// started alone coordinated a table of its own, and adopts the cluster's when it joins
+    /// (what it stored while alone is discarded; grid does not merge split clusters yet).
+    pub(crate) fn apply_table_from(&self, source: &Arc<str>, table: PartitionTable) {
+        let coordinator = self
+            .inner
+            .cluster
+            .members()
+            .iter()
+            .find(|m| m.is_data_member())
+            .map(|m| m.id.clone());
+        let adopt = {
+            let current = self.inner.table_source.lock().unwrap_or_else(|e| e.into_inner());
+            coordinator.as_ref() == Some(source) && current.as_ref() != Some(source)
+        };
+        if table.version() > self.table().version() || adopt {
+            *self.inner.table_source.lock().unwrap_or_else(|e| e.into_inner()) = Some(source.clone());
+            self.apply_table(table, adopt);
+        }
+    }
+
+    /// Applies a table if it is newer than ours (or `force`): drops the partitions this
+    /// member no longer holds, lifts freezes the table supersedes.
+    pub(crate) fn apply_table(&self, table: PartitionTable, force: bool) {
+        let old = self.table();
+        if table.version() <= old.version() && !force {
+            return;
+        }
+        let me = self.inner.me.clone();
+        let new = Arc::new(table);
+        self.inner.table.send_replace(new.clone());
+        info!(member = %me, version = new.version(), owned = new.primaries_per_member().get(&me).copied().unwrap_or(0), "partition table applied");
+        metrics::gauge!("grid_partition_table_version").set(new.version() as f64);
+        for p in 0..new.partitions() {
+            let ctl = &self.inner.partitions[p as usize];
+            {
+                let mut frozen = ctl.frozen.lock().unwrap_or_else(|e| e.into_inner());
+                if frozen.is_some_and(|(v, _)| v < new.version()) {
+                    *frozen = None;
+                }
+            }
+            ctl.extras
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(m, since)| {
+                    new.rank_of(p, m).is_none() && since.elapsed() < Duration::from_secs(60)
+                });
+            if new.rank_of(p, &me).is_none() {
+                let rt = self.clone();
+                let was_replica = old.rank_of(p, &me).is_some();
+                tokio::spawn(async move { rt.drop_partition(p, was_replica).await });
+            } else {
+                let rt = self.clone();
+                let applied_at = Instant::now();
+                tokio::spawn(async move { rt.confirm_partition(p, applied_at).await });
+            }
+        }
+    }
+
+    /// Forgets a partition this member no longer holds — but not data a migration brought
+    /// in for a table still to come (unless it waited too long for it).
+    async fn drop_partition(&self, p: u32, was_replica: bool) {
+        for slot in self.slots() {
+            let mut st = slot.replicas[p as usize].lock().await;
+            let incoming = st.incoming_since.is_some_and(|t| t.elapsed() < INCOMING_GRACE);
+            let abandoned = st.incoming_since.is_some() && !incoming;
+            if (was_replica || abandoned) && !incoming && self.table().rank_of(p, &self.inner.me).is_none() {
+                debug!(member = %self.inner.me, partition = p, table = self.table().version(), "dropping partition");
+                slot.service.drop_partition(p);
+                *st = ReplicaState::default();
+            }
+        }
+    }
+
+    /// A table applied at `applied_at` lists this member as a replica of `p`: data a
+    /// migration brought in before it is now ordinary replica data. (Data synced in after
+    /// it may be meant for a later table, and stays marked.)
+    async fn confirm_partition(&self, p: u32, applied_at: Instant) {
+        for slot in self.slots() {
+            let mut st = slot.replicas[p as usize].lock().await;
+            if st.incoming_since.is_some_and(|t| t <= applied_at)
+                && self.table().rank_of(p, &self.inner.me).is_some()
+            {
+                st.incoming_since = None;
+            }
+        }
+    }
+
+    fn slots(&self) -> Vec<Arc<ServiceSlot>> {
+        let services = self.inner.services.read().unwrap_or_else(|e| e.into_inner());
+        let mut slots: Vec<_> = services.values().cloned().collect();
+        slots.sort_by(|a, b| a.service.name().cmp(b.service.name()));
+        slots
+    }
+
+    fn slot(&self, name: &str) -> Option<Arc<ServiceSlot>> {
+        self.inner
+            .services
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn register_routes(&self) {
+        let t = &self.inner.transport;
+        let rt = self.clone();
+        t.on_request_typed(routes::OP, move |_peer, req: OpRequest| {
+            let rt = rt.clone();
+            async move {
+                if req.partition >= rt.inner.config.table.partitions {
+                    return Err(format!("no partition {}", req.partition));
+                }
+                Ok(rt.execute_local(&req.service, req.partition, &req.op).await)
+            }
+        });
+        let rt = self.clone();
+        t.on_request_typed(routes::BACKUP, move |_peer, req: messages::BackupRequest| {
+            let rt = rt.clone();
+            async move { rt.on_backup(req).await }
+        });
+        let rt = self.clone();
+        t.on_bulk(routes::SYNC, move |_peer, header, chunks| {
+            let rt = rt.clone();
+            async move { rt.on_sync(header, chunks).await }
+        });
+        let rt = self.clone();
+        t.on_request_typed(routes::TABLE_PUSH, move |peer, msg: TableMessage| {
+            let rt = rt.clone();
+            async move {
+                if let Some(t) = msg.table {
+                    if t.partitions() != rt.inner.config.table.partitions {
+                        return Err("partition count differs".to_string());
+                    }
+                    rt.apply_table_from(&peer.member_id, t);
+                }
+                Ok(())
+            }
+        });
+        let rt = self.clone();
+        t.on_request_typed(routes::TABLE_GET, move |_peer, (): ()| {
+            let rt = rt.clone();
+            async move {
+                let table = rt.table();
+                Ok(TableMessage {
+                    table: (table.version() > 0).then(|| (*table).clone()),
+                })
+            }
+        });
+        let rt = self.clone();
+        t.on_request_typed(routes::MIGRATE, move |_peer, req: messages::MigrateRequest| {
+            let rt = rt.clone();
+            async move { rt.on_migrate(req).await }
+        });
+        let rt = self.clone();
+        t.on_request_typed(routes::FREEZE, move |_peer, req: messages::FreezeRequest| {
+            let rt = rt.clone();
+            async move { rt.on_freeze(req).await }
+        });
+        let rt = self.clone();
+        t.on_request_typed(routes::DRAIN, move |peer, (): ()| {
+            let rt = rt.clone();
+            async move {
+                let (tx, rx) = oneshot::channel();
+                rt.inner
+                    .drains
+                    .send((peer.member_id.clone(), tx))
+                    .await
+                    .map_err(|_| "runtime stopped".to_string())?;
+                rx.await.map_err(|_| "not the coordinator".to_string())
+            }
+        });
+    }
+
+    /// Moves this member's partitions to the others before it leaves (graceful shutdown),
+    /// waiting at most `timeout`. With backups or not, nothing is lost when it then goes.
+    pub async fn drain(&self, timeout: Duration) -> Result<(), GridError> {
+        let deadline = Instant::now() + timeout;
+        let me = self.inner.me.clone();
+        loop {
+            if !self.table().members().iter().any(|m| *m == me) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(GridError::Timeout {
+                    after: timeout,
+                    last: "partitions still held".into(),
+                });
+            }
+            let oldest = self
+                .inner
+                .cluster
+                .members()
+                .iter()
+                .find(|m| m.is_data_member())
+                .cloned();
+            let result = match oldest {
+                Some(c) if c.id == me => {
+                    let (tx, rx) = oneshot::channel();
+                    if self.inner.drains.send((me.clone(), tx)).await.is_err() {
+                        return Ok(());
+                    }
+                    tokio::time::timeout(deadline - now, rx)
+                        .await
+                        .map_err(|_| "timeout".to_string())
+                        .and_then(|r| r.map_err(|_| "coordinator changed".to_string()))
+                }
+                Some(c) => self
+                    .inner
+                    .transport
+                    .request_typed::<(), ()>(c.addr, routes::DRAIN, &(), deadline - now)
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => return Ok(()),
+            };
+            if let Err(e) = result {
+                debug!(error = %e, "drain not finished, asking again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    fn candidates(&self, draining: &std::collections::BTreeSet<Arc<str>>) -> Vec<Candidate> {
+        let attr = self.inner.config.table.placement_attribute.as_deref();
+        self.inner
+            .cluster
+            .members()
+            .iter()
+            .filter(|m| m.is_data_member() && !draining.contains(&m.id))
+            .map(|m| Candidate {
+                id: m.id.clone(),
+                group: attr.and_then(|a| m.attribute(a)).map(String::from),
+            })
+            .collect()
+    }
+}

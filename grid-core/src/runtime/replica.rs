@@ -1,0 +1,267 @@
+//! One partition replica's side of things: the owner running an operation and replicating
+//! its change, a backup applying changes in order, full syncs when a backup fell behind or
+//! follows another epoch, migrations (a full sync to a new replica that then receives every
+//! change) and freezes before a handoff.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use grid_net::codec;
+use grid_net::transport::BulkReceiver;
+use tracing::warn;
+
+use super::messages::{
+    routes, BackupRequest, BackupResponse, FreezeRequest, MigrateRequest, MigrateResponse,
+    OpResponse, SyncHeader,
+};
+use super::{ReplicaState, Runtime, ServiceSlot};
+use crate::partition::table::PartitionTable;
+
+/// How long a freeze holds without the table that ends it.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Runtime {
+    fn frozen(&self, p: u32, table: &PartitionTable) -> bool {
+        let ctl = &self.inner.partitions[p as usize];
+        let frozen = ctl.frozen.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(*frozen, Some((v, until)) if table.version() <= v && Instant::now() < until)
+    }
+
+    /// The members that get this partition's changes: backups, then migration targets.
+    fn change_targets(&self, p: u32, table: &PartitionTable) -> Vec<Arc<str>> {
+        let mut targets: Vec<Arc<str>> = table.replicas(p).skip(1).cloned().collect();
+        let extras = self.inner.partitions[p as usize]
+            .extras
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (m, _) in extras.iter() {
+            if !targets.contains(m) && *m != self.inner.me {
+                targets.push(m.clone());
+            }
+        }
+        targets
+    }
+
+    /// The owner's side of an operation.
+    pub(super) async fn execute_local(&self, service: &str, p: u32, op: &[u8]) -> OpResponse {
+        let Some(slot) = self.slot(service) else {
+            return OpResponse::Failed(format!("no service {service:?} on this member"));
+        };
+        let mut st = slot.replicas[p as usize].lock().await;
+        // Checked under the lock: the table or a freeze may have changed while we waited.
+        let table = self.table();
+        if table.owner(p) != Some(&self.inner.me) {
+            return OpResponse::WrongOwner {
+                table_version: table.version(),
+            };
+        }
+        if self.frozen(p, &table) {
+            return OpResponse::Frozen;
+        }
+        st.epoch = table.epoch(p);
+        let prepared = match slot.service.prepare(p, op) {
+            Ok(p) => p,
+            Err(e) => return OpResponse::Failed(e),
+        };
+        if let Some(change) = prepared.change {
+            let version = st.version + 1;
+            let targets = self.change_targets(p, &table);
+            let sends = targets
+                .iter()
+                .map(|t| self.replicate(&slot, p, &st, version, &change, t));
+            futures::future::join_all(sends).await;
+            if let Err(e) = slot.service.apply(p, &change) {
+                warn!(partition = p, error = %e, "owner could not apply its own change");
+                return OpResponse::Failed(e);
+            }
+            st.version = version;
+        }
+        OpResponse::Ok(prepared.answer)
+    }
+
+    /// Sends one change to one backup; a backup that fell behind gets the whole partition
+    /// first. A backup that cannot be reached is left behind (and resynchronised by its next
+    /// change) — the member list decides whether it is dead.
+    async fn replicate(
+        &self,
+        slot: &ServiceSlot,
+        p: u32,
+        st: &ReplicaState,
+        version: u64,
+        change: &[u8],
+        target: &Arc<str>,
+    ) {
+        let Some(member) = self.inner.cluster.member(target) else {
+            return;
+        };
+        let req = BackupRequest {
+            service: slot.service.name().to_string(),
+            partition: p,
+            epoch: st.epoch,
+            version,
+            change: change.to_vec(),
+        };
+        let timeout = self.inner.config.backup_timeout;
+        for attempt in 0..2 {
+            let answer: Result<BackupResponse, _> = self
+                .inner
+                .transport
+                .request_typed(member.addr, routes::BACKUP, &req, timeout)
+                .await;
+            match answer {
+                Ok(BackupResponse::Applied) => return,
+                Ok(BackupResponse::NeedSync) if attempt == 0 => {
+                    if let Err(e) = self.sync_to(slot, p, st, &member.id).await {
+                        warn!(partition = p, backup = %target, error = %e, "full sync failed");
+                        break;
+                    }
+                }
+                Ok(BackupResponse::NeedSync) => break,
+                Err(e) => {
+                    warn!(partition = p, backup = %target, error = %e, "backup missed a change; it will be resynchronised");
+                    break;
+                }
+            }
+        }
+        metrics::counter!("grid_backup_misses_total").increment(1);
+    }
+
+    /// Copies the whole partition of one service to `target`, at the state `st` describes.
+    /// The caller holds the replica's lock, so the copy is consistent.
+    async fn sync_to(
+        &self,
+        slot: &ServiceSlot,
+        p: u32,
+        st: &ReplicaState,
+        target: &Arc<str>,
+    ) -> Result<(u64, u64), String> {
+        let member = self
+            .inner
+            .cluster
+            .member(target)
+            .ok_or_else(|| format!("{target} is not a live member"))?;
+        let entries = slot.service.partition_len(p) as u64;
+        let chunks = slot.service.snapshot(p, self.inner.config.chunk_bytes);
+        let header = codec::encode(&SyncHeader {
+            service: slot.service.name().to_string(),
+            partition: p,
+            epoch: st.epoch,
+            version: st.version,
+        })
+        .map_err(|e| e.to_string())?;
+        let mut bulk = self
+            .inner
+            .transport
+            .open_bulk(member.addr, routes::SYNC, &header)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut bytes = 0u64;
+        for chunk in chunks {
+            bytes += chunk.len() as u64;
+            bulk.send(&chunk).await.map_err(|e| e.to_string())?;
+        }
+        bulk.finish(Duration::from_secs(60))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut moved = self.inner.moved.lock().unwrap_or_else(|e| e.into_inner());
+        moved.0 += entries;
+        moved.1 += bytes;
+        metrics::counter!("grid_partition_sync_bytes_total").increment(bytes);
+        Ok((entries, bytes))
+    }
+
+    /// A backup's side of a change.
+    pub(super) async fn on_backup(&self, req: BackupRequest) -> Result<BackupResponse, String> {
+        let slot = self
+            .slot(&req.service)
+            .ok_or_else(|| format!("no service {:?} on this member", req.service))?;
+        let replica = slot
+            .replicas
+            .get(req.partition as usize)
+            .ok_or_else(|| format!("no partition {}", req.partition))?;
+        let mut st = replica.lock().await;
+        if req.epoch != st.epoch || req.version > st.version + 1 {
+            return Ok(BackupResponse::NeedSync);
+        }
+        if req.version == st.version + 1 {
+            slot.service.apply(req.partition, &req.change)?;
+            st.version = req.version;
+        }
+        // Older versions are duplicates of changes already applied.
+        Ok(BackupResponse::Applied)
+    }
+
+    /// A full partition copy arriving (resync or migration).
+    pub(super) async fn on_sync(&self, header: Bytes, mut chunks: BulkReceiver) -> Result<Bytes, String> {
+        let header: SyncHeader = codec::decode(&header).map_err(|e| e.to_string())?;
+        let slot = self
+            .slot(&header.service)
+            .ok_or_else(|| format!("no service {:?} on this member", header.service))?;
+        let replica = slot
+            .replicas
+            .get(header.partition as usize)
+            .ok_or_else(|| format!("no partition {}", header.partition))?;
+        let mut received = Vec::new();
+        while let Some(chunk) = chunks.next().await.map_err(|e| e.to_string())? {
+            received.push(chunk.to_vec());
+        }
+        let mut st = replica.lock().await;
+        tracing::debug!(member = %self.inner.me, partition = header.partition, epoch = header.epoch, version = header.version, chunks = received.len(), "partition synced in");
+        slot.service.restore(header.partition, received)?;
+        st.epoch = header.epoch;
+        st.version = header.version;
+        // Possibly for a table still to come (a migration): kept until a table confirms it,
+        // even if the tables in between say this member holds nothing of the partition.
+        st.incoming_since = Some(Instant::now());
+        Ok(Bytes::new())
+    }
+
+    /// The owner's side of a migration: copy every service's partition to the destination,
+    /// which then gets every change until the table makes it a replica.
+    pub(super) async fn on_migrate(&self, req: MigrateRequest) -> Result<MigrateResponse, String> {
+        let p = req.partition;
+        if p >= self.inner.config.table.partitions {
+            return Err(format!("no partition {p}"));
+        }
+        let destination: Arc<str> = Arc::from(req.destination.as_str());
+        let mut total = MigrateResponse::default();
+        for slot in self.slots() {
+            let mut st = slot.replicas[p as usize].lock().await;
+            let table = self.table();
+            if table.owner(p) != Some(&self.inner.me) {
+                return Err(format!("not the owner of partition {p} in table {}", table.version()));
+            }
+            st.epoch = table.epoch(p);
+            let (entries, bytes) = self.sync_to(&slot, p, &st, &destination).await?;
+            total.entries += entries;
+            total.bytes += bytes;
+            let mut extras = self.inner.partitions[p as usize]
+                .extras
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if !extras.iter().any(|(m, _)| *m == destination) {
+                extras.push((destination.clone(), Instant::now()));
+            }
+        }
+        Ok(total)
+    }
+
+    /// Stops operations on a partition before its ownership changes hands. Returns once
+    /// every operation that started before is fully replicated.
+    pub(super) async fn on_freeze(&self, req: FreezeRequest) -> Result<(), String> {
+        let p = req.partition;
+        let ctl = self
+            .inner
+            .partitions
+            .get(p as usize)
+            .ok_or_else(|| format!("no partition {p}"))?;
+        *ctl.frozen.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((req.table_version, Instant::now() + FREEZE_TIMEOUT));
+        // Wait out the operations already running: they hold the replica locks.
+        for slot in self.slots() {
+            drop(slot.replicas[p as usize].lock().await);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,47 @@
+//! The service SPI: what a partitioned service (cache, locks, executor, scheduler) gives the
+//! runtime so that the runtime can route its operations, replicate their effects and move
+//! its partitions.
+//!
+//! The runtime owns ordering and durability; the service owns its data. An operation runs in
+//! two steps on the partition's owner, under the partition's lock: [`PartitionService::prepare`]
+//! computes the answer and the *change* (a deterministic record of the effect, e.g. "set k to
+//! v", never "put if absent") without touching the data; the runtime sends the change to the
+//! synchronous backups, waits for their acknowledgements, and only then calls
+//! [`PartitionService::apply`] on the owner. A change is therefore visible (even to lock-free
+//! reads) only once every live backup has it.
+
+/// What [`PartitionService::prepare`] decided.
+#[derive(Debug, Clone, Default)]
+pub struct Prepared {
+    /// The answer for the caller (encoded by the service).
+    pub answer: Vec<u8>,
+    /// The change to replicate and apply, if the operation changes anything.
+    pub change: Option<Vec<u8>>,
+}
+
+/// A service whose state is split by partition. All methods are called by the runtime,
+/// never concurrently for the same partition.
+pub trait PartitionService: Send + Sync + 'static {
+    /// The service's name, unique in the member (e.g. `"cache:users"`).
+    fn name(&self) -> &str;
+
+    /// Computes the answer to `op` and the change it makes, without changing anything.
+    /// An `Err` reaches the caller; nothing is replicated.
+    fn prepare(&self, partition: u32, op: &[u8]) -> Result<Prepared, String>;
+
+    /// Applies a change produced by `prepare` (on the owner after the backups acknowledged
+    /// it, and on every backup).
+    fn apply(&self, partition: u32, change: &[u8]) -> Result<(), String>;
+
+    /// The partition's whole state, as chunks of at most about `chunk_bytes` each.
+    fn snapshot(&self, partition: u32, chunk_bytes: usize) -> Vec<Vec<u8>>;
+
+    /// Replaces the partition's state with the one `chunks` (from `snapshot`) describe.
+    fn restore(&self, partition: u32, chunks: Vec<Vec<u8>>) -> Result<(), String>;
+
+    /// Forgets the partition: this member no longer holds a replica of it.
+    fn drop_partition(&self, partition: u32);
+
+    /// Number of entries in the partition, for statistics and the rebalancing harness.
+    fn partition_len(&self, partition: u32) -> usize;
+}

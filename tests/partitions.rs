@@ -1,0 +1,244 @@
+//! Partitions in in-process clusters: owners die and backups take over, members join while
+//! writers write, members leave gracefully without backups — and nothing acknowledged is lost.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use grid::Grid;
+
+use common::{eventually, init_tracing, member};
+
+/// Starts `n` members with `backups`, all seeded with the first, and waits until the
+/// partition table covers all of them.
+async fn data_cluster(name: &str, n: usize, backups: u8) -> Vec<Grid> {
+    init_tracing();
+    let first = member(name, "m0").backups(backups).start().await.unwrap();
+    let mut grids = vec![first.clone()];
+    for i in 1..n {
+        grids.push(
+            member(name, &format!("m{i}"))
+                .backups(backups)
+                .seed(first.addr())
+                .start()
+                .await
+                .unwrap(),
+        );
+    }
+    for g in &grids {
+        assert!(g.cluster().wait_until(Duration::from_secs(15), |m| m.len() == n).await);
+    }
+    assert!(settled(&grids, n).await, "partitions did not settle on {n} members");
+    grids
+}
+
+/// Waits until the coordinator has no migration left and every member applied a table
+/// that spreads the partitions over `n` members.
+async fn settled(grids: &[Grid], n: usize) -> bool {
+    eventually(Duration::from_secs(30), || {
+        let coordinator = grids.iter().find(|g| g.runtime().coordinator_status().active);
+        let Some(c) = coordinator else { return false };
+        let status = c.runtime().coordinator_status();
+        let version = c.runtime().table().version();
+        status.settled
+            && c.runtime().table().members().len() == n
+            && grids.iter().all(|g| g.runtime().table().version() == version)
+    })
+    .await
+}
+
+fn owner_of(grids: &[Grid], cache: &grid::Cache<u32, u32>, key: u32) -> usize {
+    let _ = cache;
+    let encoded = grid::codec::encode(&key).unwrap();
+    let p = grids[0].runtime().partition_of(&encoded);
+    let table = grids[0].runtime().table();
+    let owner = table.owner(p).expect("owned").clone();
+    grids
+        .iter()
+        .position(|g| g.cluster().local_member().id == owner)
+        .expect("owner is one of ours")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_backup_a_killed_owners_keys_stay_readable_and_writable() {
+    let mut grids = data_cluster("p-kill1", 3, 1).await;
+    let cache = grids[0].cache::<u32, u32>("c");
+    for k in 0..300 {
+        cache.put(&k, &(k * 10)).await.unwrap();
+    }
+    let victim = owner_of(&grids, &cache, 7);
+    let dead = grids.remove(victim);
+    dead.kill();
+    let survivor = grids[0].cache::<u32, u32>("c");
+    assert_eq!(survivor.get(&7).await.unwrap(), Some(70), "backup promoted");
+    survivor.put(&7, &71).await.unwrap();
+    assert_eq!(grids[1].cache::<u32, u32>("c").get(&7).await.unwrap(), Some(71));
+    for k in 0..300 {
+        if k != 7 {
+            assert_eq!(survivor.get(&k).await.unwrap(), Some(k * 10), "key {k}");
+        }
+    }
+    // Re-replication restores one backup for everything on the two survivors.
+    assert!(settled(&grids, 2).await);
+    for g in &grids {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_backups_killing_two_of_five_at_once_loses_nothing() {
+    let mut grids = data_cluster("p-kill2", 5, 2).await;
+    let cache = grids[0].cache::<u32, u32>("c");
+    for k in 0..500 {
+        cache.put(&k, &(k + 1)).await.unwrap();
+    }
+    let b = grids.remove(4);
+    let a = grids.remove(3);
+    a.kill();
+    b.kill();
+    let cache = grids[1].cache::<u32, u32>("c");
+    for k in 0..500 {
+        assert_eq!(cache.get(&k).await.unwrap(), Some(k + 1), "key {k}");
+    }
+    cache.put(&1, &1000).await.unwrap();
+    assert_eq!(grids[2].cache::<u32, u32>("c").get(&1).await.unwrap(), Some(1000));
+    assert!(settled(&grids, 3).await);
+    for k in 0..500 {
+        let expect = if k == 1 { 1000 } else { k + 1 };
+        assert_eq!(grids[0].cache::<u32, u32>("c").get(&k).await.unwrap(), Some(expect));
+    }
+    for g in &grids {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_write_survives_a_join_under_64_writers() {
+    let mut grids = data_cluster("p-join", 3, 1).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<HashMap<(u32, u32), u32>>> = Arc::default();
+    let mut writers = Vec::new();
+    for w in 0..64u32 {
+        let cache = grids[(w % 3) as usize].cache::<(u32, u32), u32>("w");
+        let (stop, acked) = (stop.clone(), acked.clone());
+        writers.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let key = (w, n % 50);
+                if cache.put(&key, &n).await.is_ok() {
+                    acked.lock().unwrap().insert(key, n);
+                }
+                n += 1;
+            }
+            n
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let joiner = member("p-join", "m3")
+        .backups(1)
+        .seed(grids[0].addr())
+        .start()
+        .await
+        .unwrap();
+    grids.push(joiner);
+    assert!(settled(&grids, 4).await, "rebalancing did not finish");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for w in writers {
+        total += w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    println!("{total} writes, {} keys acknowledged", acked.len());
+    assert!(total > 1000, "the writers barely ran");
+    let reader = grids[3].cache::<(u32, u32), u32>("w");
+    for (key, value) in &acked {
+        let p = grids[0].runtime().partition_of(&grid::codec::encode(key).unwrap());
+        let table = grids[0].runtime().table();
+        assert_eq!(
+            reader.get(key).await.unwrap(),
+            Some(*value),
+            "key {key:?} in partition {p}, replicas {:?} in table {}",
+            table.replicas(p).collect::<Vec<_>>(),
+            table.version()
+        );
+    }
+    for g in &grids {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_without_backups_loses_nothing() {
+    let grids = data_cluster("p-leave0", 3, 0).await;
+    let cache = grids[0].cache::<u32, u32>("c");
+    for k in 0..300 {
+        cache.put(&k, &k).await.unwrap();
+    }
+    grids[2].shutdown().await;
+    let rest = &grids[..2];
+    let cache = rest[1].cache::<u32, u32>("c");
+    for k in 0..300 {
+        assert_eq!(cache.get(&k).await.unwrap(), Some(k), "key {k}");
+    }
+    assert_eq!(cache.len().await.unwrap(), 300);
+    for g in rest {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_another_partition_count_is_refused() {
+    init_tracing();
+    let a = member("p-count", "a").start().await.unwrap();
+    let b = member("p-count", "b")
+        .partitions(1999)
+        .seed(a.addr())
+        .start()
+        .await
+        .unwrap();
+    assert!(
+        !a.cluster()
+            .wait_until(Duration::from_millis(1500), |m| m.len() > 1)
+            .await
+    );
+    let err = b
+        .transport()
+        .request(a.addr(), "grid.rt.table.get", b"", Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("partitions"), "{err}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_map_operations_work_from_every_member() {
+    let grids = data_cluster("p-ops", 3, 1).await;
+    let caches: Vec<_> = grids.iter().map(|g| g.cache::<String, String>("ops")).collect();
+    for i in 0..50 {
+        let k = format!("k{i}");
+        assert_eq!(caches[i % 3].put(&k, &format!("v{i}")).await.unwrap(), None);
+    }
+    for (i, c) in caches.iter().enumerate() {
+        assert_eq!(c.get(&"k5".to_string()).await.unwrap(), Some("v5".to_string()), "member {i}");
+        assert!(c.contains_key(&"k6".to_string()).await.unwrap());
+        assert!(!c.contains_key(&"nope".to_string()).await.unwrap());
+    }
+    assert_eq!(
+        caches[1].put_if_absent(&"k1".to_string(), &"x".to_string()).await.unwrap(),
+        Some("v1".to_string())
+    );
+    assert_eq!(caches[2].put_if_absent(&"new".to_string(), &"n".to_string()).await.unwrap(), None);
+    assert_eq!(caches[0].remove(&"k2".to_string()).await.unwrap(), Some("v2".to_string()));
+    assert_eq!(caches[0].remove(&"k2".to_string()).await.unwrap(), None);
+    assert_eq!(caches[1].len().await.unwrap(), 50);
+    // Another cache of the same member is another map.
+    assert_eq!(grids[0].cache::<String, String>("other").len().await.unwrap(), 0);
+    for g in &grids {
+        g.shutdown().await;
+    }
+}
