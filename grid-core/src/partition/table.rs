@@ -13,16 +13,35 @@
 //!    attribute (say `zone`) lie on distinct values of it, so losing one machine or one
 //!    zone never loses every copy.
 //! 2. **Balance**: at every rank each member holds between ⌊P/N⌋ and ⌈P/N⌉ partitions,
-//!    and (as far as it can be kept) its replicas summed over the ranks planned so far
-//!    stay within one of their fair share too. Per-rank balance spreads the owners' load;
-//!    the cumulative bound is what keeps the *later* ranks feasible: with 3 members and 2
-//!    backups, rank 2 is forced (each partition's last replica is whoever is left), so it
-//!    can only be balanced if ranks 0 and 1 did not both favour the same member.
-//! 3. **Little movement**: a replica that survives keeps its place (or moves up when a
-//!    replica above it disappeared, which is how a backup is promoted to owner without
-//!    copying anything); a partition that must move goes first to a member that already
-//!    holds its data, then by rendezvous hashing (highest `xxh3(p, member)` wins), so that
-//!    the choice is stable and independent of the order members joined.
+//!    so owners share the request load and backups the replication load. (With placement
+//!    this can be impossible, e.g. a zone with a single member must hold a replica of
+//!    everything: then the planner gets as close as it can.)
+//! 3. **Little data movement**: every replica the new table has and the old one did not
+//!    is a partition copied over the network, so the planner keeps replicas where they are
+//!    and, when balance requires a change, prefers one that only swaps ranks between
+//!    members that already hold the data.
+//!
+//! # How
+//!
+//! Ranks are planned one after the other, 0 first. For each rank:
+//!
+//! - **keep**: each partition keeps its first surviving replica (previous rank order) not
+//!   placed yet. When the owner left this promotes the first backup, without a copy.
+//! - **fill** the partitions nobody kept, members under ⌊P/N⌋ first, then under ⌈P/N⌉;
+//!   ties go to a member holding the data, then by rendezvous hashing (highest
+//!   `xxh3(p, member)`), which is stable and independent of the order members joined.
+//! - **repair**: a member over ⌈P/N⌉ sheds partitions and one under ⌊P/N⌋ takes some, each
+//!   unit along the cheapest chain of moves (x gives a partition to y, y one to z…): first
+//!   undoing no promotion, then with the fewest copies, then the fewest links. A member
+//!   that gives up its rank to a backup of the partition takes that backup's rank in
+//!   turn (a swap); one replaced by a newcomer leaves the partition, so that the ranks
+//!   below are not all pushed down one.
+//!
+//! Balancing each rank alone can paint the last ranks into a corner: with 3 members and 2
+//! backups, rank 2 is forced (each partition's last replica is whoever is left), so it is
+//! balanced only if ranks 0 and 1 did not both favour the same member. When a rank ends
+//! unbalanced, the plan is redone with each rank's bounds narrowed so that every member's
+//! replica count summed over the ranks so far also stays within one of its fair share.
 //!
 //! Lite members hold no data: callers simply do not pass them as [`Candidate`]s.
 //!
@@ -663,10 +682,11 @@ impl Planner<'_> {
     /// [`Cost`]): a chain of swaps between members that already hold the data is free,
     /// where a direct move to a member without it costs a copy.
     ///
-    /// Searching chains costs O(N·P) each, so once the cheapest chain for a member is a
-    /// plain copy to (or from) a member with room, its remaining units take the same kind
-    /// of direct move without searching again: moves only remove options, so no cheaper
-    /// chain can have appeared.
+    /// Searching a chain costs O(N·P), so once the cheapest chain for a member is a plain
+    /// copy to (or from) a member with room, its remaining units take the same kind of
+    /// direct move without searching again. That is still the cheapest: no member
+    /// reachable from it by free swaps had room, and direct moves only fill members that
+    /// were not among those, so none of them gains room or a new swap.
     fn repair(&self, st: &mut RankState, lo: &[u64], hi: &[u64]) -> bool {
         let n = self.n();
         for (dir, bound) in [(Direction::Shed, hi), (Direction::Lift, lo)] {
@@ -677,9 +697,13 @@ impl Planner<'_> {
             let mut stuck = vec![false; n];
             while let Some(m) = (0..n).find(|&m| !stuck[m] && needs(st, m)) {
                 match self.chain(st, m as u16, dir, bound) {
-                    None => stuck[m] = true,
-                    Some(cost) if cost.is_plain_copy() => self.direct(st, m as u16, dir, bound),
-                    Some(_) => {}
+                    Err(reached) => {
+                        for (stuck, reached) in stuck.iter_mut().zip(reached) {
+                            *stuck |= reached;
+                        }
+                    }
+                    Ok(cost) if cost.is_plain_copy() => self.direct(st, m as u16, dir, bound),
+                    Ok(_) => {}
                 }
             }
         }
@@ -734,20 +758,14 @@ impl Planner<'_> {
             if done {
                 break;
             }
-            if st.assign[p]
-                != Some(if matches!(dir, Direction::Shed) {
-                    m0
-                } else {
-                    other
-                })
-                || !fits(st, other)
-            {
-                continue;
-            }
             let (from, to) = match dir {
                 Direction::Shed => (m0, other),
                 Direction::Lift => (other, m0),
             };
+            // An earlier move may have used up the partition or the other's room.
+            if st.assign[p] != Some(from) || !fits(st, other) {
+                continue;
+            }
             st.assign[p] = Some(to);
             st.load[usize::from(from)] -= 1;
             st.load[usize::from(to)] += 1;
@@ -757,10 +775,27 @@ impl Planner<'_> {
     /// Moves one unit of load away from (`Shed`) or to (`Lift`) member `m0` along the
     /// cheapest chain of moves (Dijkstra over members), ending at a member that can take
     /// (load < `bound`, for `Shed`) or give (load > `bound`, for `Lift`) one more.
-    /// Returns the chain's cost, or None if there is no such chain.
-    fn chain(&self, st: &mut RankState, m0: u16, dir: Direction, bound: &[u64]) -> Option<Cost> {
+    ///
+    /// Returns the chain's cost or, if there is no such chain, the members the search
+    /// reached: none of them has a chain either, since theirs would extend `m0`'s.
+    fn chain(
+        &self,
+        st: &mut RankState,
+        m0: u16,
+        dir: Direction,
+        bound: &[u64],
+    ) -> Result<Cost, Vec<bool>> {
         let n = self.n();
         let n_parts = self.replicas.len();
+        // Shedding only looks at the partitions of the member being expanded.
+        let mut held_by: Vec<Vec<usize>> = vec![Vec::new(); n];
+        if matches!(dir, Direction::Shed) {
+            for (p, holder) in st.assign.iter().enumerate() {
+                if let Some(h) = holder {
+                    held_by[usize::from(*h)].push(p);
+                }
+            }
+        }
         let mut cost: Vec<Option<Cost>> = vec![None; n];
         let mut done = vec![false; n];
         // Shed: via[y] = (x, p) means y takes p from x. Lift: x takes p from y.
@@ -768,13 +803,12 @@ impl Planner<'_> {
         cost[usize::from(m0)] = Some(Cost::default());
         loop {
             // The cheapest member not yet settled (ties: lowest index, for determinism).
-            let Some(x) = (0..n)
+            let Some((_, x)) = (0..n)
                 .filter(|&m| !done[m])
-                .filter_map(|m| cost[m].map(|c| (c, m)))
+                .filter_map(|m| cost[m].map(|c| (c, m as u16)))
                 .min()
-                .map(|(_, m)| m as u16)
             else {
-                return None;
+                return Err(done);
             };
             let xi = usize::from(x);
             done[xi] = true;
@@ -784,7 +818,7 @@ impl Planner<'_> {
             };
             if x != m0 && at_end {
                 self.apply_chain(st, m0, x, dir, &via);
-                return cost[xi];
+                return Ok(cost[xi].unwrap_or_default());
             }
             let base = cost[xi].unwrap_or_default();
             // Shedding, a copy to a member already reached more cheaply cannot help:
@@ -793,7 +827,7 @@ impl Planner<'_> {
             let copy_targets: Vec<u16> = match dir {
                 Direction::Shed => (0..n as u16)
                     .filter(|&y| y != x && !done[usize::from(y)])
-                    .filter(|&y| cost[usize::from(y)].map_or(true, |c| c.prefix() >= copy))
+                    .filter(|&y| !matches!(cost[usize::from(y)], Some(c) if c.prefix() < copy))
                     .collect(),
                 Direction::Lift => Vec::new(),
             };
@@ -808,15 +842,14 @@ impl Planner<'_> {
                     return;
                 }
                 let c = base.then(st.promoted[p], holds, self.score(p, taker));
-                if cost[ri].map_or(true, |old| c < old) {
+                if !matches!(cost[ri], Some(old) if old <= c) {
                     cost[ri] = Some(c);
                     via[ri] = Some((x, p));
                 }
             };
-            for p in 0..n_parts {
-                let Some(holder) = st.assign[p] else { continue };
-                match dir {
-                    Direction::Shed if holder == x => {
+            match dir {
+                Direction::Shed => {
+                    for &p in &held_by[xi] {
                         for s in &self.survivors[p] {
                             if s.member != x {
                                 relax(p, s.member, s.member);
@@ -828,8 +861,14 @@ impl Planner<'_> {
                             }
                         }
                     }
-                    Direction::Lift if holder != x => relax(p, x, holder),
-                    _ => {}
+                }
+                Direction::Lift => {
+                    for p in 0..n_parts {
+                        match st.assign[p] {
+                            Some(holder) if holder != x => relax(p, x, holder),
+                            _ => {}
+                        }
+                    }
                 }
             }
         }
@@ -889,12 +928,13 @@ struct Cost {
 }
 
 impl Cost {
-    /// Whether this is one move, of a partition that was not promoted, to a member
-    /// without its data.
+    /// The additive part, without the tie-break.
     fn prefix(self) -> (u32, u32, u32) {
         (self.unpromoted, self.copies, self.links)
     }
 
+    /// Whether this is one move, of a partition that was not promoted, to a member
+    /// without its data.
     fn is_plain_copy(self) -> bool {
         (self.unpromoted, self.copies, self.links) == (0, 1, 1)
     }
@@ -1052,6 +1092,17 @@ mod tests {
                 ..TableConfig::default()
             }
         );
+    }
+
+    #[test]
+    fn from_assignments_round_trip() {
+        let config = config(13, 1);
+        let ids: Vec<String> = (0..4).map(|i| format!("m{i}")).collect();
+        let t = PartitionTable::plan(&PartitionTable::empty(13), &candidates(&ids), &config);
+        let assignments = (0..13).map(|p| t.replicas(p).cloned().collect()).collect();
+        let epochs = (0..13).map(|p| t.epoch(p)).collect();
+        let rebuilt = PartitionTable::from_assignments(t.version(), 13, assignments, epochs);
+        assert_eq!(rebuilt, t);
     }
 
     #[test]
@@ -1234,16 +1285,18 @@ mod tests {
             let config = TableConfig { partitions, backups, placement_attribute: Some("zone".into()) };
             let groups = usize::from(backups) + 1 + extra_groups;
             let n = members.max(groups);
-            // Member i is in zone i % groups, so every zone is used; a few have no zone.
+            // The first members cover every zone, the others land in random (so uneven)
+            // zones, and a few have no zone, making each a group of its own.
             let mut all: Vec<Candidate> = (0..n)
                 .map(|i| {
-                    let zone = format!("z{}", (i as u64 ^ seed) as usize % groups);
-                    candidate(&format!("m{i}"), Some(zone.as_str()))
+                    let zone = if i < groups {
+                        i
+                    } else {
+                        xxhash_rust::xxh3::xxh3_64_with_seed(&i.to_le_bytes(), seed) as usize % groups
+                    };
+                    candidate(&format!("m{i}"), Some(format!("z{zone}").as_str()))
                 })
                 .collect();
-            for i in 0..groups {
-                all[i].group = Some(format!("z{i}"));
-            }
             all.extend((0..ungrouped).map(|i| candidate(&format!("u{i}"), None)));
             let group_of: BTreeMap<Arc<str>, String> = all
                 .iter()

@@ -91,7 +91,8 @@ struct ServiceSlot {
 
 #[derive(Default)]
 struct PartitionCtl {
-    /// Frozen for a handoff until a table newer than this version, or the deadline.
+    /// Frozen for a handoff (since the table of this version) until a table gives the
+    /// partition to another member, or the deadline passes.
     frozen: Mutex<Option<(u64, Instant)>>,
     /// Members being filled by a migration: they get every change, like backups.
     extras: Mutex<Vec<(Arc<str>, Instant)>>,
@@ -365,7 +366,7 @@ impl Runtime {
             let ctl = &self.inner.partitions[p as usize];
             {
                 let mut frozen = ctl.frozen.lock().unwrap_or_else(|e| e.into_inner());
-                if frozen.is_some_and(|(v, _)| v < new.version()) {
+                if frozen.is_some() && new.owner(p) != Some(&me) {
                     *frozen = None;
                 }
             }
@@ -508,7 +509,7 @@ impl Runtime {
         let deadline = Instant::now() + timeout;
         let me = self.inner.me.clone();
         loop {
-            if !self.table().members().iter().any(|m| *m == me) {
+            if !self.table().members().contains(&me) {
                 return Ok(());
             }
             let now = Instant::now();

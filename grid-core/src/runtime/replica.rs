@@ -22,10 +22,15 @@ use crate::partition::table::PartitionTable;
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Runtime {
+    /// A frozen partition stays frozen until a table takes its ownership away from this
+    /// member — not merely until any newer table: the coordinator may publish other
+    /// partitions' moves while this one's handoff is under way — or until the freeze times
+    /// out (the coordinator died mid-handoff).
     fn frozen(&self, p: u32, table: &PartitionTable) -> bool {
         let ctl = &self.inner.partitions[p as usize];
         let frozen = ctl.frozen.lock().unwrap_or_else(|e| e.into_inner());
-        matches!(*frozen, Some((v, until)) if table.version() <= v && Instant::now() < until)
+        matches!(*frozen, Some((_, until)) if table.owner(p) == Some(&self.inner.me)
+            && Instant::now() < until)
     }
 
     /// The members that get this partition's changes: backups, then migration targets.
