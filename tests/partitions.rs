@@ -29,9 +29,16 @@ async fn data_cluster(name: &str, n: usize, backups: u8) -> Vec<Grid> {
         );
     }
     for g in &grids {
-        assert!(g.cluster().wait_until(Duration::from_secs(15), |m| m.len() == n).await);
+        assert!(
+            g.cluster()
+                .wait_until(Duration::from_secs(15), |m| m.len() == n)
+                .await
+        );
     }
-    assert!(settled(&grids, n).await, "partitions did not settle on {n} members");
+    assert!(
+        settled(&grids, n).await,
+        "partitions did not settle on {n} members"
+    );
     grids
 }
 
@@ -39,13 +46,17 @@ async fn data_cluster(name: &str, n: usize, backups: u8) -> Vec<Grid> {
 /// that spreads the partitions over `n` members.
 async fn settled(grids: &[Grid], n: usize) -> bool {
     eventually(Duration::from_secs(30), || {
-        let coordinator = grids.iter().find(|g| g.runtime().coordinator_status().active);
+        let coordinator = grids
+            .iter()
+            .find(|g| g.runtime().coordinator_status().active);
         let Some(c) = coordinator else { return false };
         let status = c.runtime().coordinator_status();
         let version = c.runtime().table().version();
         status.settled
             && c.runtime().table().members().len() == n
-            && grids.iter().all(|g| g.runtime().table().version() == version)
+            && grids
+                .iter()
+                .all(|g| g.runtime().table().version() == version)
     })
     .await
 }
@@ -75,7 +86,10 @@ async fn with_one_backup_a_killed_owners_keys_stay_readable_and_writable() {
     let survivor = grids[0].cache::<u32, u32>("c");
     assert_eq!(survivor.get(&7).await.unwrap(), Some(70), "backup promoted");
     survivor.put(&7, &71).await.unwrap();
-    assert_eq!(grids[1].cache::<u32, u32>("c").get(&7).await.unwrap(), Some(71));
+    assert_eq!(
+        grids[1].cache::<u32, u32>("c").get(&7).await.unwrap(),
+        Some(71)
+    );
     for k in 0..300 {
         if k != 7 {
             assert_eq!(survivor.get(&k).await.unwrap(), Some(k * 10), "key {k}");
@@ -104,11 +118,17 @@ async fn with_two_backups_killing_two_of_five_at_once_loses_nothing() {
         assert_eq!(cache.get(&k).await.unwrap(), Some(k + 1), "key {k}");
     }
     cache.put(&1, &1000).await.unwrap();
-    assert_eq!(grids[2].cache::<u32, u32>("c").get(&1).await.unwrap(), Some(1000));
+    assert_eq!(
+        grids[2].cache::<u32, u32>("c").get(&1).await.unwrap(),
+        Some(1000)
+    );
     assert!(settled(&grids, 3).await);
     for k in 0..500 {
         let expect = if k == 1 { 1000 } else { k + 1 };
-        assert_eq!(grids[0].cache::<u32, u32>("c").get(&k).await.unwrap(), Some(expect));
+        assert_eq!(
+            grids[0].cache::<u32, u32>("c").get(&k).await.unwrap(),
+            Some(expect)
+        );
     }
     for g in &grids {
         g.shutdown().await;
@@ -156,7 +176,9 @@ async fn every_acknowledged_write_survives_a_join_under_64_writers() {
     assert!(total > 1000, "the writers barely ran");
     let reader = grids[3].cache::<(u32, u32), u32>("w");
     for (key, value) in &acked {
-        let p = grids[0].runtime().partition_of(&grid::codec::encode(key).unwrap());
+        let p = grids[0]
+            .runtime()
+            .partition_of(&grid::codec::encode(key).unwrap());
         let table = grids[0].runtime().table();
         assert_eq!(
             reader.get(key).await.unwrap(),
@@ -218,26 +240,52 @@ async fn a_member_with_another_partition_count_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_map_operations_work_from_every_member() {
     let grids = data_cluster("p-ops", 3, 1).await;
-    let caches: Vec<_> = grids.iter().map(|g| g.cache::<String, String>("ops")).collect();
+    let caches: Vec<_> = grids
+        .iter()
+        .map(|g| g.cache::<String, String>("ops"))
+        .collect();
     for i in 0..50 {
         let k = format!("k{i}");
         assert_eq!(caches[i % 3].put(&k, &format!("v{i}")).await.unwrap(), None);
     }
     for (i, c) in caches.iter().enumerate() {
-        assert_eq!(c.get(&"k5".to_string()).await.unwrap(), Some("v5".to_string()), "member {i}");
+        assert_eq!(
+            c.get(&"k5".to_string()).await.unwrap(),
+            Some("v5".to_string()),
+            "member {i}"
+        );
         assert!(c.contains_key(&"k6".to_string()).await.unwrap());
         assert!(!c.contains_key(&"nope".to_string()).await.unwrap());
     }
     assert_eq!(
-        caches[1].put_if_absent(&"k1".to_string(), &"x".to_string()).await.unwrap(),
+        caches[1]
+            .put_if_absent(&"k1".to_string(), &"x".to_string())
+            .await
+            .unwrap(),
         Some("v1".to_string())
     );
-    assert_eq!(caches[2].put_if_absent(&"new".to_string(), &"n".to_string()).await.unwrap(), None);
-    assert_eq!(caches[0].remove(&"k2".to_string()).await.unwrap(), Some("v2".to_string()));
+    assert_eq!(
+        caches[2]
+            .put_if_absent(&"new".to_string(), &"n".to_string())
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        caches[0].remove(&"k2".to_string()).await.unwrap(),
+        Some("v2".to_string())
+    );
     assert_eq!(caches[0].remove(&"k2".to_string()).await.unwrap(), None);
     assert_eq!(caches[1].len().await.unwrap(), 50);
     // Another cache of the same member is another map.
-    assert_eq!(grids[0].cache::<String, String>("other").len().await.unwrap(), 0);
+    assert_eq!(
+        grids[0]
+            .cache::<String, String>("other")
+            .len()
+            .await
+            .unwrap(),
+        0
+    );
     for g in &grids {
         g.shutdown().await;
     }

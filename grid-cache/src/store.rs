@@ -50,7 +50,9 @@ impl CacheService {
 
     /// Entries of `cache` in partition `p` on this member.
     pub fn len_local(&self, p: u32, cache: &str) -> usize {
-        let Some(map) = self.partitions.get(p as usize) else { return 0 };
+        let Some(map) = self.partitions.get(p as usize) else {
+            return 0;
+        };
         let map = map.read().unwrap_or_else(|e| e.into_inner());
         map.keys()
             .filter(|k| cache_of(k) == Some(cache.as_bytes()))
@@ -139,7 +141,9 @@ impl PartitionService for CacheService {
     }
 
     fn snapshot(&self, p: u32, chunk_bytes: usize) -> Vec<Vec<u8>> {
-        let Ok(map) = self.map(p) else { return Vec::new() };
+        let Ok(map) = self.map(p) else {
+            return Vec::new();
+        };
         let map = map.read().unwrap_or_else(|e| e.into_inner());
         let mut chunks = Vec::new();
         let mut batch: Vec<(Bytes, Bytes)> = Vec::new();

@@ -15,8 +15,8 @@
 
 pub mod config;
 pub mod error;
-pub mod runtime;
 pub mod partition;
+pub mod runtime;
 
 pub use config::GridConfig;
 pub use error::GridError;

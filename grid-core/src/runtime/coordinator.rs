@@ -96,14 +96,17 @@ impl Coordinator {
             && self.freezing.is_empty()
             && self.ready.is_empty()
             && self.published.version() > 0
-            && (0..self.published.partitions()).all(|p| {
-                self.published.replicas(p).eq(self.target.replicas(p))
-            })
+            && (0..self.published.partitions())
+                .all(|p| self.published.replicas(p).eq(self.target.replicas(p)))
     }
 
     /// The data members changed: `members` may hold partitions; `draining` are alive and
     /// still serve what they hold, but must hand it all to `members`.
-    pub(crate) fn on_members(&mut self, members: &[Candidate], draining: &[Arc<str>]) -> Vec<Effect> {
+    pub(crate) fn on_members(
+        &mut self,
+        members: &[Candidate],
+        draining: &[Arc<str>],
+    ) -> Vec<Effect> {
         let mut effects = Vec::new();
         let alive: HashSet<&str> = members
             .iter()
@@ -112,7 +115,8 @@ impl Coordinator {
             .collect();
         // 1. Drop the dead from the published table: promotion, no data moves.
         let published_members: BTreeSet<&Arc<str>> = self.published.members().iter().collect();
-        if published_members.iter().any(|m| !alive.contains(&***m)) || self.published.version() == 0 {
+        if published_members.iter().any(|m| !alive.contains(&***m)) || self.published.version() == 0
+        {
             let version = self.published.version() + 1;
             let mut assignments = Vec::new();
             let mut epochs = Vec::new();
@@ -193,9 +197,13 @@ impl Coordinator {
 
     fn start_moves(&mut self, effects: &mut Vec<Effect>) {
         while self.in_flight.len() < self.max_parallel {
-            let Some(next) = self.pending.iter().next().cloned() else { break };
+            let Some(next) = self.pending.iter().next().cloned() else {
+                break;
+            };
             self.pending.remove(&next);
-            let Some(source) = self.published.owner(next.0).cloned() else { continue };
+            let Some(source) = self.published.owner(next.0).cloned() else {
+                continue;
+            };
             self.in_flight.insert(next.clone());
             self.stats.started += 1;
             effects.push(Effect::Migrate {
@@ -226,7 +234,12 @@ impl Coordinator {
     }
 
     /// A migration ended.
-    pub(crate) fn on_migrated(&mut self, partition: u32, destination: &Arc<str>, ok: bool) -> Vec<Effect> {
+    pub(crate) fn on_migrated(
+        &mut self,
+        partition: u32,
+        destination: &Arc<str>,
+        ok: bool,
+    ) -> Vec<Effect> {
         let mut effects = Vec::new();
         let key = (partition, destination.clone());
         if !self.in_flight.remove(&key) {
@@ -371,7 +384,13 @@ mod tests {
         let effects = c.on_members(&members(&["a", "b", "c", "d"]), &[]);
         // Nothing switches before its data is copied.
         assert!(published(&effects).is_none());
-        assert!(effects.iter().filter(|e| matches!(e, Effect::Migrate { .. })).count() <= 4);
+        assert!(
+            effects
+                .iter()
+                .filter(|e| matches!(e, Effect::Migrate { .. }))
+                .count()
+                <= 4
+        );
         let all = drive(&mut c, effects);
         let after = c.published();
         assert!(c.is_settled());
@@ -384,7 +403,11 @@ mod tests {
                     partition: p,
                     owner: before.owner(p).unwrap().clone()
                 }));
-                assert_eq!(after.epoch(p), before.epoch(p), "clean handoff keeps the epoch");
+                assert_eq!(
+                    after.epoch(p),
+                    before.epoch(p),
+                    "clean handoff keeps the epoch"
+                );
             }
         }
     }
@@ -406,14 +429,22 @@ mod tests {
             if before.owner(p).map(|o| &**o) == Some("c") {
                 let first_backup = before.replicas(p).nth(1).cloned();
                 assert_eq!(interim.owner(p), first_backup.as_ref(), "promoted");
-                assert_ne!(interim.epoch(p), before.epoch(p), "a failover starts a new epoch");
+                assert_ne!(
+                    interim.epoch(p),
+                    before.epoch(p),
+                    "a failover starts a new epoch"
+                );
             }
         }
         drive(&mut c, effects);
         assert!(c.is_settled());
         assert!(c.published().check(&cfg).is_ok());
         for p in 0..41 {
-            assert_eq!(c.published().replicas(p).count(), 2, "backup count restored");
+            assert_eq!(
+                c.published().replicas(p).count(),
+                2,
+                "backup count restored"
+            );
         }
     }
 
@@ -428,17 +459,166 @@ mod tests {
             partition,
             destination,
             ..
-        }) = effects.iter().find(|e| matches!(e, Effect::Migrate { .. })).cloned()
+        }) = effects
+            .iter()
+            .find(|e| matches!(e, Effect::Migrate { .. }))
+            .cloned()
         else {
             panic!("a migration")
         };
         let retry = c.on_migrated(partition, &destination, false);
-        assert!(retry.iter().any(|e| matches!(e, Effect::Migrate { partition: q, .. } if *q == partition)));
+        assert!(retry
+            .iter()
+            .any(|e| matches!(e, Effect::Migrate { partition: q, .. } if *q == partition)));
         // The destination dies mid-migration: its moves are dropped, nothing hangs.
         let effects = c.on_members(&members(&["a", "b"]), &[]);
         drive(&mut c, effects);
         let _ = c.on_migrated(partition, &destination, true); // a late answer is ignored
         drive(&mut c, Vec::new());
         assert!(c.published().members().iter().all(|m| &**m != "c"));
+    }
+
+    /// Which members hold which partitions' data, and the invariant every publication must
+    /// keep: a table names only replicas that hold the partition's data.
+    struct Model {
+        holds: BTreeSet<(u32, Arc<str>)>,
+        last: Option<PartitionTable>,
+    }
+
+    impl Model {
+        fn publish(&mut self, t: &PartitionTable) {
+            for p in 0..t.partitions() {
+                let any_holder = self.holds.iter().any(|(q, _)| *q == p);
+                for m in t.replicas(p) {
+                    assert!(
+                        !any_holder || self.holds.contains(&(p, m.clone())),
+                        "table {} names {m} for partition {p}, which it does not hold",
+                        t.version()
+                    );
+                }
+                if !any_holder {
+                    // Lost (or brand new): the new replicas start empty.
+                    for m in t.replicas(p) {
+                        self.holds.insert((p, m.clone()));
+                    }
+                }
+                if let Some(last) = &self.last {
+                    for m in last.replicas(p) {
+                        if t.rank_of(p, m).is_none() {
+                            self.holds.remove(&(p, m.clone()));
+                        }
+                    }
+                }
+            }
+            self.last = Some(t.clone());
+        }
+
+        fn kill(&mut self, dead: &str) {
+            self.holds.retain(|(_, m)| &**m != dead);
+        }
+
+        /// Carries out effects, completing at most `budget` migrations (the rest stay in
+        /// flight, as if the network were slow). Returns the migrations left in flight.
+        fn run(&mut self, c: &mut Coordinator, effects: Vec<Effect>, mut budget: usize) -> Vec<Effect> {
+            let mut queue = effects;
+            let mut stalled = Vec::new();
+            while !queue.is_empty() {
+                let mut next = Vec::new();
+                for e in queue {
+                    match &e {
+                        Effect::Publish(t) => self.publish(t),
+                        Effect::Migrate { partition, source, destination } => {
+                            if budget == 0 {
+                                stalled.push(e);
+                                continue;
+                            }
+                            budget -= 1;
+                            let ok = self.holds.contains(&(*partition, source.clone()));
+                            if ok {
+                                self.holds.insert((*partition, destination.clone()));
+                            }
+                            next.extend(c.on_migrated(*partition, destination, ok));
+                        }
+                        Effect::Freeze { partition, .. } => next.extend(c.on_frozen(*partition, true)),
+                    }
+                }
+                if let Some(p) = c.flush() {
+                    next.push(p);
+                }
+                queue = next;
+            }
+            stalled
+        }
+    }
+
+    fn start(ids: &[&str], cfg: &TableConfig) -> (Coordinator, Model) {
+        let mut c = Coordinator::new(PartitionTable::empty(cfg.partitions), cfg.clone(), 4);
+        let mut m = Model { holds: BTreeSet::new(), last: None };
+        let e = c.on_members(&members(ids), &[]);
+        m.run(&mut c, e, usize::MAX);
+        assert!(c.is_settled());
+        (c, m)
+    }
+
+    #[test]
+    fn the_coordinator_dying_mid_migration_loses_nothing() {
+        let cfg = config(97, 1);
+        let (mut c, mut model) = start(&["a", "b", "c"], &cfg);
+        let e = c.on_members(&members(&["a", "b", "c", "d"]), &[]);
+        let stalled = model.run(&mut c, e, 5);
+        assert!(!stalled.is_empty(), "some migrations still in flight");
+        // "a" (the coordinator) dies. The next oldest starts from the newest table anyone
+        // holds; the old coordinator's in-flight copies are abandoned.
+        let newest = c.published().clone();
+        model.kill("a");
+        let mut c2 = Coordinator::new(newest, cfg.clone(), 4);
+        let e = c2.on_members(&members(&["b", "c", "d"]), &[]);
+        model.run(&mut c2, e, usize::MAX);
+        assert!(c2.is_settled());
+        let t = c2.published();
+        assert!(t.check(&cfg).is_ok(), "{:?}", t.check(&cfg));
+        for p in 0..97 {
+            assert_eq!(t.replicas(p).count(), 2, "partition {p} has its backup back");
+        }
+    }
+
+    #[test]
+    fn members_dying_mid_migration_lose_nothing_with_one_backup() {
+        let cfg = config(97, 1);
+        // A destination dies mid-migration; the copies still under way to others finish.
+        let (mut c, mut model) = start(&["a", "b", "c"], &cfg);
+        let e = c.on_members(&members(&["a", "b", "c", "d"]), &[]);
+        let stalled = model.run(&mut c, e, 7);
+        model.kill("d");
+        let mut e = c.on_members(&members(&["a", "b", "c"]), &[]);
+        e.extend(stalled);
+        model.run(&mut c, e, usize::MAX);
+        assert!(c.is_settled());
+        // A source dies mid-migration: its copies fail, the backups take over.
+        let e = c.on_members(&members(&["a", "b", "c", "e"]), &[]);
+        let stalled = model.run(&mut c, e, 3);
+        model.kill("b");
+        let mut e = c.on_members(&members(&["a", "c", "e"]), &[]);
+        e.extend(stalled); // copies from b now fail (the model says b holds nothing)
+        model.run(&mut c, e, usize::MAX);
+        assert!(c.is_settled());
+        for p in 0..97 {
+            assert_eq!(c.published().replicas(p).count(), 2);
+        }
+    }
+
+    #[test]
+    fn a_drained_member_hands_everything_off_before_it_is_dropped() {
+        let cfg = config(53, 0);
+        let (mut c, mut model) = start(&["a", "b", "c"], &cfg);
+        let draining = [Arc::from("c")];
+        let e = c.on_members(&members(&["a", "b"]), &draining);
+        // Nothing is published that drops c's partitions before they are copied.
+        model.run(&mut c, e, usize::MAX);
+        assert!(c.is_settled());
+        assert!(!c.published().members().iter().any(|m| &**m == "c"));
+        for p in 0..53 {
+            assert_eq!(c.published().replicas(p).count(), 1);
+        }
     }
 }

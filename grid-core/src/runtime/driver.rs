@@ -20,8 +20,15 @@ const PUBLISH_INTERVAL: Duration = Duration::from_millis(20);
 const REPUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 enum Outcome {
-    Migrated { partition: u32, destination: Arc<str>, ok: bool },
-    Frozen { partition: u32, ok: bool },
+    Migrated {
+        partition: u32,
+        destination: Arc<str>,
+        ok: bool,
+    },
+    Frozen {
+        partition: u32,
+        ok: bool,
+    },
 }
 
 type Drain = (Arc<str>, oneshot::Sender<()>);
@@ -85,7 +92,10 @@ async fn coordinate(
     let (results_tx, mut results) = mpsc::channel::<Outcome>(1024);
     let mut draining: BTreeSet<Arc<str>> = BTreeSet::new();
     let mut waiters: Vec<Drain> = Vec::new();
-    let mut effects = c.on_members(&rt.candidates(&draining), &draining.iter().cloned().collect::<Vec<_>>());
+    let mut effects = c.on_members(
+        &rt.candidates(&draining),
+        &draining.iter().cloned().collect::<Vec<_>>(),
+    );
     // Whoever is new needs the table we start from, even if it does not change.
     effects.push(Effect::Publish(c.published().clone()));
     let mut last_publish = Instant::now() - PUBLISH_INTERVAL;
@@ -167,10 +177,15 @@ async fn newest_table(rt: &Runtime) -> PartitionTable {
             let t = rt.inner.transport.clone();
             let addr = m.addr;
             async move {
-                t.request_typed::<(), TableMessage>(addr, routes::TABLE_GET, &(), Duration::from_secs(2))
-                    .await
-                    .ok()
-                    .and_then(|m| m.table)
+                t.request_typed::<(), TableMessage>(
+                    addr,
+                    routes::TABLE_GET,
+                    &(),
+                    Duration::from_secs(2),
+                )
+                .await
+                .ok()
+                .and_then(|m| m.table)
             }
         })
         .collect::<Vec<_>>();
@@ -185,7 +200,13 @@ async fn newest_table(rt: &Runtime) -> PartitionTable {
 fn push_table(rt: &Runtime, table: PartitionTable) {
     rt.apply_table_from(&rt.inner.me.clone(), table.clone());
     let msg = Arc::new(TableMessage { table: Some(table) });
-    for m in rt.inner.cluster.members().iter().filter(|m| m.id != rt.inner.me) {
+    for m in rt
+        .inner
+        .cluster
+        .members()
+        .iter()
+        .filter(|m| m.id != rt.inner.me)
+    {
         let t = rt.inner.transport.clone();
         let msg = msg.clone();
         let addr = m.addr;
@@ -265,7 +286,12 @@ fn carry_out(
                         Some(m) => rt
                             .inner
                             .transport
-                            .request_typed::<_, ()>(m.addr, routes::FREEZE, &req, Duration::from_secs(10))
+                            .request_typed::<_, ()>(
+                                m.addr,
+                                routes::FREEZE,
+                                &req,
+                                Duration::from_secs(10),
+                            )
                             .await
                             .is_ok(),
                         None => false,

@@ -280,7 +280,10 @@ impl Runtime {
             return Attempt::Retry(format!("partition {} has no owner yet", req.partition));
         };
         if owner == self.inner.me {
-            return match self.execute_local(&req.service, req.partition, &req.op).await {
+            return match self
+                .execute_local(&req.service, req.partition, &req.op)
+                .await
+            {
                 OpResponse::Ok(a) => Attempt::Done(a),
                 OpResponse::Failed(e) => Attempt::Failed(e),
                 OpResponse::WrongOwner { .. } => Attempt::Retry("ownership moved".into()),
@@ -303,7 +306,9 @@ impl Runtime {
                 if table_version > table.version() {
                     self.fetch_table_from(&member).await;
                 }
-                Attempt::Retry(format!("{owner} is not the owner (its table {table_version})"))
+                Attempt::Retry(format!(
+                    "{owner} is not the owner (its table {table_version})"
+                ))
             }
             Ok(OpResponse::Frozen) => Attempt::Retry("partition is changing hands".into()),
             Err(NetError::Unreachable { reason, .. }) => Attempt::Retry(reason),
@@ -341,11 +346,19 @@ impl Runtime {
             .find(|m| m.is_data_member())
             .map(|m| m.id.clone());
         let adopt = {
-            let current = self.inner.table_source.lock().unwrap_or_else(|e| e.into_inner());
+            let current = self
+                .inner
+                .table_source
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             coordinator.as_ref() == Some(source) && current.as_ref() != Some(source)
         };
         if table.version() > self.table().version() || adopt {
-            *self.inner.table_source.lock().unwrap_or_else(|e| e.into_inner()) = Some(source.clone());
+            *self
+                .inner
+                .table_source
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(source.clone());
             self.apply_table(table, adopt);
         }
     }
@@ -393,9 +406,14 @@ impl Runtime {
     async fn drop_partition(&self, p: u32, was_replica: bool) {
         for slot in self.slots() {
             let mut st = slot.replicas[p as usize].lock().await;
-            let incoming = st.incoming_since.is_some_and(|t| t.elapsed() < INCOMING_GRACE);
+            let incoming = st
+                .incoming_since
+                .is_some_and(|t| t.elapsed() < INCOMING_GRACE);
             let abandoned = st.incoming_since.is_some() && !incoming;
-            if (was_replica || abandoned) && !incoming && self.table().rank_of(p, &self.inner.me).is_none() {
+            if (was_replica || abandoned)
+                && !incoming
+                && self.table().rank_of(p, &self.inner.me).is_none()
+            {
                 debug!(member = %self.inner.me, partition = p, table = self.table().version(), "dropping partition");
                 slot.service.drop_partition(p);
                 *st = ReplicaState::default();
@@ -418,7 +436,11 @@ impl Runtime {
     }
 
     fn slots(&self) -> Vec<Arc<ServiceSlot>> {
-        let services = self.inner.services.read().unwrap_or_else(|e| e.into_inner());
+        let services = self
+            .inner
+            .services
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         let mut slots: Vec<_> = services.values().cloned().collect();
         slots.sort_by(|a, b| a.service.name().cmp(b.service.name()));
         slots
@@ -446,10 +468,13 @@ impl Runtime {
             }
         });
         let rt = self.clone();
-        t.on_request_typed(routes::BACKUP, move |_peer, req: messages::BackupRequest| {
-            let rt = rt.clone();
-            async move { rt.on_backup(req).await }
-        });
+        t.on_request_typed(
+            routes::BACKUP,
+            move |_peer, req: messages::BackupRequest| {
+                let rt = rt.clone();
+                async move { rt.on_backup(req).await }
+            },
+        );
         let rt = self.clone();
         t.on_bulk(routes::SYNC, move |_peer, header, chunks| {
             let rt = rt.clone();
@@ -479,15 +504,21 @@ impl Runtime {
             }
         });
         let rt = self.clone();
-        t.on_request_typed(routes::MIGRATE, move |_peer, req: messages::MigrateRequest| {
-            let rt = rt.clone();
-            async move { rt.on_migrate(req).await }
-        });
+        t.on_request_typed(
+            routes::MIGRATE,
+            move |_peer, req: messages::MigrateRequest| {
+                let rt = rt.clone();
+                async move { rt.on_migrate(req).await }
+            },
+        );
         let rt = self.clone();
-        t.on_request_typed(routes::FREEZE, move |_peer, req: messages::FreezeRequest| {
-            let rt = rt.clone();
-            async move { rt.on_freeze(req).await }
-        });
+        t.on_request_typed(
+            routes::FREEZE,
+            move |_peer, req: messages::FreezeRequest| {
+                let rt = rt.clone();
+                async move { rt.on_freeze(req).await }
+            },
+        );
         let rt = self.clone();
         t.on_request_typed(routes::DRAIN, move |peer, (): ()| {
             let rt = rt.clone();

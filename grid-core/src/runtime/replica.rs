@@ -198,7 +198,11 @@ impl Runtime {
     }
 
     /// A full partition copy arriving (resync or migration).
-    pub(super) async fn on_sync(&self, header: Bytes, mut chunks: BulkReceiver) -> Result<Bytes, String> {
+    pub(super) async fn on_sync(
+        &self,
+        header: Bytes,
+        mut chunks: BulkReceiver,
+    ) -> Result<Bytes, String> {
         let header: SyncHeader = codec::decode(&header).map_err(|e| e.to_string())?;
         let slot = self
             .slot(&header.service)
@@ -235,7 +239,10 @@ impl Runtime {
             let mut st = slot.replicas[p as usize].lock().await;
             let table = self.table();
             if table.owner(p) != Some(&self.inner.me) {
-                return Err(format!("not the owner of partition {p} in table {}", table.version()));
+                return Err(format!(
+                    "not the owner of partition {p} in table {}",
+                    table.version()
+                ));
             }
             st.epoch = table.epoch(p);
             let (entries, bytes) = self.sync_to(&slot, p, &st, &destination).await?;
