@@ -1,0 +1,422 @@
+//! The rebalancing harness: how a cluster moves its partitions when members come and go,
+//! while a load generator keeps reading and writing.
+//!
+//! It starts `--members` members in this process, loads `--entries` entries of
+//! `--value-size` bytes through a cache, starts the load, then adds (`--add`), kills
+//! abruptly (`--kill`) or shuts down gracefully (`--shutdown`) members, waits until the
+//! coordinator has no migration left, stops the load and reads every key back.
+//!
+//! ```sh
+//! cargo run --release -p grid-bench --bin rebalance -- --members 4 --add 1 --entries 10000 \
+//!     --value-size 1024 --partitions 1999 --json
+//! ```
+//!
+//! With `--json` the last line is one JSON object (fields in `Report`). The figure
+//! `quinn_bulk_mb_per_s` is a raw quinn single-stream bulk transfer measured in the same
+//! run, the reference for `migration_mb_per_s`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use grid::Grid;
+use grid_bench::percentile;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Members at the start.
+    #[arg(long, default_value_t = 4)]
+    members: usize,
+    /// Members to add.
+    #[arg(long, default_value_t = 0)]
+    add: usize,
+    /// Members to kill abruptly, all at once.
+    #[arg(long, default_value_t = 0)]
+    kill: usize,
+    /// Members to shut down gracefully, one after the other.
+    #[arg(long, default_value_t = 0)]
+    shutdown: usize,
+    /// Entries loaded before the change.
+    #[arg(long, default_value_t = 10_000)]
+    entries: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    value_size: usize,
+    /// Partition count.
+    #[arg(long, default_value_t = 271)]
+    partitions: u32,
+    /// Synchronous backups.
+    #[arg(long, default_value_t = 1)]
+    backups: u8,
+    /// Concurrent load-generator tasks during the change.
+    #[arg(long, default_value_t = 16)]
+    load_tasks: usize,
+    /// Partition copies at once.
+    #[arg(long, default_value_t = 8)]
+    parallel: usize,
+    /// Seed of the load generator's key choice (printed; random if absent).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Skip the raw quinn bulk-transfer reference.
+    #[arg(long)]
+    no_reference: bool,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    migrations: u64,
+    rebalance_ms: f64,
+    entries_moved: u64,
+    entries_moved_ideal: u64,
+    bytes_moved: u64,
+    ops_ok: u64,
+    ops_failed: u64,
+    entries_lost: u64,
+    p50_us_before: f64,
+    p99_us_before: f64,
+    p50_us_during: f64,
+    p99_us_during: f64,
+    max_primaries_per_member: usize,
+    min_primaries_per_member: usize,
+    migration_mb_per_s: f64,
+    quinn_bulk_mb_per_s: f64,
+    seed: u64,
+}
+
+fn value_for(key: u64, size: usize) -> Vec<u8> {
+    let mut v = vec![(key % 251) as u8; size];
+    if size >= 8 {
+        v[..8].copy_from_slice(&key.to_le_bytes());
+    }
+    v
+}
+
+async fn start_member(args: &Args, i: usize, seed: Option<std::net::SocketAddr>) -> anyhow::Result<Grid> {
+    let mut b = Grid::builder()
+        .cluster_name("rebalance")
+        .member_id(format!("m{i}"))
+        .secret("rebalance harness")
+        .bind("127.0.0.1:0")
+        .partitions(args.partitions)
+        .backups(args.backups)
+        .op_timeout(Duration::from_secs(30));
+    let mut config = b.build_config().clone();
+    config.partitions.max_parallel_migrations = args.parallel;
+    b = b.config(config);
+    b = match seed {
+        Some(s) => b.seed(s),
+        None => b.no_seeds(),
+    };
+    Ok(b.start().await?)
+}
+
+async fn settled(grids: &[Grid], members: usize, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(c) = grids.iter().find(|g| g.runtime().coordinator_status().active) {
+            let version = c.runtime().table().version();
+            if c.runtime().coordinator_status().settled
+                && c.runtime().table().members().len() == members
+                && grids.iter().all(|g| g.runtime().table().version() == version)
+            {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
+}
+
+/// Raw quinn: one stream carrying `total` bytes in 1 MiB writes, in this process.
+async fn quinn_bulk_mb_per_s(total: usize) -> anyhow::Result<f64> {
+    let server_id = grid_net::tls::Identity::from_secret(b"bulk", "server")?;
+    let client_id = grid_net::tls::Identity::from_secret(b"bulk", "client")?;
+    let server_cfg = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(server_id.server_config()?)?,
+    ));
+    let server = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse()?)?;
+    let addr = server.local_addr()?;
+    let receiver = tokio::spawn(async move {
+        let conn = server.accept().await.context("no connection")?.await?;
+        let mut recv = conn.accept_uni().await?;
+        let mut got = 0usize;
+        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+            got += chunk.bytes.len();
+        }
+        anyhow::Ok(got)
+    });
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(client_id.client_config()?)?,
+    )));
+    let conn = client.connect(addr, "grid.member")?.await?;
+    let start = Instant::now();
+    let mut send = conn.open_uni().await?;
+    let chunk = bytes::Bytes::from(vec![7u8; 1 << 20]);
+    let mut sent = 0;
+    while sent < total {
+        send.write_chunk(chunk.clone()).await?;
+        sent += chunk.len();
+    }
+    send.finish()?;
+    let got = receiver.await??;
+    let secs = start.elapsed().as_secs_f64();
+    anyhow::ensure!(got == sent, "bulk transfer lost bytes");
+    Ok(got as f64 / secs / 1e6)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.kill > 0 && args.kill > args.backups as usize {
+        eprintln!(
+            "note: killing {} members with {} backups can lose data (that is what it measures)",
+            args.kill, args.backups
+        );
+    }
+    if args.kill + args.shutdown >= args.members {
+        bail!("keep at least one member");
+    }
+    let seed = args.seed.unwrap_or_else(rand::random);
+    eprintln!("seed {seed}");
+
+    // Members.
+    let first = start_member(&args, 0, None).await?;
+    let mut grids = vec![first.clone()];
+    for i in 1..args.members {
+        grids.push(start_member(&args, i, Some(first.addr())).await?);
+    }
+    if !settled(&grids, args.members, Duration::from_secs(60)).await {
+        bail!("the cluster did not settle");
+    }
+
+    // Data.
+    let bar = ProgressBar::new(args.entries).with_style(
+        ProgressStyle::with_template("loading {bar:40} {pos}/{len} entries ({per_sec})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let next = Arc::new(AtomicU64::new(0));
+    let mut loaders = Vec::new();
+    for t in 0..64 {
+        let cache = grids[t % grids.len()].cache::<u64, Vec<u8>>("data");
+        let (next, bar, size, entries) = (next.clone(), bar.clone(), args.value_size, args.entries);
+        loaders.push(tokio::spawn(async move {
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= entries {
+                    return anyhow::Ok(());
+                }
+                cache.put(&k, &value_for(k, size)).await?;
+                bar.inc(1);
+            }
+        }));
+    }
+    for l in loaders {
+        l.await??;
+    }
+    bar.finish_and_clear();
+
+    // Load generator: reads and rewrites (with the same value, so that every key's final
+    // value is known) random keys; latencies go to the phase they started in.
+    let stop = Arc::new(AtomicBool::new(false));
+    let during = Arc::new(AtomicBool::new(false));
+    let before_lat: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let during_lat: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    // Load runs on members that stay.
+    let stayers = args.members - args.kill - args.shutdown;
+    let mut load = Vec::new();
+    for t in 0..args.load_tasks {
+        let cache = grids[t % stayers].cache::<u64, Vec<u8>>("data");
+        let (stop, during, bl, dl, ok, failed) = (
+            stop.clone(),
+            during.clone(),
+            before_lat.clone(),
+            during_lat.clone(),
+            ok.clone(),
+            failed.clone(),
+        );
+        let (entries, size) = (args.entries, args.value_size);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(t as u64));
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let k = rng.gen_range(0..entries);
+                let phase_during = during.load(Ordering::Relaxed);
+                let t0 = Instant::now();
+                let r = if rng.gen_bool(0.8) {
+                    cache.get(&k).await.map(|_| ())
+                } else {
+                    cache.put(&k, &value_for(k, size)).await.map(|_| ())
+                };
+                let took = t0.elapsed();
+                match r {
+                    Ok(()) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        if phase_during { dl.lock().unwrap().push(took) } else { bl.lock().unwrap().push(took) }
+                    }
+                    Err(e) => {
+                        if failed.fetch_add(1, Ordering::Relaxed) < 5 {
+                            eprintln!("operation failed: {e}");
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The change.
+    let coordinator_before = grids
+        .iter()
+        .find(|g| g.runtime().coordinator_status().active)
+        .map(|g| (g.cluster().local_member().id.clone(), g.runtime().coordinator_status().stats));
+    let moved_before: u64 = grids.iter().map(|g| g.runtime().moved().0).sum();
+    let bytes_before: u64 = grids.iter().map(|g| g.runtime().moved().1).sum();
+    let members_after = args.members + args.add - args.kill - args.shutdown;
+    let replicas = (args.backups as u64 + 1).min(members_after as u64);
+    let ideal = if args.add > 0 {
+        args.entries * replicas * args.add as u64 / members_after as u64
+    } else {
+        let gone = (args.kill + args.shutdown) as u64;
+        args.entries * replicas * gone / args.members as u64
+    };
+    during.store(true, Ordering::Relaxed);
+    let spinner = ProgressBar::new_spinner().with_message("rebalancing");
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let t0 = Instant::now();
+    let mut departed = Vec::new();
+    for _ in 0..args.add {
+        let i = grids.len() + departed.len();
+        grids.push(start_member(&args, i, Some(first.addr())).await?);
+    }
+    for _ in 0..args.kill {
+        let g = grids.pop().context("a member to kill")?;
+        g.kill();
+        departed.push(g);
+    }
+    let mut shutdowns = Vec::new();
+    for _ in 0..args.shutdown {
+        let g = grids.pop().context("a member to shut down")?;
+        shutdowns.push(tokio::spawn(async move {
+            g.shutdown().await;
+            g
+        }));
+    }
+    for s in shutdowns {
+        departed.push(s.await?);
+    }
+    let settled_ok = settled(&grids, members_after, Duration::from_secs(600)).await;
+    let rebalance = t0.elapsed();
+    spinner.finish_and_clear();
+    if !settled_ok {
+        eprintln!("warning: not settled after {rebalance:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        let _ = l.await;
+    }
+
+    // Read everything back.
+    let reader = grids[0].cache::<u64, Vec<u8>>("data");
+    let mut lost = 0u64;
+    for k in 0..args.entries {
+        match reader.get(&k).await {
+            Ok(Some(v)) if v == value_for(k, args.value_size) => {}
+            _ => lost += 1,
+        }
+    }
+
+    let moved: u64 = grids.iter().chain(departed.iter()).map(|g| g.runtime().moved().0).sum::<u64>() - moved_before;
+    let bytes: u64 = grids.iter().chain(departed.iter()).map(|g| g.runtime().moved().1).sum::<u64>() - bytes_before;
+    let coordinator = grids
+        .iter()
+        .find(|g| g.runtime().coordinator_status().active)
+        .map(|g| (g.cluster().local_member().id.clone(), g.runtime().coordinator_status()))
+        .map(|(id, mut status)| {
+            // Counters run since the member became coordinator: count this change only.
+            if let Some((before_id, before)) = &coordinator_before {
+                if *before_id == id {
+                    status.stats.started -= before.started;
+                    status.stats.completed -= before.completed;
+                    status.stats.failed -= before.failed;
+                }
+            }
+            status
+        })
+        .unwrap_or_default();
+    let table = grids[0].runtime().table();
+    let primaries = table.primaries_per_member();
+    let mut bl = before_lat.lock().unwrap().clone();
+    let mut dl = during_lat.lock().unwrap().clone();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let quinn = if args.no_reference {
+        0.0
+    } else {
+        quinn_bulk_mb_per_s(256 << 20).await?
+    };
+    let report = Report {
+        migrations: coordinator.stats.completed,
+        rebalance_ms: rebalance.as_secs_f64() * 1e3,
+        entries_moved: moved,
+        entries_moved_ideal: ideal,
+        bytes_moved: bytes,
+        ops_ok: ok.load(Ordering::Relaxed),
+        ops_failed: failed.load(Ordering::Relaxed),
+        entries_lost: lost,
+        p50_us_before: us(percentile(&mut bl, 50.0)),
+        p99_us_before: us(percentile(&mut bl, 99.0)),
+        p50_us_during: us(percentile(&mut dl, 50.0)),
+        p99_us_during: us(percentile(&mut dl, 99.0)),
+        max_primaries_per_member: primaries.values().copied().max().unwrap_or(0),
+        min_primaries_per_member: primaries.values().copied().min().unwrap_or(0),
+        migration_mb_per_s: bytes as f64 / rebalance.as_secs_f64() / 1e6,
+        quinn_bulk_mb_per_s: quinn,
+        seed,
+    };
+    println!(
+        "members {} -> {} (add {}, kill {}, shutdown {}), {} entries x {} B, P = {}, backups {}",
+        args.members, members_after, args.add, args.kill, args.shutdown, args.entries, args.value_size,
+        args.partitions, args.backups
+    );
+    println!(
+        "  rebalanced in        {:>10.0} ms ({} migrations; {} started, {} failed and retried)",
+        report.rebalance_ms, report.migrations, coordinator.stats.started, coordinator.stats.failed
+    );
+    println!(
+        "  entries moved        {:>10} (ideal {}, ratio {:.3})",
+        report.entries_moved,
+        report.entries_moved_ideal,
+        report.entries_moved as f64 / report.entries_moved_ideal.max(1) as f64
+    );
+    println!("  bytes moved          {:>10} ({:.1} MB/s; raw quinn stream {:.1} MB/s)", report.bytes_moved, report.migration_mb_per_s, report.quinn_bulk_mb_per_s);
+    println!("  operations           {:>10} ok, {} failed", report.ops_ok, report.ops_failed);
+    println!("  entries lost         {:>10}", report.entries_lost);
+    println!(
+        "  latency p50/p99 µs   before {:.0}/{:.0}, during {:.0}/{:.0}",
+        report.p50_us_before, report.p99_us_before, report.p50_us_during, report.p99_us_during
+    );
+    println!(
+        "  primaries per member {}..{} (floor {}, ceil {})",
+        report.min_primaries_per_member,
+        report.max_primaries_per_member,
+        args.partitions as usize / members_after,
+        (args.partitions as usize).div_ceil(members_after)
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    for g in &grids {
+        g.kill();
+    }
+    Ok(())
+}
