@@ -4,7 +4,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use grid_core::codec;
-use grid_core::runtime::Runtime;
+use grid_core::runtime::{OpKind, Runtime};
 use grid_core::GridError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -82,10 +82,10 @@ impl<K: Serialize, V: Serialize + DeserializeOwned> Cache<K, V> {
         &self,
         partition: u32,
         op: &CacheOp,
-        idempotent: bool,
+        kind: OpKind,
     ) -> Result<Vec<u8>, GridError> {
         self.runtime
-            .execute(SERVICE, partition, codec::encode(op)?, idempotent)
+            .execute(SERVICE, partition, codec::encode(op)?, kind)
             .await
     }
 
@@ -103,7 +103,7 @@ impl<K: Serialize, V: Serialize + DeserializeOwned> Cache<K, V> {
             cache: self.name.to_string(),
             key,
         };
-        decode_value(&self.run(p, &op, true).await?)
+        decode_value(&self.run(p, &op, OpKind::Read).await?)
     }
 
     /// Whether `key` has a value.
@@ -117,7 +117,7 @@ impl<K: Serialize, V: Serialize + DeserializeOwned> Cache<K, V> {
             cache: self.name.to_string(),
             key,
         };
-        Ok(codec::decode(&self.run(p, &op, true).await?)?)
+        Ok(codec::decode(&self.run(p, &op, OpKind::Read).await?)?)
     }
 
     /// Sets `key` to `value`; returns the previous value.
@@ -130,7 +130,7 @@ impl<K: Serialize, V: Serialize + DeserializeOwned> Cache<K, V> {
             value: codec::encode(value)?,
         };
         // Setting the same value twice leaves the same state: safe to retry.
-        decode_value(&self.run(p, &op, true).await?)
+        decode_value(&self.run(p, &op, OpKind::IdempotentWrite).await?)
     }
 
     /// Sets `key` to `value` unless it already has one; returns the existing value (`None`
@@ -143,7 +143,7 @@ impl<K: Serialize, V: Serialize + DeserializeOwned> Cache<K, V> {
             key,
             value: codec::encode(value)?,
         };
-        decode_value(&self.run(p, &op, false).await?)
+        decode_value(&self.run(p, &op, OpKind::Write).await?)
     }
 
     /// Removes `key`; returns the value it had.
@@ -154,7 +154,7 @@ impl<K: Serialize, V: Serialize + DeserializeOwned> Cache<K, V> {
             cache: self.name.to_string(),
             key,
         };
-        decode_value(&self.run(p, &op, false).await?)
+        decode_value(&self.run(p, &op, OpKind::Write).await?)
     }
 
     /// The number of entries in the cache, summed over every partition's owner. Exact when
@@ -166,7 +166,7 @@ impl<K: Serialize, V: Serialize + DeserializeOwned> Cache<K, V> {
                 cache: self.name.to_string(),
             };
             async move {
-                let answer = self.run(p, &op, true).await?;
+                let answer = self.run(p, &op, OpKind::Read).await?;
                 Ok::<usize, GridError>(codec::decode(&answer)?)
             }
         });

@@ -81,6 +81,12 @@ pub struct PartitionConfig {
     pub op_timeout_ms: u64,
     /// Partition copies the coordinator runs at once (default 8).
     pub max_parallel_migrations: usize,
+    /// Milliseconds between anti-entropy passes, which compare backups with their owner
+    /// and repair those that differ (default 5000).
+    pub anti_entropy_ms: u64,
+    /// Milliseconds an owner waits for one backup's acknowledgement before it leaves that
+    /// backup behind for anti-entropy to repair (default 5000).
+    pub backup_timeout_ms: u64,
 }
 
 impl Default for PartitionConfig {
@@ -91,6 +97,8 @@ impl Default for PartitionConfig {
             placement_attribute: None,
             op_timeout_ms: 10_000,
             max_parallel_migrations: 8,
+            anti_entropy_ms: 5_000,
+            backup_timeout_ms: 5_000,
         }
     }
 }
@@ -250,6 +258,8 @@ impl GridConfig {
             },
             op_timeout: std::time::Duration::from_millis(self.partitions.op_timeout_ms.max(1)),
             max_parallel_migrations: self.partitions.max_parallel_migrations.max(1),
+            anti_entropy_interval: std::time::Duration::from_millis(self.partitions.anti_entropy_ms.max(100)),
+            backup_timeout: std::time::Duration::from_millis(self.partitions.backup_timeout_ms.max(1)),
             ..crate::runtime::RuntimeConfig::default()
         }
     }

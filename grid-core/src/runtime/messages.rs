@@ -14,6 +14,7 @@ pub(crate) mod routes {
     pub(crate) const MIGRATE: &str = "grid.rt.migrate";
     pub(crate) const FREEZE: &str = "grid.rt.freeze";
     pub(crate) const DRAIN: &str = "grid.rt.drain";
+    pub(crate) const ANTI_ENTROPY: &str = "grid.rt.anti_entropy";
 }
 
 /// An operation for a partition's owner.
@@ -23,6 +24,8 @@ pub(crate) struct OpRequest {
     pub(crate) partition: u32,
     #[serde(with = "serde_bytes_compat")]
     pub(crate) op: Vec<u8>,
+    /// Reads skip the partition's queue.
+    pub(crate) read_only: bool,
 }
 
 /// The owner's answer.
@@ -88,6 +91,19 @@ pub(crate) struct MigrateResponse {
 pub(crate) struct FreezeRequest {
     pub(crate) table_version: u64,
     pub(crate) partition: u32,
+}
+
+/// Owner to backup: the (epoch, version) of each replica the backup should hold like ours.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct VersionCheck {
+    /// (service, partition, epoch, version).
+    pub(crate) replicas: Vec<(String, u32, u64, u64)>,
+}
+
+/// The replicas that differ, as (service, partition).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Stale {
+    pub(crate) replicas: Vec<(String, u32)>,
 }
 
 /// A table, pushed by the coordinator or fetched by a member.

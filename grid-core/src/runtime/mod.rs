@@ -57,6 +57,8 @@ pub struct RuntimeConfig {
     pub max_parallel_migrations: usize,
     /// Size of the chunks partitions are copied in (default 1 MiB).
     pub chunk_bytes: usize,
+    /// Time between anti-entropy passes (default 5 s).
+    pub anti_entropy_interval: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -67,6 +69,7 @@ impl Default for RuntimeConfig {
             backup_timeout: Duration::from_secs(5),
             max_parallel_migrations: 8,
             chunk_bytes: 1024 * 1024,
+            anti_entropy_interval: Duration::from_secs(5),
         }
     }
 }
@@ -75,6 +78,10 @@ impl Default for RuntimeConfig {
 struct ReplicaState {
     epoch: u64,
     version: u64,
+    /// The owner's latest changes, so that a migration can copy a snapshot without holding
+    /// up writes and then send what changed meanwhile.
+    log: std::collections::VecDeque<(u64, Vec<u8>)>,
+    log_bytes: usize,
     /// Set when a migration filled this replica before the table that makes this member a
     /// replica arrived: such data must survive the tables published in between.
     incoming_since: Option<Instant>,
@@ -83,6 +90,38 @@ struct ReplicaState {
 /// How long data copied in by a migration waits for the table that uses it before it is
 /// treated as abandoned.
 const INCOMING_GRACE: Duration = Duration::from_secs(60);
+/// Bounds of an owner's change log (entries, bytes).
+const LOG_ENTRIES: usize = 16_384;
+const LOG_BYTES: usize = 16 * 1024 * 1024;
+
+impl ReplicaState {
+    fn log_change(&mut self, version: u64, change: &[u8]) {
+        self.log.push_back((version, change.to_vec()));
+        self.log_bytes += change.len();
+        while self.log.len() > LOG_ENTRIES || self.log_bytes > LOG_BYTES {
+            match self.log.pop_front() {
+                Some((_, c)) => self.log_bytes -= c.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// The changes after `since`, if the log still has all of them.
+    fn changes_since(&self, since: u64) -> Option<Vec<(u64, Vec<u8>)>> {
+        if self.version == since {
+            return Some(Vec::new());
+        }
+        let first = self.log.front()?.0;
+        if first > since + 1 {
+            return None;
+        }
+        Some(self.log.iter().filter(|(v, _)| *v > since).cloned().collect())
+    }
+
+    fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
 
 struct ServiceSlot {
     service: Arc<dyn PartitionService>,
@@ -139,6 +178,21 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
+/// What an operation does, which decides how the runtime runs and retries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// Reads only: runs without waiting for the partition's queue (a change becomes
+    /// visible only once acknowledged, so a read never sees a write that could be lost);
+    /// retried freely.
+    Read,
+    /// Changes state, and repeating it leaves the same state (a plain set): retried when
+    /// the owner vanished mid-call.
+    IdempotentWrite,
+    /// Changes state and must not run twice (an increment, a put-if-absent): when the owner
+    /// vanishes mid-call the caller gets [`GridError::Indeterminate`].
+    Write,
+}
+
 /// How a call went, before retries.
 enum Attempt {
     Done(Vec<u8>),
@@ -170,6 +224,10 @@ impl Runtime {
         let rt = Self { inner };
         rt.register_routes();
         tokio::spawn(driver::run(Arc::downgrade(&rt.inner), drain_rx));
+        tokio::spawn(replica::anti_entropy_loop(
+            Arc::downgrade(&rt.inner),
+            rt.inner.config.anti_entropy_interval,
+        ));
         rt
     }
 
@@ -232,14 +290,14 @@ impl Runtime {
     }
 
     /// Runs `op` of `service` on `partition`'s owner and returns the service's answer.
-    /// `idempotent` operations are retried when the owner vanished mid-call.
     pub async fn execute(
         &self,
         service: &str,
         partition: u32,
         op: Vec<u8>,
-        idempotent: bool,
+        kind: OpKind,
     ) -> Result<Vec<u8>, GridError> {
+        let idempotent = kind != OpKind::Write;
         let started = Instant::now();
         let deadline = started + self.inner.config.op_timeout;
         let mut backoff = Duration::from_millis(1);
@@ -247,6 +305,7 @@ impl Runtime {
             service: service.to_string(),
             partition,
             op,
+            read_only: kind == OpKind::Read,
         };
         loop {
             match self.attempt(&req, deadline).await {
@@ -281,7 +340,7 @@ impl Runtime {
         };
         if owner == self.inner.me {
             return match self
-                .execute_local(&req.service, req.partition, &req.op)
+                .execute_local(&req.service, req.partition, &req.op, req.read_only)
                 .await
             {
                 OpResponse::Ok(a) => Attempt::Done(a),
@@ -416,7 +475,7 @@ impl Runtime {
             {
                 debug!(member = %self.inner.me, partition = p, table = self.table().version(), "dropping partition");
                 slot.service.drop_partition(p);
-                *st = ReplicaState::default();
+                st.reset();
             }
         }
     }
@@ -464,7 +523,9 @@ impl Runtime {
                 if req.partition >= rt.inner.config.table.partitions {
                     return Err(format!("no partition {}", req.partition));
                 }
-                Ok(rt.execute_local(&req.service, req.partition, &req.op).await)
+                Ok(rt
+                    .execute_local(&req.service, req.partition, &req.op, req.read_only)
+                    .await)
             }
         });
         let rt = self.clone();
@@ -519,6 +580,11 @@ impl Runtime {
                 async move { rt.on_freeze(req).await }
             },
         );
+        let rt = self.clone();
+        t.on_request_typed(routes::ANTI_ENTROPY, move |_peer, check: messages::VersionCheck| {
+            let rt = rt.clone();
+            async move { rt.on_version_check(check).await }
+        });
         let rt = self.clone();
         t.on_request_typed(routes::DRAIN, move |peer, (): ()| {
             let rt = rt.clone();

@@ -13,7 +13,7 @@ use tracing::warn;
 
 use super::messages::{
     routes, BackupRequest, BackupResponse, FreezeRequest, MigrateRequest, MigrateResponse,
-    OpResponse, SyncHeader,
+    OpResponse, Stale, SyncHeader, VersionCheck,
 };
 use super::{ReplicaState, Runtime, ServiceSlot};
 use crate::partition::table::PartitionTable;
@@ -49,10 +49,26 @@ impl Runtime {
     }
 
     /// The owner's side of an operation.
-    pub(super) async fn execute_local(&self, service: &str, p: u32, op: &[u8]) -> OpResponse {
+    pub(super) async fn execute_local(&self, service: &str, p: u32, op: &[u8], read_only: bool) -> OpResponse {
         let Some(slot) = self.slot(service) else {
             return OpResponse::Failed(format!("no service {service:?} on this member"));
         };
+        if read_only {
+            // No queue: changes are applied only once acknowledged, so whatever a read sees
+            // survives the owner's death. Reads go on during a handoff's freeze too: the old
+            // owner's copy is complete until the table moves the partition.
+            let table = self.table();
+            if table.owner(p) != Some(&self.inner.me) {
+                return OpResponse::WrongOwner {
+                    table_version: table.version(),
+                };
+            }
+            return match slot.service.prepare(p, op) {
+                Ok(prepared) if prepared.change.is_none() => OpResponse::Ok(prepared.answer),
+                Ok(_) => OpResponse::Failed("a read-only operation tried to change state".into()),
+                Err(e) => OpResponse::Failed(e),
+            };
+        }
         let mut st = slot.replicas[p as usize].lock().await;
         // Checked under the lock: the table or a freeze may have changed while we waited.
         let table = self.table();
@@ -64,7 +80,11 @@ impl Runtime {
         if self.frozen(p, &table) {
             return OpResponse::Frozen;
         }
-        st.epoch = table.epoch(p);
+        if st.epoch != table.epoch(p) {
+            st.epoch = table.epoch(p);
+            st.log.clear();
+            st.log_bytes = 0;
+        }
         let prepared = match slot.service.prepare(p, op) {
             Ok(p) => p,
             Err(e) => return OpResponse::Failed(e),
@@ -81,6 +101,7 @@ impl Runtime {
                 return OpResponse::Failed(e);
             }
             st.version = version;
+            st.log_change(version, &change);
         }
         OpResponse::Ok(prepared.answer)
     }
@@ -141,18 +162,34 @@ impl Runtime {
         st: &ReplicaState,
         target: &Arc<str>,
     ) -> Result<(u64, u64), String> {
+        let entries = slot.service.partition_len(p) as u64;
+        let chunks = slot.service.snapshot(p, self.inner.config.chunk_bytes);
+        self.send_snapshot(slot, p, st.epoch, st.version, entries, chunks, target)
+            .await
+    }
+
+    /// Sends a snapshot taken at (`epoch`, `version`) to `target`.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_snapshot(
+        &self,
+        slot: &ServiceSlot,
+        p: u32,
+        epoch: u64,
+        version: u64,
+        entries: u64,
+        chunks: Vec<Vec<u8>>,
+        target: &Arc<str>,
+    ) -> Result<(u64, u64), String> {
         let member = self
             .inner
             .cluster
             .member(target)
             .ok_or_else(|| format!("{target} is not a live member"))?;
-        let entries = slot.service.partition_len(p) as u64;
-        let chunks = slot.service.snapshot(p, self.inner.config.chunk_bytes);
         let header = codec::encode(&SyncHeader {
             service: slot.service.name().to_string(),
             partition: p,
-            epoch: st.epoch,
-            version: st.version,
+            epoch,
+            version,
         })
         .map_err(|e| e.to_string())?;
         let mut bulk = self
@@ -226,8 +263,10 @@ impl Runtime {
         Ok(Bytes::new())
     }
 
-    /// The owner's side of a migration: copy every service's partition to the destination,
-    /// which then gets every change until the table makes it a replica.
+    /// The owner's side of a migration: copy every service's partition to the destination
+    /// — a snapshot taken under the partition's lock, streamed without it, then the changes
+    /// made meanwhile from the change log — after which the destination gets every change,
+    /// like a backup, until the table makes it a replica.
     pub(super) async fn on_migrate(&self, req: MigrateRequest) -> Result<MigrateResponse, String> {
         let p = req.partition;
         if p >= self.inner.config.table.partitions {
@@ -236,18 +275,70 @@ impl Runtime {
         let destination: Arc<str> = Arc::from(req.destination.as_str());
         let mut total = MigrateResponse::default();
         for slot in self.slots() {
-            let mut st = slot.replicas[p as usize].lock().await;
-            let table = self.table();
-            if table.owner(p) != Some(&self.inner.me) {
-                return Err(format!(
-                    "not the owner of partition {p} in table {}",
-                    table.version()
-                ));
-            }
-            st.epoch = table.epoch(p);
-            let (entries, bytes) = self.sync_to(&slot, p, &st, &destination).await?;
+            let not_owner = |table: &PartitionTable| {
+                format!("not the owner of partition {p} in table {}", table.version())
+            };
+            // 1. Snapshot, under the lock (a memory copy: writes wait only for that).
+            let (epoch, since, entries, chunks) = {
+                let mut st = slot.replicas[p as usize].lock().await;
+                let table = self.table();
+                if table.owner(p) != Some(&self.inner.me) {
+                    return Err(not_owner(&table));
+                }
+                if st.epoch != table.epoch(p) {
+                    st.epoch = table.epoch(p);
+                    st.log.clear();
+                    st.log_bytes = 0;
+                }
+                let entries = slot.service.partition_len(p) as u64;
+                let chunks = slot.service.snapshot(p, self.inner.config.chunk_bytes);
+                (st.epoch, st.version, entries, chunks)
+            };
+            // 2. Stream it while writes go on.
+            let (_, bytes) = self
+                .send_snapshot(&slot, p, epoch, since, entries, chunks, &destination)
+                .await?;
             total.entries += entries;
             total.bytes += bytes;
+            // 3. Catch up and switch to live replication, under the lock.
+            let st = slot.replicas[p as usize].lock().await;
+            let table = self.table();
+            if table.owner(p) != Some(&self.inner.me) || st.epoch != epoch {
+                return Err(not_owner(&table));
+            }
+            match st.changes_since(since) {
+                Some(changes) => {
+                    let member = self
+                        .inner
+                        .cluster
+                        .member(&destination)
+                        .ok_or_else(|| format!("{destination} is not a live member"))?;
+                    for (version, change) in changes {
+                        let req = BackupRequest {
+                            service: slot.service.name().to_string(),
+                            partition: p,
+                            epoch,
+                            version,
+                            change,
+                        };
+                        let answer: BackupResponse = self
+                            .inner
+                            .transport
+                            .request_typed(member.addr, routes::BACKUP, &req, self.inner.config.backup_timeout)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if answer != BackupResponse::Applied {
+                            return Err("destination refused the catch-up".into());
+                        }
+                    }
+                }
+                // Too much changed meanwhile: copy again, this time under the lock.
+                None => {
+                    let (entries, bytes) = self.sync_to(&slot, p, &st, &destination).await?;
+                    total.entries += entries;
+                    total.bytes += bytes;
+                }
+            }
             let mut extras = self.inner.partitions[p as usize]
                 .extras
                 .lock()
@@ -275,5 +366,81 @@ impl Runtime {
             drop(slot.replicas[p as usize].lock().await);
         }
         Ok(())
+    }
+}
+
+impl Runtime {
+    /// A backup's side of anti-entropy: which of the owner's replicas it does not match.
+    pub(super) async fn on_version_check(&self, check: VersionCheck) -> Result<Stale, String> {
+        let mut stale = Stale::default();
+        for (service, p, epoch, version) in check.replicas {
+            let Some(slot) = self.slot(&service) else { continue };
+            let Some(replica) = slot.replicas.get(p as usize) else { continue };
+            let st = replica.lock().await;
+            if st.epoch != epoch || st.version != version {
+                stale.replicas.push((service, p));
+            }
+        }
+        Ok(stale)
+    }
+
+    /// One anti-entropy pass: for every partition this member owns, compare each backup's
+    /// (epoch, version) with ours and send the whole partition to backups that differ. It
+    /// repairs a backup that missed a change on a partition that has not changed since (the
+    /// next change would have resynchronised it anyway).
+    pub(super) async fn anti_entropy_pass(&self) {
+        let table = self.table();
+        let me = self.inner.me.clone();
+        let mut per_backup: std::collections::BTreeMap<Arc<str>, Vec<(String, u32, u64, u64)>> =
+            std::collections::BTreeMap::new();
+        for slot in self.slots() {
+            for p in 0..table.partitions() {
+                if table.owner(p) != Some(&me) {
+                    continue;
+                }
+                let st = slot.replicas[p as usize].lock().await;
+                for b in table.replicas(p).skip(1) {
+                    per_backup.entry(b.clone()).or_default().push((
+                        slot.service.name().to_string(),
+                        p,
+                        st.epoch,
+                        st.version,
+                    ));
+                }
+            }
+        }
+        for (backup, replicas) in per_backup {
+            let Some(member) = self.inner.cluster.member(&backup) else { continue };
+            let stale: Result<Stale, _> = self
+                .inner
+                .transport
+                .request_typed(member.addr, routes::ANTI_ENTROPY, &VersionCheck { replicas }, Duration::from_secs(10))
+                .await;
+            let Ok(stale) = stale else { continue };
+            for (service, p) in stale.replicas {
+                let Some(slot) = self.slot(&service) else { continue };
+                let Some(replica) = slot.replicas.get(p as usize) else { continue };
+                let st = replica.lock().await;
+                let table = self.table();
+                if table.owner(p) == Some(&me) && table.rank_of(p, &backup).is_some() {
+                    tracing::info!(partition = p, %backup, "anti-entropy: backup differs, resynchronising");
+                    metrics::counter!("grid_anti_entropy_repairs_total").increment(1);
+                    if let Err(e) = self.sync_to(&slot, p, &st, &backup).await {
+                        warn!(partition = p, %backup, error = %e, "anti-entropy sync failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs anti-entropy passes every `interval` for the life of the runtime.
+pub(super) async fn anti_entropy_loop(weak: std::sync::Weak<super::Inner>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(inner) = weak.upgrade() else { return };
+        Runtime { inner }.anti_entropy_pass().await;
     }
 }
