@@ -307,14 +307,15 @@ async fn anti_entropy_repairs_a_backup_that_missed_a_change() {
     assert!(settled(&grids, 2).await);
     let cache = grids[0].cache::<u32, u32>("c");
     cache.put(&1, &1).await.unwrap();
+    cache.put(&1, &2).await.unwrap();
     let owner = owner_of(&grids, &cache, 1);
     let backup = 1 - owner;
-    // The owner's changes stop reaching the backup for one write.
-    grids[owner].transport().faults().block(grids[backup].addr());
-    grids[owner].cache::<u32, u32>("c").put(&1, &2).await.unwrap();
-    grids[owner].transport().faults().unblock(grids[backup].addr());
-    // Anti-entropy notices the backup is one version behind and resends the partition;
-    // then the owner dies, and the promoted backup must have the acknowledged write.
+    // The backup loses its copy of the key's partition (as if it had missed changes), and
+    // no further change comes to resynchronise it.
+    let p = grids[0].runtime().partition_of(&grid::codec::encode(&1u32).unwrap());
+    grids[backup].runtime().forget_replica_for_tests(p).await;
+    // Anti-entropy notices the backup differs and resends the partition; then the owner
+    // dies, and the promoted backup must have the acknowledged write.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     grids[owner].kill();
     let survivor = grids[backup].cache::<u32, u32>("c");

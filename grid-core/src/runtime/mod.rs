@@ -247,6 +247,17 @@ impl Runtime {
             .insert(name, Arc::new(slot));
     }
 
+    /// Throws away this member's copy of `partition` (every service) and its version, as a
+    /// backup that missed changes would be. For tests of anti-entropy.
+    #[doc(hidden)]
+    pub async fn forget_replica_for_tests(&self, partition: u32) {
+        for slot in self.slots() {
+            let mut st = slot.replicas[partition as usize].lock().await;
+            slot.service.drop_partition(partition);
+            st.version = 0;
+        }
+    }
+
     /// The partition of an encoded key.
     pub fn partition_of(&self, key: &[u8]) -> u32 {
         crate::partition::partition_of(key, self.inner.config.table.partitions)
