@@ -109,10 +109,14 @@ async fn coordinate(
                 carry_out(rt, &c, e, &results_tx, &mut last_publish);
             }
         }
+        let stats = c.stats();
+        metrics::gauge!("grid_migrations_in_flight").set(stats.in_flight as f64);
+        metrics::gauge!("grid_migrations_completed").set(stats.completed as f64);
+        metrics::gauge!("grid_migrations_failed").set(stats.failed as f64);
         rt.inner.status.send_replace(CoordinatorStatus {
             active: true,
             settled: c.is_settled(),
-            stats: c.stats(),
+            stats,
         });
         let flush_soon = tokio::time::sleep(PUBLISH_INTERVAL);
         tokio::select! {

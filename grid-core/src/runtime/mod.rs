@@ -78,10 +78,12 @@ impl Default for RuntimeConfig {
 struct ReplicaState {
     epoch: u64,
     version: u64,
-    /// The owner's latest changes, so that a migration can copy a snapshot without holding
-    /// up writes and then send what changed meanwhile.
-    log: std::collections::VecDeque<(u64, Vec<u8>)>,
+    /// While a migration streams a snapshot, the changes made since, so that it can catch
+    /// up without holding up writes; `None` when no migration is under way (no cost).
+    log: Option<std::collections::VecDeque<(u64, Vec<u8>)>>,
     log_bytes: usize,
+    /// The log overflowed its bounds: the migration copies again, under the lock.
+    log_overflowed: bool,
     /// Set when a migration filled this replica before the table that makes this member a
     /// replica arrived: such data must survive the tables published in between.
     incoming_since: Option<Instant>,
@@ -95,27 +97,35 @@ const LOG_ENTRIES: usize = 16_384;
 const LOG_BYTES: usize = 16 * 1024 * 1024;
 
 impl ReplicaState {
+    /// Starts recording changes (a migration took its snapshot at the current version).
+    fn start_log(&mut self) {
+        self.log = Some(std::collections::VecDeque::new());
+        self.log_bytes = 0;
+        self.log_overflowed = false;
+    }
+
     fn log_change(&mut self, version: u64, change: &[u8]) {
-        self.log.push_back((version, change.to_vec()));
+        let Some(log) = self.log.as_mut() else { return };
+        log.push_back((version, change.to_vec()));
         self.log_bytes += change.len();
-        while self.log.len() > LOG_ENTRIES || self.log_bytes > LOG_BYTES {
-            match self.log.pop_front() {
-                Some((_, c)) => self.log_bytes -= c.len(),
-                None => break,
-            }
+        if log.len() > LOG_ENTRIES || self.log_bytes > LOG_BYTES {
+            self.log = None;
+            self.log_bytes = 0;
+            self.log_overflowed = true;
         }
     }
 
-    /// The changes after `since`, if the log still has all of them.
-    fn changes_since(&self, since: u64) -> Option<Vec<(u64, Vec<u8>)>> {
-        if self.version == since {
-            return Some(Vec::new());
-        }
-        let first = self.log.front()?.0;
-        if first > since + 1 {
+    /// Stops recording and returns the changes after `since`, if all were recorded.
+    fn take_log_since(&mut self, since: u64) -> Option<Vec<(u64, Vec<u8>)>> {
+        let log = self.log.take();
+        self.log_bytes = 0;
+        if std::mem::take(&mut self.log_overflowed) {
             return None;
         }
-        Some(self.log.iter().filter(|(v, _)| *v > since).cloned().collect())
+        let changes: Vec<_> = log?.into_iter().filter(|(v, _)| *v > since).collect();
+        let complete = changes.first().map_or(self.version == since, |(v, _)| *v == since + 1)
+            && changes.last().map_or(true, |(v, _)| *v == self.version);
+        complete.then_some(changes)
     }
 
     fn reset(&mut self) {
@@ -445,6 +455,10 @@ impl Runtime {
         self.inner.table.send_replace(new.clone());
         info!(member = %me, version = new.version(), owned = new.primaries_per_member().get(&me).copied().unwrap_or(0), "partition table applied");
         metrics::gauge!("grid_partition_table_version").set(new.version() as f64);
+        let owned = new.primaries_per_member().get(&me).copied().unwrap_or(0);
+        metrics::gauge!("grid_partitions_owned").set(owned as f64);
+        let held = (0..new.partitions()).filter(|p| new.rank_of(*p, &me).is_some()).count();
+        metrics::gauge!("grid_partition_replicas_held").set(held as f64);
         for p in 0..new.partitions() {
             let ctl = &self.inner.partitions[p as usize];
             {

@@ -80,11 +80,7 @@ impl Runtime {
         if self.frozen(p, &table) {
             return OpResponse::Frozen;
         }
-        if st.epoch != table.epoch(p) {
-            st.epoch = table.epoch(p);
-            st.log.clear();
-            st.log_bytes = 0;
-        }
+        st.epoch = table.epoch(p);
         let prepared = match slot.service.prepare(p, op) {
             Ok(p) => p,
             Err(e) => return OpResponse::Failed(e),
@@ -285,28 +281,33 @@ impl Runtime {
                 if table.owner(p) != Some(&self.inner.me) {
                     return Err(not_owner(&table));
                 }
-                if st.epoch != table.epoch(p) {
-                    st.epoch = table.epoch(p);
-                    st.log.clear();
-                    st.log_bytes = 0;
-                }
+                st.epoch = table.epoch(p);
                 let entries = slot.service.partition_len(p) as u64;
                 let chunks = slot.service.snapshot(p, self.inner.config.chunk_bytes);
+                st.start_log();
                 (st.epoch, st.version, entries, chunks)
             };
             // 2. Stream it while writes go on.
-            let (_, bytes) = self
+            let sent = self
                 .send_snapshot(&slot, p, epoch, since, entries, chunks, &destination)
-                .await?;
+                .await;
+            let (_, bytes) = match sent {
+                Ok(s) => s,
+                Err(e) => {
+                    slot.replicas[p as usize].lock().await.log = None;
+                    return Err(e);
+                }
+            };
             total.entries += entries;
             total.bytes += bytes;
             // 3. Catch up and switch to live replication, under the lock.
-            let st = slot.replicas[p as usize].lock().await;
+            let mut st = slot.replicas[p as usize].lock().await;
+            let changes = st.take_log_since(since);
             let table = self.table();
             if table.owner(p) != Some(&self.inner.me) || st.epoch != epoch {
                 return Err(not_owner(&table));
             }
-            match st.changes_since(since) {
+            match changes {
                 Some(changes) => {
                     let member = self
                         .inner
@@ -377,7 +378,9 @@ impl Runtime {
             let Some(slot) = self.slot(&service) else { continue };
             let Some(replica) = slot.replicas.get(p as usize) else { continue };
             let st = replica.lock().await;
-            if st.epoch != epoch || st.version != version {
+            // A healthy backup is at the owner's version or one ahead (it applies a change
+            // before the owner does); behind, or on another epoch, it missed something.
+            if st.epoch != epoch || st.version < version {
                 stale.replicas.push((service, p));
             }
         }
