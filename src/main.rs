@@ -20,7 +20,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start 3 members in this process on 127.0.0.1, show them find each other, exchange
-    /// messages, and notice a killed member and a leaving one (the default).
+    /// messages, share a partitioned cache, and survive a killed member and a leaving one
+    /// (the default).
     Demo,
     /// Run one member until Ctrl-C, printing membership changes.
     Node {
@@ -71,6 +72,18 @@ async fn node(config: Option<PathBuf>) -> anyhow::Result<()> {
     }
     grid.shutdown().await;
     Ok(())
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+async fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
 }
 
 fn describe(event: &MemberEvent) -> String {
@@ -163,6 +176,46 @@ async fn demo() -> anyhow::Result<()> {
         }
     }
 
+    println!("\na partitioned cache (271 partitions, 1 synchronous backup):");
+    let settle = Instant::now();
+    // The coordinator (the oldest member, m1) says when no partition is left to move.
+    let settled = wait_for(Duration::from_secs(20), || {
+        let status = m1.runtime().coordinator_status();
+        status.active
+            && status.settled
+            && m1.runtime().table().members().len() == 3
+            && members
+                .iter()
+                .all(|m| m.runtime().table().version() == m1.runtime().table().version())
+    })
+    .await;
+    if !settled {
+        bail!("partitions did not settle on 3 members within 20 s");
+    }
+    let table = m1.runtime().table();
+    let owned: Vec<String> = table
+        .primaries_per_member()
+        .iter()
+        .map(|(m, n)| format!("{m} owns {n}"))
+        .collect();
+    println!(
+        "  partitions spread in {} ms: {}",
+        settle.elapsed().as_millis(),
+        owned.join(", ")
+    );
+    let users = m1.cache::<u32, String>("users");
+    let t = Instant::now();
+    for i in 0..1000u32 {
+        users.put(&i, &format!("user {i}")).await?;
+    }
+    println!("  m1 wrote 1000 entries in {} ms", t.elapsed().as_millis());
+    let on_m2 = m2.cache::<u32, String>("users");
+    println!(
+        "  m2 reads key 42: {:?}; the cache holds {} entries",
+        on_m2.get(&42).await?,
+        on_m2.len().await?
+    );
+
     println!("\nkilling m3 abruptly (no goodbye; its socket goes silent)...");
     let mut watchers = Vec::new();
     for m in [&m1, &m2] {
@@ -190,7 +243,21 @@ async fn demo() -> anyhow::Result<()> {
         }
     }
 
-    println!("\nm2 leaves gracefully...");
+    let mut missing = 0;
+    for i in 0..1000u32 {
+        if users.get(&i).await? != Some(format!("user {i}")) {
+            missing += 1;
+        }
+    }
+    println!(
+        "  after m3's death, m1 reads back all 1000 entries: {} missing (backups took over)",
+        missing
+    );
+    if missing > 0 {
+        bail!("entries lost");
+    }
+
+    println!("\nm2 leaves gracefully (it hands its partitions to m1 first)...");
     let mut events = m1.cluster().events();
     let start = Instant::now();
     let watcher = tokio::spawn(async move {
@@ -217,6 +284,20 @@ async fn demo() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let mut missing = 0;
+    for i in 0..1000u32 {
+        if users.get(&i).await? != Some(format!("user {i}")) {
+            missing += 1;
+        }
+    }
+    println!(
+        "  m1, alone now, holds {} entries; {} missing",
+        users.len().await?,
+        missing
+    );
+    if missing > 0 {
+        bail!("entries lost");
+    }
     m1.shutdown().await;
     println!("\ndone in {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())

@@ -312,7 +312,9 @@ async fn anti_entropy_repairs_a_backup_that_missed_a_change() {
     let backup = 1 - owner;
     // The backup loses its copy of the key's partition (as if it had missed changes), and
     // no further change comes to resynchronise it.
-    let p = grids[0].runtime().partition_of(&grid::codec::encode(&1u32).unwrap());
+    let p = grids[0]
+        .runtime()
+        .partition_of(&grid::codec::encode(&1u32).unwrap());
     grids[backup].runtime().forget_replica_for_tests(p).await;
     // Anti-entropy notices the backup differs and resends the partition; then the owner
     // dies, and the promoted backup must have the acknowledged write.
@@ -327,16 +329,40 @@ async fn anti_entropy_repairs_a_backup_that_missed_a_change() {
 async fn a_lite_member_owns_nothing_and_uses_everything() {
     init_tracing();
     let a = member("p-lite", "a").start().await.unwrap();
-    let lite = member("p-lite", "lite").lite_member().seed(a.addr()).start().await.unwrap();
+    let lite = member("p-lite", "lite")
+        .lite_member()
+        .seed(a.addr())
+        .start()
+        .await
+        .unwrap();
     let grids = vec![a, lite];
-    assert!(grids[1].cluster().wait_until(Duration::from_secs(10), |m| m.len() == 2).await);
-    assert!(eventually(Duration::from_secs(10), || grids[1].runtime().table().version() > 0
-        && grids[1].runtime().table().version() == grids[0].runtime().table().version()).await);
+    assert!(
+        grids[1]
+            .cluster()
+            .wait_until(Duration::from_secs(10), |m| m.len() == 2)
+            .await
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || grids[1]
+            .runtime()
+            .table()
+            .version()
+            > 0
+            && grids[1].runtime().table().version()
+                == grids[0].runtime().table().version())
+        .await
+    );
     let table = grids[1].runtime().table();
-    assert!(table.members().iter().all(|m| &**m != "lite"), "a lite member holds no partition");
+    assert!(
+        table.members().iter().all(|m| &**m != "lite"),
+        "a lite member holds no partition"
+    );
     let cache = grids[1].cache::<u32, String>("c");
     cache.put(&7, &"seven".to_string()).await.unwrap();
-    assert_eq!(grids[0].cache::<u32, String>("c").get(&7).await.unwrap(), Some("seven".to_string()));
+    assert_eq!(
+        grids[0].cache::<u32, String>("c").get(&7).await.unwrap(),
+        Some("seven".to_string())
+    );
     for g in &grids {
         g.shutdown().await;
     }

@@ -78,12 +78,7 @@ impl<K: Serialize, V: Serialize + DeserializeOwned> Cache<K, V> {
         &self.name
     }
 
-    async fn run(
-        &self,
-        partition: u32,
-        op: &CacheOp,
-        kind: OpKind,
-    ) -> Result<Vec<u8>, GridError> {
+    async fn run(&self, partition: u32, op: &CacheOp, kind: OpKind) -> Result<Vec<u8>, GridError> {
         self.runtime
             .execute(SERVICE, partition, codec::encode(op)?, kind)
             .await

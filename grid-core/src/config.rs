@@ -258,8 +258,12 @@ impl GridConfig {
             },
             op_timeout: std::time::Duration::from_millis(self.partitions.op_timeout_ms.max(1)),
             max_parallel_migrations: self.partitions.max_parallel_migrations.max(1),
-            anti_entropy_interval: std::time::Duration::from_millis(self.partitions.anti_entropy_ms.max(100)),
-            backup_timeout: std::time::Duration::from_millis(self.partitions.backup_timeout_ms.max(1)),
+            anti_entropy_interval: std::time::Duration::from_millis(
+                self.partitions.anti_entropy_ms.max(100),
+            ),
+            backup_timeout: std::time::Duration::from_millis(
+                self.partitions.backup_timeout_ms.max(1),
+            ),
             ..crate::runtime::RuntimeConfig::default()
         }
     }

@@ -79,6 +79,9 @@ async fn still_serves(member: &Transport, other: &Transport) {
     assert_eq!(&reply[..], b"ping");
 }
 
+/// Every log line of this test binary. One global subscriber (rather than one per test):
+/// tracing caches per-callsite interest process-wide, and scoped subscribers in parallel
+/// tests lose lines. Tests pick out their own lines by a marker (peer id or address).
 #[derive(Clone, Default)]
 struct Logs(Arc<Mutex<Vec<u8>>>);
 impl std::io::Write for Logs {
@@ -91,25 +94,48 @@ impl std::io::Write for Logs {
     }
 }
 impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    /// The lines that mention `marker`.
+    fn lines_with(&self, marker: &str) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(marker))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Waits until a line mentions both `marker` and `text`.
+    async fn wait_for(&self, marker: &str, text: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if self.lines_with(marker).contains(text) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
-fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
-    let logs = Logs::default();
-    let w = logs.clone();
-    let sub = tracing_subscriber::fmt()
-        .with_env_filter("warn")
-        .with_ansi(false)
-        .with_writer(move || w.clone())
-        .finish();
-    (logs, tracing::subscriber::set_default(sub))
+fn logs() -> Logs {
+    static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Logs::default();
+        let w = logs.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("warn")
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .try_init();
+        logs
+    })
+    .clone()
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn bad_frames_close_the_stream_and_the_member_keeps_serving() {
-    let (logs, _guard) = capture_logs();
+    let logs = logs();
     let m = member("m", TransportConfig::default());
     let other = member("other", TransportConfig::default());
     let ep = raw_endpoint(grid_net::tls::ALPN);
@@ -176,7 +202,8 @@ async fn bad_frames_close_the_stream_and_the_member_keeps_serving() {
     );
     still_serves(&m, &other).await;
 
-    let text = logs.text();
+    // The member logs each rejection (the raw client's address marks this test's lines).
+    let marker = ep.local_addr().unwrap().to_string();
     for expected in [
         "bad_kind",
         "truncated",
@@ -185,8 +212,9 @@ async fn bad_frames_close_the_stream_and_the_member_keeps_serving() {
         "bad input from peer",
     ] {
         assert!(
-            text.contains(expected),
-            "log should mention {expected}:\n{text}"
+            logs.wait_for(&marker, expected).await,
+            "log should mention {expected}:\n{}",
+            logs.lines_with(&marker)
         );
     }
 }
@@ -212,7 +240,7 @@ async fn a_peer_that_keeps_sending_garbage_loses_its_connection() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn garbage_instead_of_a_hello_closes_the_connection() {
-    let (logs, _guard) = capture_logs();
+    let logs = logs();
     let m = member("m", TransportConfig::default());
     let other = member("other", TransportConfig::default());
     let ep = raw_endpoint(grid_net::tls::ALPN);
@@ -229,7 +257,12 @@ async fn garbage_instead_of_a_hello_closes_the_connection() {
         .expect("connection closed");
     assert!(reason.to_string().contains("bad handshake"), "{reason}");
     still_serves(&m, &other).await;
-    assert!(logs.text().contains("bad handshake"), "{}", logs.text());
+    let marker = ep.local_addr().unwrap().to_string();
+    assert!(
+        logs.wait_for(&marker, "bad handshake").await,
+        "{}",
+        logs.lines_with(&marker)
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -267,20 +300,18 @@ async fn oversized_requests_are_refused_before_sending() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn another_protocol_version_is_refused_and_both_sides_say_so() {
-    let (logs, _guard) = capture_logs();
+    let logs = logs();
     let m = member("m", TransportConfig::default());
     let ep = raw_endpoint(b"grid/2");
     let r = ep.connect(m.local_addr(), "grid.member").unwrap().await;
     let err = r.expect_err("a grid/2 peer must be refused").to_string();
     assert!(err.to_lowercase().contains("protocol"), "{err}");
     // The member's side of the story.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !logs.text().contains("ALPN") && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let marker = ep.local_addr().unwrap().to_string();
     assert!(
-        logs.text().contains("another grid protocol version"),
+        logs.wait_for(&marker, "another grid protocol version")
+            .await,
         "{}",
-        logs.text()
+        logs.lines_with(&marker)
     );
 }

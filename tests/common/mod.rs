@@ -64,8 +64,13 @@ pub async fn cluster(name: &str, n: usize) -> Vec<Grid> {
 pub struct Logs(Arc<Mutex<Vec<u8>>>);
 
 impl Logs {
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    /// The captured lines that mention any of `markers` (e.g. the members' addresses).
+    pub fn lines_with(&self, markers: &[String]) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| markers.iter().any(|m| l.contains(m.as_str())))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
@@ -79,17 +84,22 @@ impl Write for Logs {
     }
 }
 
-/// Captures the logs of everything running on this thread (use a `current_thread` runtime
-/// so that every member's tasks run here).
-pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("warn")
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    (logs, tracing::subscriber::set_default(subscriber))
+/// Captures every warning of this test binary. One global subscriber, not one per test:
+/// tracing caches per-callsite interest process-wide, and scoped subscribers in parallel
+/// tests lose lines. Tests pick out their own lines (see [`Logs::lines_with`]).
+pub fn capture_logs() -> Logs {
+    static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("warn")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .try_init();
+        logs
+    })
+    .clone()
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.

@@ -99,7 +99,11 @@ fn value_for(key: u64, size: usize) -> Vec<u8> {
     v
 }
 
-async fn start_member(args: &Args, i: usize, seed: Option<std::net::SocketAddr>) -> anyhow::Result<Grid> {
+async fn start_member(
+    args: &Args,
+    i: usize,
+    seed: Option<std::net::SocketAddr>,
+) -> anyhow::Result<Grid> {
     let mut b = Grid::builder()
         .cluster_name("rebalance")
         .member_id(format!("m{i}"))
@@ -121,11 +125,16 @@ async fn start_member(args: &Args, i: usize, seed: Option<std::net::SocketAddr>)
 async fn settled(grids: &[Grid], members: usize, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if let Some(c) = grids.iter().find(|g| g.runtime().coordinator_status().active) {
+        if let Some(c) = grids
+            .iter()
+            .find(|g| g.runtime().coordinator_status().active)
+        {
             let version = c.runtime().table().version();
             if c.runtime().coordinator_status().settled
                 && c.runtime().table().members().len() == members
-                && grids.iter().all(|g| g.runtime().table().version() == version)
+                && grids
+                    .iter()
+                    .all(|g| g.runtime().table().version() == version)
             {
                 return true;
             }
@@ -261,7 +270,11 @@ async fn main() -> anyhow::Result<()> {
                 match r {
                     Ok(()) => {
                         ok.fetch_add(1, Ordering::Relaxed);
-                        if phase_during { dl.lock().unwrap().push(took) } else { bl.lock().unwrap().push(took) }
+                        if phase_during {
+                            dl.lock().unwrap().push(took)
+                        } else {
+                            bl.lock().unwrap().push(took)
+                        }
                     }
                     Err(e) => {
                         if failed.fetch_add(1, Ordering::Relaxed) < 5 {
@@ -278,7 +291,12 @@ async fn main() -> anyhow::Result<()> {
     let coordinator_before = grids
         .iter()
         .find(|g| g.runtime().coordinator_status().active)
-        .map(|g| (g.cluster().local_member().id.clone(), g.runtime().coordinator_status().stats));
+        .map(|g| {
+            (
+                g.cluster().local_member().id.clone(),
+                g.runtime().coordinator_status().stats,
+            )
+        });
     let moved_before: u64 = grids.iter().map(|g| g.runtime().moved().0).sum();
     let bytes_before: u64 = grids.iter().map(|g| g.runtime().moved().1).sum();
     let members_after = args.members + args.add - args.kill - args.shutdown;
@@ -336,12 +354,27 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    let moved: u64 = grids.iter().chain(departed.iter()).map(|g| g.runtime().moved().0).sum::<u64>() - moved_before;
-    let bytes: u64 = grids.iter().chain(departed.iter()).map(|g| g.runtime().moved().1).sum::<u64>() - bytes_before;
+    let moved: u64 = grids
+        .iter()
+        .chain(departed.iter())
+        .map(|g| g.runtime().moved().0)
+        .sum::<u64>()
+        - moved_before;
+    let bytes: u64 = grids
+        .iter()
+        .chain(departed.iter())
+        .map(|g| g.runtime().moved().1)
+        .sum::<u64>()
+        - bytes_before;
     let coordinator = grids
         .iter()
         .find(|g| g.runtime().coordinator_status().active)
-        .map(|g| (g.cluster().local_member().id.clone(), g.runtime().coordinator_status()))
+        .map(|g| {
+            (
+                g.cluster().local_member().id.clone(),
+                g.runtime().coordinator_status(),
+            )
+        })
         .map(|(id, mut status)| {
             // Counters run since the member became coordinator: count this change only.
             if let Some((before_id, before)) = &coordinator_before {
@@ -385,8 +418,15 @@ async fn main() -> anyhow::Result<()> {
     };
     println!(
         "members {} -> {} (add {}, kill {}, shutdown {}), {} entries x {} B, P = {}, backups {}",
-        args.members, members_after, args.add, args.kill, args.shutdown, args.entries, args.value_size,
-        args.partitions, args.backups
+        args.members,
+        members_after,
+        args.add,
+        args.kill,
+        args.shutdown,
+        args.entries,
+        args.value_size,
+        args.partitions,
+        args.backups
     );
     println!(
         "  rebalanced in        {:>10.0} ms ({} migrations; {} started, {} failed and retried)",
@@ -398,8 +438,14 @@ async fn main() -> anyhow::Result<()> {
         report.entries_moved_ideal,
         report.entries_moved as f64 / report.entries_moved_ideal.max(1) as f64
     );
-    println!("  bytes moved          {:>10} ({:.1} MB/s; raw quinn stream {:.1} MB/s)", report.bytes_moved, report.migration_mb_per_s, report.quinn_bulk_mb_per_s);
-    println!("  operations           {:>10} ok, {} failed", report.ops_ok, report.ops_failed);
+    println!(
+        "  bytes moved          {:>10} ({:.1} MB/s; raw quinn stream {:.1} MB/s)",
+        report.bytes_moved, report.migration_mb_per_s, report.quinn_bulk_mb_per_s
+    );
+    println!(
+        "  operations           {:>10} ok, {} failed",
+        report.ops_ok, report.ops_failed
+    );
     println!("  entries lost         {:>10}", report.entries_lost);
     println!(
         "  latency p50/p99 µs   before {:.0}/{:.0}, during {:.0}/{:.0}",

@@ -519,7 +519,12 @@ mod tests {
 
         /// Carries out effects, completing at most `budget` migrations (the rest stay in
         /// flight, as if the network were slow). Returns the migrations left in flight.
-        fn run(&mut self, c: &mut Coordinator, effects: Vec<Effect>, mut budget: usize) -> Vec<Effect> {
+        fn run(
+            &mut self,
+            c: &mut Coordinator,
+            effects: Vec<Effect>,
+            mut budget: usize,
+        ) -> Vec<Effect> {
             let mut queue = effects;
             let mut stalled = Vec::new();
             while !queue.is_empty() {
@@ -527,7 +532,11 @@ mod tests {
                 for e in queue {
                     match &e {
                         Effect::Publish(t) => self.publish(t),
-                        Effect::Migrate { partition, source, destination } => {
+                        Effect::Migrate {
+                            partition,
+                            source,
+                            destination,
+                        } => {
                             if budget == 0 {
                                 stalled.push(e);
                                 continue;
@@ -539,7 +548,9 @@ mod tests {
                             }
                             next.extend(c.on_migrated(*partition, destination, ok));
                         }
-                        Effect::Freeze { partition, .. } => next.extend(c.on_frozen(*partition, true)),
+                        Effect::Freeze { partition, .. } => {
+                            next.extend(c.on_frozen(*partition, true))
+                        }
                     }
                 }
                 if let Some(p) = c.flush() {
@@ -553,7 +564,10 @@ mod tests {
 
     fn start(ids: &[&str], cfg: &TableConfig) -> (Coordinator, Model) {
         let mut c = Coordinator::new(PartitionTable::empty(cfg.partitions), cfg.clone(), 4);
-        let mut m = Model { holds: BTreeSet::new(), last: None };
+        let mut m = Model {
+            holds: BTreeSet::new(),
+            last: None,
+        };
         let e = c.on_members(&members(ids), &[]);
         m.run(&mut c, e, usize::MAX);
         assert!(c.is_settled());
@@ -578,7 +592,11 @@ mod tests {
         let t = c2.published();
         assert!(t.check(&cfg).is_ok(), "{:?}", t.check(&cfg));
         for p in 0..97 {
-            assert_eq!(t.replicas(p).count(), 2, "partition {p} has its backup back");
+            assert_eq!(
+                t.replicas(p).count(),
+                2,
+                "partition {p} has its backup back"
+            );
         }
     }
 

@@ -123,8 +123,10 @@ impl ReplicaState {
             return None;
         }
         let changes: Vec<_> = log?.into_iter().filter(|(v, _)| *v > since).collect();
-        let complete = changes.first().map_or(self.version == since, |(v, _)| *v == since + 1)
-            && changes.last().map_or(true, |(v, _)| *v == self.version);
+        let complete = changes
+            .first()
+            .map_or(self.version == since, |(v, _)| *v == since + 1)
+            && changes.last().is_none_or(|(v, _)| *v == self.version);
         complete.then_some(changes)
     }
 
@@ -457,7 +459,9 @@ impl Runtime {
         metrics::gauge!("grid_partition_table_version").set(new.version() as f64);
         let owned = new.primaries_per_member().get(&me).copied().unwrap_or(0);
         metrics::gauge!("grid_partitions_owned").set(owned as f64);
-        let held = (0..new.partitions()).filter(|p| new.rank_of(*p, &me).is_some()).count();
+        let held = (0..new.partitions())
+            .filter(|p| new.rank_of(*p, &me).is_some())
+            .count();
         metrics::gauge!("grid_partition_replicas_held").set(held as f64);
         for p in 0..new.partitions() {
             let ctl = &self.inner.partitions[p as usize];
@@ -606,10 +610,13 @@ impl Runtime {
             },
         );
         let rt = self.clone();
-        t.on_request_typed(routes::ANTI_ENTROPY, move |_peer, check: messages::VersionCheck| {
-            let rt = rt.clone();
-            async move { rt.on_version_check(check).await }
-        });
+        t.on_request_typed(
+            routes::ANTI_ENTROPY,
+            move |_peer, check: messages::VersionCheck| {
+                let rt = rt.clone();
+                async move { rt.on_version_check(check).await }
+            },
+        );
         let rt = self.clone();
         t.on_request_typed(routes::DRAIN, move |peer, (): ()| {
             let rt = rt.clone();

@@ -18,6 +18,9 @@ use super::messages::{
 use super::{ReplicaState, Runtime, ServiceSlot};
 use crate::partition::table::PartitionTable;
 
+/// (service, partition, epoch, version) of one replica, as anti-entropy compares them.
+type ReplicaVersion = (String, u32, u64, u64);
+
 /// How long a freeze holds without the table that ends it.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -49,7 +52,13 @@ impl Runtime {
     }
 
     /// The owner's side of an operation.
-    pub(super) async fn execute_local(&self, service: &str, p: u32, op: &[u8], read_only: bool) -> OpResponse {
+    pub(super) async fn execute_local(
+        &self,
+        service: &str,
+        p: u32,
+        op: &[u8],
+        read_only: bool,
+    ) -> OpResponse {
         let Some(slot) = self.slot(service) else {
             return OpResponse::Failed(format!("no service {service:?} on this member"));
         };
@@ -272,7 +281,10 @@ impl Runtime {
         let mut total = MigrateResponse::default();
         for slot in self.slots() {
             let not_owner = |table: &PartitionTable| {
-                format!("not the owner of partition {p} in table {}", table.version())
+                format!(
+                    "not the owner of partition {p} in table {}",
+                    table.version()
+                )
             };
             // 1. Snapshot, under the lock (a memory copy: writes wait only for that).
             let (epoch, since, entries, chunks) = {
@@ -325,7 +337,12 @@ impl Runtime {
                         let answer: BackupResponse = self
                             .inner
                             .transport
-                            .request_typed(member.addr, routes::BACKUP, &req, self.inner.config.backup_timeout)
+                            .request_typed(
+                                member.addr,
+                                routes::BACKUP,
+                                &req,
+                                self.inner.config.backup_timeout,
+                            )
                             .await
                             .map_err(|e| e.to_string())?;
                         if answer != BackupResponse::Applied {
@@ -375,8 +392,12 @@ impl Runtime {
     pub(super) async fn on_version_check(&self, check: VersionCheck) -> Result<Stale, String> {
         let mut stale = Stale::default();
         for (service, p, epoch, version) in check.replicas {
-            let Some(slot) = self.slot(&service) else { continue };
-            let Some(replica) = slot.replicas.get(p as usize) else { continue };
+            let Some(slot) = self.slot(&service) else {
+                continue;
+            };
+            let Some(replica) = slot.replicas.get(p as usize) else {
+                continue;
+            };
             let st = replica.lock().await;
             // A healthy backup is at the owner's version or one ahead (it applies a change
             // before the owner does); behind, or on another epoch, it missed something.
@@ -394,7 +415,7 @@ impl Runtime {
     pub(super) async fn anti_entropy_pass(&self) {
         let table = self.table();
         let me = self.inner.me.clone();
-        let mut per_backup: std::collections::BTreeMap<Arc<str>, Vec<(String, u32, u64, u64)>> =
+        let mut per_backup: std::collections::BTreeMap<Arc<str>, Vec<ReplicaVersion>> =
             std::collections::BTreeMap::new();
         for slot in self.slots() {
             for p in 0..table.partitions() {
@@ -413,16 +434,27 @@ impl Runtime {
             }
         }
         for (backup, replicas) in per_backup {
-            let Some(member) = self.inner.cluster.member(&backup) else { continue };
+            let Some(member) = self.inner.cluster.member(&backup) else {
+                continue;
+            };
             let stale: Result<Stale, _> = self
                 .inner
                 .transport
-                .request_typed(member.addr, routes::ANTI_ENTROPY, &VersionCheck { replicas }, Duration::from_secs(10))
+                .request_typed(
+                    member.addr,
+                    routes::ANTI_ENTROPY,
+                    &VersionCheck { replicas },
+                    Duration::from_secs(10),
+                )
                 .await;
             let Ok(stale) = stale else { continue };
             for (service, p) in stale.replicas {
-                let Some(slot) = self.slot(&service) else { continue };
-                let Some(replica) = slot.replicas.get(p as usize) else { continue };
+                let Some(slot) = self.slot(&service) else {
+                    continue;
+                };
+                let Some(replica) = slot.replicas.get(p as usize) else {
+                    continue;
+                };
                 let st = replica.lock().await;
                 let table = self.table();
                 if table.owner(p) == Some(&me) && table.rank_of(p, &backup).is_some() {
