@@ -140,35 +140,49 @@ impl PartitionService for CacheService {
         Ok(())
     }
 
+    /// Chunks of MessagePack `bin` pairs (stored key, value), written straight from the map:
+    /// no intermediate copies, as this is the bulk of a migration's work.
     fn snapshot(&self, p: u32, chunk_bytes: usize) -> Vec<Vec<u8>> {
-        let Ok(map) = self.map(p) else {
-            return Vec::new();
-        };
+        let Ok(map) = self.map(p) else { return Vec::new() };
         let map = map.read().unwrap_or_else(|e| e.into_inner());
         let mut chunks = Vec::new();
-        let mut batch: Vec<(Bytes, Bytes)> = Vec::new();
-        let mut size = 0;
+        let mut buf = Vec::with_capacity(chunk_bytes.min(8 << 20) + 1024);
         for (k, v) in map.iter() {
-            size += k.len() + v.len() + 8;
-            batch.push((serde_bytes(k), serde_bytes(v)));
-            if size >= chunk_bytes {
-                chunks.extend(codec::encode(&batch).ok());
-                batch.clear();
-                size = 0;
+            // Writing to a Vec cannot fail.
+            let _ = rmp::encode::write_bin(&mut buf, k);
+            let _ = rmp::encode::write_bin(&mut buf, v);
+            if buf.len() >= chunk_bytes {
+                chunks.push(std::mem::replace(
+                    &mut buf,
+                    Vec::with_capacity(chunk_bytes.min(8 << 20) + 1024),
+                ));
             }
         }
-        if !batch.is_empty() {
-            chunks.extend(codec::encode(&batch).ok());
+        if !buf.is_empty() {
+            chunks.push(buf);
         }
         chunks
     }
 
-    fn restore(&self, p: u32, chunks: Vec<Vec<u8>>) -> Result<(), String> {
+    fn restore(&self, p: u32, chunks: Vec<bytes::Bytes>) -> Result<(), String> {
+        fn bin<'a>(rd: &mut &'a [u8]) -> Result<&'a [u8], String> {
+            let len = rmp::decode::read_bin_len(rd).map_err(|e| format!("bad snapshot: {e}"))? as usize;
+            let (data, rest) = (rd.get(..len), rd.get(len..));
+            match (data, rest) {
+                (Some(d), Some(r)) => {
+                    *rd = r;
+                    Ok(d)
+                }
+                _ => Err("bad snapshot: truncated entry".to_string()),
+            }
+        }
         let mut fresh = Map::new();
         for chunk in chunks {
-            let batch: Vec<(Bytes, Bytes)> = codec::decode(&chunk).map_err(|e| e.to_string())?;
-            for (k, v) in batch {
-                fresh.insert(k.0, v.0);
+            let mut rd: &[u8] = &chunk;
+            while !rd.is_empty() {
+                let k = bin(&mut rd)?.to_vec();
+                let v = bin(&mut rd)?.to_vec();
+                fresh.insert(k, v);
             }
         }
         *self.map(p)?.write().unwrap_or_else(|e| e.into_inner()) = fresh;

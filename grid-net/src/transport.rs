@@ -1411,6 +1411,16 @@ impl BulkSender {
             .map_err(|e| lost(self.addr, e))
     }
 
+    /// Sends one chunk without copying it (the length header goes out as its own piece).
+    pub async fn send_bytes(&mut self, chunk: Bytes) -> Result<(), NetError> {
+        self.transport.check_frame(chunk.len())?;
+        let header = Bytes::copy_from_slice(&(chunk.len() as u32).to_be_bytes());
+        self.send
+            .write_all_chunks(&mut [header, chunk])
+            .await
+            .map_err(|e| lost(self.addr, e))
+    }
+
     /// Ends the stream and waits for the handler's answer, at most `timeout`.
     pub async fn finish(mut self, timeout: Duration) -> Result<Bytes, NetError> {
         let _ = self.send.finish();

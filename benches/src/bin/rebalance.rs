@@ -26,6 +26,7 @@ use grid_bench::percentile;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use serde_bytes::ByteBuf;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -91,12 +92,14 @@ struct Report {
     seed: u64,
 }
 
-fn value_for(key: u64, size: usize) -> Vec<u8> {
+/// The value of `key`: `size` bytes, encoded as MessagePack binary (not as an array of
+/// numbers, which is what a plain `Vec<u8>` becomes).
+fn value_for(key: u64, size: usize) -> ByteBuf {
     let mut v = vec![(key % 251) as u8; size];
     if size >= 8 {
         v[..8].copy_from_slice(&key.to_le_bytes());
     }
-    v
+    ByteBuf::from(v)
 }
 
 async fn start_member(
@@ -215,7 +218,7 @@ async fn main() -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(0));
     let mut loaders = Vec::new();
     for t in 0..64 {
-        let cache = grids[t % grids.len()].cache::<u64, Vec<u8>>("data");
+        let cache = grids[t % grids.len()].cache::<u64, ByteBuf>("data");
         let (next, bar, size, entries) = (next.clone(), bar.clone(), args.value_size, args.entries);
         loaders.push(tokio::spawn(async move {
             loop {
@@ -245,7 +248,7 @@ async fn main() -> anyhow::Result<()> {
     let stayers = args.members - args.kill - args.shutdown;
     let mut load = Vec::new();
     for t in 0..args.load_tasks {
-        let cache = grids[t % stayers].cache::<u64, Vec<u8>>("data");
+        let cache = grids[t % stayers].cache::<u64, ByteBuf>("data");
         let (stop, during, bl, dl, ok, failed) = (
             stop.clone(),
             during.clone(),
@@ -345,7 +348,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // Read everything back.
-    let reader = grids[0].cache::<u64, Vec<u8>>("data");
+    let reader = grids[0].cache::<u64, ByteBuf>("data");
     let mut lost = 0u64;
     for k in 0..args.entries {
         match reader.get(&k).await {

@@ -206,7 +206,9 @@ impl Runtime {
         let mut bytes = 0u64;
         for chunk in chunks {
             bytes += chunk.len() as u64;
-            bulk.send(&chunk).await.map_err(|e| e.to_string())?;
+            bulk.send_bytes(Bytes::from(chunk))
+                .await
+                .map_err(|e| e.to_string())?;
         }
         bulk.finish(Duration::from_secs(60))
             .await
@@ -255,7 +257,7 @@ impl Runtime {
             .ok_or_else(|| format!("no partition {}", header.partition))?;
         let mut received = Vec::new();
         while let Some(chunk) = chunks.next().await.map_err(|e| e.to_string())? {
-            received.push(chunk.to_vec());
+            received.push(chunk);
         }
         let mut st = replica.lock().await;
         tracing::debug!(member = %self.inner.me, partition = header.partition, epoch = header.epoch, version = header.version, chunks = received.len(), "partition synced in");

@@ -37,7 +37,8 @@ pub trait PartitionService: Send + Sync + 'static {
     fn snapshot(&self, partition: u32, chunk_bytes: usize) -> Vec<Vec<u8>>;
 
     /// Replaces the partition's state with the one `chunks` (from `snapshot`) describe.
-    fn restore(&self, partition: u32, chunks: Vec<Vec<u8>>) -> Result<(), String>;
+    /// The chunks come from the network: malformed ones are an error, never a panic.
+    fn restore(&self, partition: u32, chunks: Vec<bytes::Bytes>) -> Result<(), String>;
 
     /// Forgets the partition: this member no longer holds a replica of it.
     fn drop_partition(&self, partition: u32);
