@@ -349,7 +349,12 @@ impl Runtime {
                         });
                     }
                     debug!(partition, %why, "retrying operation");
-                    tokio::time::sleep(backoff).await;
+                    // A new table is the usual reason to try again: don't sleep past it.
+                    let mut table = self.inner.table.subscribe();
+                    tokio::select! {
+                        _ = table.changed() => {}
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
                     backoff = (backoff * 2).min(Duration::from_millis(50));
                 }
             }
@@ -477,11 +482,14 @@ impl Runtime {
                 .retain(|(m, since)| {
                     new.rank_of(p, m).is_none() && since.elapsed() < Duration::from_secs(60)
                 });
-            if new.rank_of(p, &me).is_none() {
+            // Only partitions whose replica set changed for this member need work (a task
+            // each): tables come often during a rebalance, partitions are many.
+            let was_replica = old.rank_of(p, &me).is_some();
+            let is_replica = new.rank_of(p, &me).is_some();
+            if was_replica && !is_replica {
                 let rt = self.clone();
-                let was_replica = old.rank_of(p, &me).is_some();
-                tokio::spawn(async move { rt.drop_partition(p, was_replica).await });
-            } else {
+                tokio::spawn(async move { rt.drop_partition(p, true).await });
+            } else if !was_replica && is_replica {
                 let rt = self.clone();
                 let applied_at = Instant::now();
                 tokio::spawn(async move { rt.confirm_partition(p, applied_at).await });
