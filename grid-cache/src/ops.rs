@@ -12,7 +12,7 @@ pub enum CacheOp {
         /// Cache name.
         cache: String,
         /// Encoded key.
-        #[serde(with = "serde_bytes_vec")]
+        #[serde(with = "grid_core::codec::bin")]
         key: Vec<u8>,
     },
     /// Whether `key` has a value.
@@ -20,7 +20,7 @@ pub enum CacheOp {
         /// Cache name.
         cache: String,
         /// Encoded key.
-        #[serde(with = "serde_bytes_vec")]
+        #[serde(with = "grid_core::codec::bin")]
         key: Vec<u8>,
     },
     /// Sets `key` to `value`; answers the previous value.
@@ -28,10 +28,10 @@ pub enum CacheOp {
         /// Cache name.
         cache: String,
         /// Encoded key.
-        #[serde(with = "serde_bytes_vec")]
+        #[serde(with = "grid_core::codec::bin")]
         key: Vec<u8>,
         /// Encoded value.
-        #[serde(with = "serde_bytes_vec")]
+        #[serde(with = "grid_core::codec::bin")]
         value: Vec<u8>,
     },
     /// Sets `key` to `value` unless it has a value; answers the existing value.
@@ -39,10 +39,10 @@ pub enum CacheOp {
         /// Cache name.
         cache: String,
         /// Encoded key.
-        #[serde(with = "serde_bytes_vec")]
+        #[serde(with = "grid_core::codec::bin")]
         key: Vec<u8>,
         /// Encoded value.
-        #[serde(with = "serde_bytes_vec")]
+        #[serde(with = "grid_core::codec::bin")]
         value: Vec<u8>,
     },
     /// Entries of `cache` in the partition the operation is sent to.
@@ -55,7 +55,7 @@ pub enum CacheOp {
         /// Cache name.
         cache: String,
         /// Encoded key.
-        #[serde(with = "serde_bytes_vec")]
+        #[serde(with = "grid_core::codec::bin")]
         key: Vec<u8>,
     },
 }
@@ -65,37 +65,11 @@ pub enum CacheOp {
 pub enum CacheChange {
     /// Set a stored key (cache-prefixed) to a value.
     Set(
-        #[serde(with = "serde_bytes_vec")] Vec<u8>,
-        #[serde(with = "serde_bytes_vec")] Vec<u8>,
+        #[serde(with = "grid_core::codec::bin")] Vec<u8>,
+        #[serde(with = "grid_core::codec::bin")] Vec<u8>,
     ),
     /// Remove a stored key.
-    Delete(#[serde(with = "serde_bytes_vec")] Vec<u8>),
-}
-
-/// `Vec<u8>` as MessagePack binary rather than an array of numbers.
-pub(crate) mod serde_bytes_vec {
-    use serde::{Deserializer, Serializer};
-
-    pub(crate) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-        }
-        d.deserialize_byte_buf(V)
-    }
+    Delete(#[serde(with = "grid_core::codec::bin")] Vec<u8>),
 }
 
 /// The stored form of a key: the cache name, then the encoded key, so that one partition's

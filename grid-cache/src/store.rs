@@ -143,7 +143,9 @@ impl PartitionService for CacheService {
     /// Chunks of MessagePack `bin` pairs (stored key, value), written straight from the map:
     /// no intermediate copies, as this is the bulk of a migration's work.
     fn snapshot(&self, p: u32, chunk_bytes: usize) -> Vec<Vec<u8>> {
-        let Ok(map) = self.map(p) else { return Vec::new() };
+        let Ok(map) = self.map(p) else {
+            return Vec::new();
+        };
         let map = map.read().unwrap_or_else(|e| e.into_inner());
         let mut chunks = Vec::new();
         let mut buf = Vec::with_capacity(chunk_bytes.min(8 << 20) + 1024);
@@ -166,7 +168,8 @@ impl PartitionService for CacheService {
 
     fn restore(&self, p: u32, chunks: Vec<bytes::Bytes>) -> Result<(), String> {
         fn bin<'a>(rd: &mut &'a [u8]) -> Result<&'a [u8], String> {
-            let len = rmp::decode::read_bin_len(rd).map_err(|e| format!("bad snapshot: {e}"))? as usize;
+            let len =
+                rmp::decode::read_bin_len(rd).map_err(|e| format!("bad snapshot: {e}"))? as usize;
             let (data, rest) = (rd.get(..len), rd.get(len..));
             match (data, rest) {
                 (Some(d), Some(r)) => {
@@ -218,6 +221,6 @@ impl serde::Serialize for Bytes {
 
 impl<'de> serde::Deserialize<'de> for Bytes {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        crate::ops::serde_bytes_vec::deserialize(d).map(Bytes)
+        codec::bin::deserialize(d).map(Bytes)
     }
 }

@@ -22,7 +22,7 @@ pub(crate) mod routes {
 pub(crate) struct OpRequest {
     pub(crate) service: String,
     pub(crate) partition: u32,
-    #[serde(with = "serde_bytes_compat")]
+    #[serde(with = "grid_net::codec::bin")]
     pub(crate) op: Vec<u8>,
     /// Reads skip the partition's queue.
     pub(crate) read_only: bool,
@@ -32,7 +32,7 @@ pub(crate) struct OpRequest {
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum OpResponse {
     /// Done; the service's answer.
-    Ok(#[serde(with = "serde_bytes_compat")] Vec<u8>),
+    Ok(#[serde(with = "grid_net::codec::bin")] Vec<u8>),
     /// The service refused the operation (its error; nothing changed).
     Failed(String),
     /// This member is not the owner in its table of this version: refresh and retry.
@@ -48,7 +48,7 @@ pub(crate) struct BackupRequest {
     pub(crate) partition: u32,
     pub(crate) epoch: u64,
     pub(crate) version: u64,
-    #[serde(with = "serde_bytes_compat")]
+    #[serde(with = "grid_net::codec::bin")]
     pub(crate) change: Vec<u8>,
 }
 
@@ -110,40 +110,4 @@ pub(crate) struct Stale {
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct TableMessage {
     pub(crate) table: Option<PartitionTable>,
-}
-
-/// `Vec<u8>` as MessagePack binary (not an array of integers): smaller and faster.
-pub(crate) mod serde_bytes_compat {
-    use serde::{Deserializer, Serializer};
-
-    pub(crate) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Vec<u8>, A::Error> {
-                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
-                while let Some(b) = seq.next_element()? {
-                    out.push(b);
-                }
-                Ok(out)
-            }
-        }
-        d.deserialize_byte_buf(V)
-    }
 }
