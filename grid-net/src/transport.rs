@@ -34,6 +34,9 @@ use crate::wire::{
 };
 use crate::NetError;
 
+/// Requests a lane runs at once (per lane, per connection).
+const MAX_LANE_TASKS: usize = 1024;
+
 /// Largest gossip message: chitchat's own datagram limit. Gossip is compressed, so this
 /// also bounds what one message can decompress to.
 pub(crate) const MAX_GOSSIP_FRAME: usize = 65_507;
@@ -963,8 +966,13 @@ impl Transport {
     ) {
         let limit = self.inner.config.max_frame_size;
         let send = Arc::new(tokio::sync::Mutex::new(send));
+        // Handlers still running on this lane; past the bound the lane stops reading, which
+        // pushes back on the peer through QUIC flow control.
+        let running = Arc::new(Semaphore::new(MAX_LANE_TASKS));
+        // Senders put only small requests on lanes (larger ones get their own stream).
+        let frame_limit = (MUX_MAX_PAYLOAD + 9 + 1 + MAX_ROUTE_LEN).min(limit + 9);
         loop {
-            let frame = match read_frame(&mut recv, limit + 9).await {
+            let frame = match read_frame(&mut recv, frame_limit).await {
                 Ok(Some(f)) => f,
                 Ok(None) | Err(FrameError::Stream(_)) => return,
                 Err(e) => {
@@ -1007,11 +1015,15 @@ impl Transport {
                 }
                 continue;
             }
+            let Ok(permit) = running.clone().acquire_owned().await else {
+                return;
+            };
             let send = send.clone();
             tokio::spawn(async move {
                 let result = call.await;
                 let frame = mux::response_frame(id, &result, limit);
                 let _ = send.lock().await.write_chunk(frame).await;
+                drop(permit);
             });
         }
     }

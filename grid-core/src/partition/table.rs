@@ -371,13 +371,40 @@ impl PartitionTable {
     /// there were, so it only checks that every partition has the same number of replicas,
     /// between 1 and `min(backups + 1, members)`.
     pub fn check(&self, config: &TableConfig) -> Result<(), String> {
-        let n_parts = self.partitions as usize;
         if self.partitions != config.partitions {
             return Err(format!(
                 "table has {} partitions, configuration {}",
                 self.partitions, config.partitions
             ));
         }
+        self.check_structure()?;
+        let n = self.members.len();
+        let expected = (usize::from(config.backups) + 1).min(n);
+        let first_len = self.replicas.first().map_or(0, Vec::len);
+        for (p, replicas) in self.replicas.iter().enumerate() {
+            let count_ok = if config.placement_attribute.is_none() {
+                replicas.len() == expected
+            } else {
+                replicas.len() == first_len
+                    && replicas.len() <= expected
+                    && (n == 0) == replicas.is_empty()
+            };
+            if !count_ok {
+                return Err(format!(
+                    "partition {p}: {} replicas, expected {expected} ({n} members, {} backups)",
+                    replicas.len(),
+                    config.backups
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The invariants every table received from a peer must satisfy before it is used,
+    /// whatever the configuration: lengths, member list sorted and distinct, indices in
+    /// range, distinct replicas per partition. (Replica counts may be short after failures.)
+    pub fn check_structure(&self) -> Result<(), String> {
+        let n_parts = self.partitions as usize;
         if self.replicas.len() != n_parts || self.epochs.len() != n_parts {
             return Err(format!(
                 "{} partitions but {} replica lists and {} epochs",
@@ -399,8 +426,6 @@ impl PartitionTable {
             ));
         }
         let n = self.members.len();
-        let expected = (usize::from(config.backups) + 1).min(n);
-        let first_len = self.replicas.first().map_or(0, Vec::len);
         for (p, replicas) in self.replicas.iter().enumerate() {
             if let Some(&i) = replicas.iter().find(|&&i| usize::from(i) >= n) {
                 return Err(format!(
@@ -411,20 +436,6 @@ impl PartitionTable {
                 if replicas[..r].contains(i) {
                     return Err(format!("partition {p}: member {i} holds two replicas"));
                 }
-            }
-            let count_ok = if config.placement_attribute.is_none() {
-                replicas.len() == expected
-            } else {
-                replicas.len() == first_len
-                    && replicas.len() <= expected
-                    && (n == 0) == replicas.is_empty()
-            };
-            if !count_ok {
-                return Err(format!(
-                    "partition {p}: {} replicas, expected {expected} ({n} members, {} backups)",
-                    replicas.len(),
-                    config.backups
-                ));
             }
         }
         Ok(())

@@ -29,8 +29,13 @@ pub(crate) enum Effect {
         source: Arc<str>,
         destination: Arc<str>,
     },
-    /// Ask `owner` to stop taking operations on `partition` before it changes hands.
-    Freeze { partition: u32, owner: Arc<str> },
+    /// Ask `owner` to stop taking operations on `partition` before it changes hands to
+    /// `new_owner`.
+    Freeze {
+        partition: u32,
+        owner: Arc<str>,
+        new_owner: Arc<str>,
+    },
 }
 
 /// Counters, for observability and the rebalancing harness.
@@ -180,6 +185,21 @@ impl Coordinator {
         self.freezing.retain(|p| moves.iter().all(|(q, _)| q != p));
         self.ready
             .retain(|p, _| moves.iter().all(|(q, _)| q != p) || self.published.owner(*p).is_none());
+        // A partition made ready under the previous target may now change owner: that
+        // needs a freeze first, whatever it needed before.
+        let recheck: Vec<u32> = self
+            .ready
+            .keys()
+            .copied()
+            .filter(|p| {
+                self.published.owner(*p).is_some()
+                    && self.target.owner(*p) != self.published.owner(*p)
+            })
+            .collect();
+        for p in recheck {
+            self.ready.remove(&p);
+            self.partition_done(p, &mut effects);
+        }
         // Partitions whose replicas change without any copy (e.g. a backup dropped).
         for p in 0..self.published.partitions() {
             let differs = !self.published.replicas(p).eq(self.target.replicas(p));
@@ -224,6 +244,7 @@ impl Coordinator {
                     effects.push(Effect::Freeze {
                         partition: p,
                         owner: old,
+                        new_owner: new,
                     });
                 }
             }
@@ -401,7 +422,8 @@ mod tests {
             if before.owner(p) != after.owner(p) {
                 assert!(all.contains(&Effect::Freeze {
                     partition: p,
-                    owner: before.owner(p).unwrap().clone()
+                    owner: before.owner(p).unwrap().clone(),
+                    new_owner: after.owner(p).unwrap().clone(),
                 }));
                 assert_eq!(
                     after.epoch(p),

@@ -194,7 +194,11 @@ async fn newest_table(rt: &Runtime) -> PartitionTable {
         })
         .collect::<Vec<_>>();
     for t in futures::future::join_all(asks).await.into_iter().flatten() {
-        if t.version() > newest.version() && t.partitions() == newest.partitions() {
+        if t.version() > newest.version()
+            && t.version() < u64::MAX
+            && t.partitions() == newest.partitions()
+            && t.check_structure().is_ok()
+        {
             newest = t;
         }
     }
@@ -275,12 +279,17 @@ fn carry_out(
                     .await;
             });
         }
-        Effect::Freeze { partition, owner } => {
+        Effect::Freeze {
+            partition,
+            owner,
+            new_owner,
+        } => {
             let rt = rt.clone();
             let results = results.clone();
             let req = FreezeRequest {
                 table_version: c.published().version(),
                 partition,
+                new_owner: new_owner.to_string(),
             };
             tokio::spawn(async move {
                 let ok = if owner == rt.inner.me {

@@ -91,6 +91,8 @@ pub(crate) struct MigrateResponse {
 pub(crate) struct FreezeRequest {
     pub(crate) table_version: u64,
     pub(crate) partition: u32,
+    /// Who takes over: the old owner checks it has every change before answering.
+    pub(crate) new_owner: String,
 }
 
 /// Owner to backup: the (epoch, version) of each replica the backup should hold like ours.

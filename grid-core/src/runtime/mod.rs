@@ -34,7 +34,7 @@ use grid_net::membership::{Cluster, Member};
 use grid_net::transport::Transport;
 use grid_net::NetError;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub use coordinator::MigrationStats;
 pub use service::{PartitionService, Prepared};
@@ -367,10 +367,24 @@ impl Runtime {
             return Attempt::Retry(format!("partition {} has no owner yet", req.partition));
         };
         if owner == self.inner.me {
-            return match self
-                .execute_local(&req.service, req.partition, &req.op, req.read_only)
+            // A write runs in a task of its own: if the caller gives up (timeout, select),
+            // the write still completes on the owner as it did on the backups.
+            let response = if req.read_only {
+                self.execute_local(&req.service, req.partition, &req.op, true)
+                    .await
+            } else {
+                let rt = self.clone();
+                let (service, partition, op) = (req.service.clone(), req.partition, req.op.clone());
+                match tokio::spawn(async move {
+                    rt.execute_local(&service, partition, &op, false).await
+                })
                 .await
-            {
+                {
+                    Ok(r) => r,
+                    Err(e) => OpResponse::Failed(format!("operation task failed: {e}")),
+                }
+            };
+            return match response {
                 OpResponse::Ok(a) => Attempt::Done(a),
                 OpResponse::Failed(e) => Attempt::Failed(e),
                 OpResponse::WrongOwner { .. } => Attempt::Retry("ownership moved".into()),
@@ -425,6 +439,14 @@ impl Runtime {
     /// started alone coordinated a table of its own, and adopts the cluster's when it joins
     /// (what it stored while alone is discarded; grid does not merge split clusters yet).
     pub(crate) fn apply_table_from(&self, source: &Arc<str>, table: PartitionTable) {
+        // A table from a peer is input like any other: wrong shapes are refused, not applied.
+        if table.partitions() != self.inner.config.table.partitions
+            || table.version() == u64::MAX
+            || table.check_structure().is_err()
+        {
+            warn!(%source, version = table.version(), "malformed partition table ignored");
+            return;
+        }
         let coordinator = self
             .inner
             .cluster
@@ -432,20 +454,18 @@ impl Runtime {
             .iter()
             .find(|m| m.is_data_member())
             .map(|m| m.id.clone());
-        let adopt = {
-            let current = self
-                .inner
-                .table_source
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            coordinator.as_ref() == Some(source) && current.as_ref() != Some(source)
-        };
+        let mut current = self
+            .inner
+            .table_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Adopting an older table is only for a member whose table is its own (it started
+        // alone) meeting the cluster's coordinator.
+        let own = current.as_ref().is_none_or(|c| *c == self.inner.me);
+        let adopt = own && *source != self.inner.me && coordinator.as_ref() == Some(source);
         if table.version() > self.table().version() || adopt {
-            *self
-                .inner
-                .table_source
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(source.clone());
+            *current = Some(source.clone());
+            drop(current);
             self.apply_table(table, adopt);
         }
     }
@@ -453,13 +473,19 @@ impl Runtime {
     /// Applies a table if it is newer than ours (or `force`): drops the partitions this
     /// member no longer holds, lifts freezes the table supersedes.
     pub(crate) fn apply_table(&self, table: PartitionTable, force: bool) {
-        let old = self.table();
-        if table.version() <= old.version() && !force {
-            return;
-        }
         let me = self.inner.me.clone();
         let new = Arc::new(table);
-        self.inner.table.send_replace(new.clone());
+        // Compare and install in one step: two tables applied at once must not leave the
+        // older one installed.
+        let mut old = None;
+        self.inner.table.send_if_modified(|current| {
+            if new.version() <= current.version() && !force {
+                return false;
+            }
+            old = Some(std::mem::replace(current, new.clone()));
+            true
+        });
+        let Some(old) = old else { return };
         info!(member = %me, version = new.version(), owned = new.primaries_per_member().get(&me).copied().unwrap_or(0), "partition table applied");
         metrics::gauge!("grid_partition_table_version").set(new.version() as f64);
         let owned = new.primaries_per_member().get(&me).copied().unwrap_or(0);

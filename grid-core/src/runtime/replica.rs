@@ -95,7 +95,9 @@ impl Runtime {
             Err(e) => return OpResponse::Failed(e),
         };
         if let Some(change) = prepared.change {
-            let version = st.version + 1;
+            let Some(version) = st.version.checked_add(1) else {
+                return OpResponse::Failed("partition version exhausted".into());
+            };
             let targets = self.change_targets(p, &table);
             let sends = targets
                 .iter()
@@ -230,10 +232,11 @@ impl Runtime {
             .get(req.partition as usize)
             .ok_or_else(|| format!("no partition {}", req.partition))?;
         let mut st = replica.lock().await;
-        if req.epoch != st.epoch || req.version > st.version + 1 {
+        let next = st.version.saturating_add(1);
+        if req.epoch != st.epoch || req.version > next {
             return Ok(BackupResponse::NeedSync);
         }
-        if req.version == st.version + 1 {
+        if req.version == next {
             slot.service.apply(req.partition, &req.change)?;
             st.version = req.version;
         }
@@ -381,10 +384,36 @@ impl Runtime {
             .ok_or_else(|| format!("no partition {p}"))?;
         *ctl.frozen.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((req.table_version, Instant::now() + FREEZE_TIMEOUT));
-        // Wait out the operations already running: they hold the replica locks.
+        let new_owner: Arc<str> = Arc::from(req.new_owner.as_str());
+        let member = self.inner.cluster.member(&new_owner);
         for slot in self.slots() {
-            drop(slot.replicas[p as usize].lock().await);
+            // Waits out the operations already running (they hold the lock)...
+            let st = slot.replicas[p as usize].lock().await;
+            // ...then makes sure the new owner has everything: a change that missed it
+            // would otherwise be lost at the switch.
+            let Some(member) = &member else { continue };
+            let check = VersionCheck {
+                replicas: vec![(slot.service.name().to_string(), p, st.epoch, st.version)],
+            };
+            let stale: Stale = self
+                .inner
+                .transport
+                .request_typed(
+                    member.addr,
+                    routes::ANTI_ENTROPY,
+                    &check,
+                    Duration::from_secs(5),
+                )
+                .await
+                .map_err(|e| format!("cannot check the new owner: {e}"))?;
+            if !stale.replicas.is_empty() {
+                warn!(partition = p, new_owner = %new_owner, "new owner behind at handoff; copying the partition again");
+                self.sync_to(&slot, p, &st, &new_owner).await?;
+            }
         }
+        // The deadline counts from now: waiting for the locks may have taken a while.
+        *ctl.frozen.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((req.table_version, Instant::now() + FREEZE_TIMEOUT));
         Ok(())
     }
 }
