@@ -39,6 +39,9 @@ pub(crate) enum OpResponse {
     WrongOwner { table_version: u64 },
     /// The partition is being handed over: retry shortly.
     Frozen,
+    /// Applied on the owner, but a synchronous backup did not confirm it: the change may
+    /// not survive the owner's death.
+    Unreplicated(String),
 }
 
 /// A change for a backup.

@@ -14,9 +14,10 @@
 //! - An operation on one partition runs alone on its owner; a change is applied on the owner
 //!   only after every live backup acknowledged it, so a read (even a lock-free local one)
 //!   never sees a write that a failure of the owner could lose.
-//! - A caller sees the answer, a typed error, or a timeout. Operations that are safe to
-//!   repeat (declared idempotent) are retried across owner changes within the deadline;
-//!   others return [`GridError::Indeterminate`] when the owner vanished mid-call.
+//! - A caller sees the answer, a typed error, or a timeout. An answer means the change is on
+//!   the owner and every live synchronous backup; when a backup did not confirm it, or the
+//!   owner vanished mid-call, operations that are safe to repeat are retried within the
+//!   deadline and others return [`GridError::Indeterminate`].
 //! - Reads right after an ownership change may briefly go to the old owner, which answers
 //!   from its (complete) copy until the new table reaches it.
 
@@ -389,6 +390,7 @@ impl Runtime {
                 OpResponse::Failed(e) => Attempt::Failed(e),
                 OpResponse::WrongOwner { .. } => Attempt::Retry("ownership moved".into()),
                 OpResponse::Frozen => Attempt::Retry("partition is changing hands".into()),
+                OpResponse::Unreplicated(e) => Attempt::Indeterminate(e),
             };
         }
         let Some(member) = self.inner.cluster.member(&owner) else {
@@ -412,6 +414,7 @@ impl Runtime {
                 ))
             }
             Ok(OpResponse::Frozen) => Attempt::Retry("partition is changing hands".into()),
+            Ok(OpResponse::Unreplicated(e)) => Attempt::Indeterminate(e),
             Err(NetError::Unreachable { reason, .. }) => Attempt::Retry(reason),
             Err(NetError::Refused { reason, .. }) => Attempt::Retry(reason),
             Err(NetError::ShuttingDown) => Attempt::Failed("this member is shutting down".into()),

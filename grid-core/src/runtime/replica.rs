@@ -102,13 +102,30 @@ impl Runtime {
             let sends = targets
                 .iter()
                 .map(|t| self.replicate(&slot, p, &st, version, &change, t));
-            futures::future::join_all(sends).await;
+            let acked = futures::future::join_all(sends).await;
+            // The change is applied whatever the backups said: some may have it already,
+            // and the owner must not fall behind them.
             if let Err(e) = slot.service.apply(p, &change) {
                 warn!(partition = p, error = %e, "owner could not apply its own change");
                 return OpResponse::Failed(e);
             }
             st.version = version;
             st.log_change(version, &change);
+            // An acknowledgement promises the change is on every live synchronous backup.
+            // A backup (not a migration target) that did not confirm it breaks that promise:
+            // the caller hears the outcome is unknown, and the backup is repaired by its
+            // next change or by anti-entropy.
+            let backups = table.replicas(p).count().saturating_sub(1);
+            if let Some((missed, _)) = targets
+                .iter()
+                .zip(&acked)
+                .take(backups)
+                .find(|(_, ok)| !**ok)
+            {
+                return OpResponse::Unreplicated(format!(
+                    "applied on the owner, but backup {missed} did not confirm it"
+                ));
+            }
         }
         OpResponse::Ok(prepared.answer)
     }
@@ -124,9 +141,10 @@ impl Runtime {
         version: u64,
         change: &[u8],
         target: &Arc<str>,
-    ) {
+    ) -> bool {
         let Some(member) = self.inner.cluster.member(target) else {
-            return;
+            // No longer a live member: the next table drops it; nothing to wait for.
+            return true;
         };
         let req = BackupRequest {
             service: slot.service.name().to_string(),
@@ -143,7 +161,7 @@ impl Runtime {
                 .request_typed(member.addr, routes::BACKUP, &req, timeout)
                 .await;
             match answer {
-                Ok(BackupResponse::Applied) => return,
+                Ok(BackupResponse::Applied) => return true,
                 Ok(BackupResponse::NeedSync) if attempt == 0 => {
                     if let Err(e) = self.sync_to(slot, p, st, &member.id).await {
                         warn!(partition = p, backup = %target, error = %e, "full sync failed");
@@ -158,6 +176,7 @@ impl Runtime {
             }
         }
         metrics::counter!("grid_backup_misses_total").increment(1);
+        false
     }
 
     /// Copies the whole partition of one service to `target`, at the state `st` describes.
