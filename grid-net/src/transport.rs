@@ -205,6 +205,18 @@ impl std::fmt::Debug for Transport {
     }
 }
 
+/// Logs a failed handshake — a warning for what configuration must fix (certificates,
+/// protocol version), debug for a peer that is down or leaving — and returns why.
+fn log_handshake_failure(peer: SocketAddr, text: &str, context: &str) -> &'static str {
+    let (serious, why) = explain_handshake_error(text);
+    if serious {
+        warn!(%peer, error = %text, "{context}: {why}");
+    } else {
+        debug!(%peer, error = %text, "{context}: {why}");
+    }
+    why
+}
+
 fn lost(addr: SocketAddr, e: impl std::fmt::Display) -> NetError {
     NetError::ConnectionLost {
         addr,
@@ -547,12 +559,7 @@ impl Transport {
             Ok(c) => c,
             Err(e) => {
                 let text = e.to_string();
-                let (serious, why) = explain_handshake_error(&text);
-                if serious {
-                    warn!(%addr, error = %text, "cannot connect: {why}");
-                } else {
-                    debug!(%addr, error = %text, "cannot connect: {why}");
-                }
+                let why = log_handshake_failure(addr, &text, "cannot connect");
                 return Err(unreachable(format!("{why}: {text}")));
             }
         };
@@ -666,13 +673,7 @@ impl Transport {
         let conn = match incoming.await {
             Ok(c) => c,
             Err(e) => {
-                let text = e.to_string();
-                let (serious, why) = explain_handshake_error(&text);
-                if serious {
-                    warn!(%remote, error = %text, "refused incoming connection: {why}");
-                } else {
-                    debug!(%remote, error = %text, "incoming connection failed: {why}");
-                }
+                log_handshake_failure(remote, &e.to_string(), "refused incoming connection");
                 metrics::counter!("grid_net_handshakes_refused_total").increment(1);
                 return;
             }
