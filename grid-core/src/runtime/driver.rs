@@ -257,15 +257,8 @@ fn carry_out(
                 let outcome: Result<MigrateResponse, String> = if source == rt.inner.me {
                     rt.on_migrate(req).await
                 } else {
-                    match rt.inner.cluster.member(&source) {
-                        Some(m) => rt
-                            .inner
-                            .transport
-                            .request_typed(m.addr, routes::MIGRATE, &req, Duration::from_secs(120))
-                            .await
-                            .map_err(|e| e.to_string()),
-                        None => Err(format!("source {source} is gone")),
-                    }
+                    rt.ask(&source, routes::MIGRATE, &req, Duration::from_secs(120))
+                        .await
                 };
                 if let Err(e) = &outcome {
                     warn!(partition, %destination, error = %e, "migration failed; will retry");
@@ -295,20 +288,9 @@ fn carry_out(
                 let ok = if owner == rt.inner.me {
                     rt.on_freeze(req).await.is_ok()
                 } else {
-                    match rt.inner.cluster.member(&owner) {
-                        Some(m) => rt
-                            .inner
-                            .transport
-                            .request_typed::<_, ()>(
-                                m.addr,
-                                routes::FREEZE,
-                                &req,
-                                Duration::from_secs(10),
-                            )
-                            .await
-                            .is_ok(),
-                        None => false,
-                    }
+                    rt.ask::<_, ()>(&owner, routes::FREEZE, &req, Duration::from_secs(10))
+                        .await
+                        .is_ok()
                 };
                 let _ = results.send(Outcome::Frozen { partition, ok }).await;
             });

@@ -426,6 +426,30 @@ impl Runtime {
         }
     }
 
+    /// Sends a typed request on `route` to the live member `member` (by id).
+    pub(crate) async fn ask<Req, Resp>(
+        &self,
+        member: &str,
+        route: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, String>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+    {
+        let m = self
+            .inner
+            .cluster
+            .member(member)
+            .ok_or_else(|| format!("{member} is not a live member"))?;
+        self.inner
+            .transport
+            .request_typed(m.addr, route, req, timeout)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     async fn fetch_table_from(&self, member: &Member) {
         let got: Result<TableMessage, _> = self
             .inner

@@ -345,11 +345,6 @@ impl Runtime {
             }
             match changes {
                 Some(changes) => {
-                    let member = self
-                        .inner
-                        .cluster
-                        .member(&destination)
-                        .ok_or_else(|| format!("{destination} is not a live member"))?;
                     for (version, change) in changes {
                         let req = BackupRequest {
                             service: slot.service.name().to_string(),
@@ -359,16 +354,13 @@ impl Runtime {
                             change,
                         };
                         let answer: BackupResponse = self
-                            .inner
-                            .transport
-                            .request_typed(
-                                member.addr,
+                            .ask(
+                                &destination,
                                 routes::BACKUP,
                                 &req,
                                 self.inner.config.backup_timeout,
                             )
-                            .await
-                            .map_err(|e| e.to_string())?;
+                            .await?;
                         if answer != BackupResponse::Applied {
                             return Err("destination refused the catch-up".into());
                         }
@@ -404,21 +396,21 @@ impl Runtime {
         *ctl.frozen.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((req.table_version, Instant::now() + FREEZE_TIMEOUT));
         let new_owner: Arc<str> = Arc::from(req.new_owner.as_str());
-        let member = self.inner.cluster.member(&new_owner);
+        let live = self.inner.cluster.member(&new_owner).is_some();
         for slot in self.slots() {
             // Waits out the operations already running (they hold the lock)...
             let st = slot.replicas[p as usize].lock().await;
             // ...then makes sure the new owner has everything: a change that missed it
             // would otherwise be lost at the switch.
-            let Some(member) = &member else { continue };
+            if !live {
+                continue;
+            }
             let check = VersionCheck {
                 replicas: vec![(slot.service.name().to_string(), p, st.epoch, st.version)],
             };
             let stale: Stale = self
-                .inner
-                .transport
-                .request_typed(
-                    member.addr,
+                .ask(
+                    &new_owner,
                     routes::ANTI_ENTROPY,
                     &check,
                     Duration::from_secs(5),
