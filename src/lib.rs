@@ -43,7 +43,10 @@ use grid_core::runtime::Runtime;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use grid_cache::Cache;
+pub use grid_cache::{
+    Cache, CacheBuilder, CacheEvent, CacheListener, CacheMode, CacheSettings, CacheStatistics,
+    CachedReference, Eviction, Expiry, ProcessorEntry,
+};
 pub use grid_core::config::PartitionConfig;
 pub use grid_core::{codec, GridConfig, GridError};
 pub use grid_net::config::{MembershipConfig, MulticastConfig, NetworkConfig, TlsConfig};
@@ -207,8 +210,11 @@ impl GridBuilder {
             node.cluster().clone(),
             self.config.runtime_config(),
         );
-        let caches = Arc::new(grid_cache::CacheService::new(self.config.partitions.count));
-        runtime.register(caches.clone());
+        let caches = grid_cache::Caches::start(
+            runtime.clone(),
+            node.transport().clone(),
+            node.cluster().clone(),
+        );
         Ok(Grid {
             node: Arc::new(node),
             runtime,
@@ -223,7 +229,7 @@ impl GridBuilder {
 pub struct Grid {
     node: Arc<grid_net::node::Node>,
     runtime: Runtime,
-    caches: Arc<grid_cache::CacheService>,
+    caches: grid_cache::Caches,
 }
 
 impl Grid {
@@ -255,14 +261,38 @@ impl Grid {
         Ok(self.node.topic(name)?)
     }
 
-    /// The cache `name` with keys `K` and values `V` (see [`Cache`]). The same name is the
-    /// same cache on every member; the types are the caller's promise.
-    pub fn cache<K, V>(&self, name: &str) -> Cache<K, V>
+    /// The cache `name` with keys `K` and values `V` (see [`Cache`]): `.await` it, after
+    /// optionally giving `.settings(..)` and a `.loader(..)`. The same name is the same
+    /// cache on every member; the types are the caller's promise, the settings are
+    /// checked (a different one is [`GridError::SettingsConflict`]).
+    pub fn cache<K, V>(&self, name: &str) -> CacheBuilder<K, V>
     where
-        K: Serialize,
-        V: Serialize + DeserializeOwned,
+        K: Serialize + DeserializeOwned + Send + Sync + 'static,
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
-        Cache::new(name, self.runtime.clone(), self.caches.clone())
+        CacheBuilder::new(&self.caches, name)
+    }
+
+    /// The cluster-wide value `name`, computed by `supplier` (once across the cluster)
+    /// when absent (see [`CachedReference`]).
+    pub async fn cached_reference<V, F, Fut, E>(
+        &self,
+        name: &str,
+        supplier: F,
+    ) -> Result<CachedReference<V>, GridError>
+    where
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<V, E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        grid_cache::reference::open(&self.caches, name, supplier).await
+    }
+
+    /// This member's caches (benchmarks and tests look inside).
+    #[doc(hidden)]
+    pub fn caches(&self) -> &grid_cache::Caches {
+        &self.caches
     }
 
     /// Leaves the cluster gracefully: first hands this member's partitions to the others

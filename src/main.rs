@@ -203,13 +203,13 @@ async fn demo() -> anyhow::Result<()> {
         settle.elapsed().as_millis(),
         owned.join(", ")
     );
-    let users = m1.cache::<u32, String>("users");
+    let users = m1.cache::<u32, String>("users").await?;
     let t = Instant::now();
     for i in 0..1000u32 {
         users.put(&i, &format!("user {i}")).await?;
     }
     println!("  m1 wrote 1000 entries in {} ms", t.elapsed().as_millis());
-    let on_m2 = m2.cache::<u32, String>("users");
+    let on_m2 = m2.cache::<u32, String>("users").await?;
     println!(
         "  m2 reads key 42: {:?}; the cache holds {} entries",
         on_m2.get(&42).await?,

@@ -76,18 +76,18 @@ fn owner_of(grids: &[Grid], cache: &grid::Cache<u32, u32>, key: u32) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_one_backup_a_killed_owners_keys_stay_readable_and_writable() {
     let mut grids = data_cluster("p-kill1", 3, 1).await;
-    let cache = grids[0].cache::<u32, u32>("c");
+    let cache = grids[0].cache::<u32, u32>("c").await.unwrap();
     for k in 0..300 {
         cache.put(&k, &(k * 10)).await.unwrap();
     }
     let victim = owner_of(&grids, &cache, 7);
     let dead = grids.remove(victim);
     dead.kill();
-    let survivor = grids[0].cache::<u32, u32>("c");
+    let survivor = grids[0].cache::<u32, u32>("c").await.unwrap();
     assert_eq!(survivor.get(&7).await.unwrap(), Some(70), "backup promoted");
     survivor.put(&7, &71).await.unwrap();
     assert_eq!(
-        grids[1].cache::<u32, u32>("c").get(&7).await.unwrap(),
+        grids[1].cache::<u32, u32>("c").await.unwrap().get(&7).await.unwrap(),
         Some(71)
     );
     for k in 0..300 {
@@ -105,7 +105,7 @@ async fn with_one_backup_a_killed_owners_keys_stay_readable_and_writable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_two_backups_killing_two_of_five_at_once_loses_nothing() {
     let mut grids = data_cluster("p-kill2", 5, 2).await;
-    let cache = grids[0].cache::<u32, u32>("c");
+    let cache = grids[0].cache::<u32, u32>("c").await.unwrap();
     for k in 0..500 {
         cache.put(&k, &(k + 1)).await.unwrap();
     }
@@ -113,20 +113,20 @@ async fn with_two_backups_killing_two_of_five_at_once_loses_nothing() {
     let a = grids.remove(3);
     a.kill();
     b.kill();
-    let cache = grids[1].cache::<u32, u32>("c");
+    let cache = grids[1].cache::<u32, u32>("c").await.unwrap();
     for k in 0..500 {
         assert_eq!(cache.get(&k).await.unwrap(), Some(k + 1), "key {k}");
     }
     cache.put(&1, &1000).await.unwrap();
     assert_eq!(
-        grids[2].cache::<u32, u32>("c").get(&1).await.unwrap(),
+        grids[2].cache::<u32, u32>("c").await.unwrap().get(&1).await.unwrap(),
         Some(1000)
     );
     assert!(settled(&grids, 3).await);
     for k in 0..500 {
         let expect = if k == 1 { 1000 } else { k + 1 };
         assert_eq!(
-            grids[0].cache::<u32, u32>("c").get(&k).await.unwrap(),
+            grids[0].cache::<u32, u32>("c").await.unwrap().get(&k).await.unwrap(),
             Some(expect)
         );
     }
@@ -142,7 +142,7 @@ async fn every_acknowledged_write_survives_a_join_under_64_writers() {
     let acked: Arc<Mutex<HashMap<(u32, u32), u32>>> = Arc::default();
     let mut writers = Vec::new();
     for w in 0..64u32 {
-        let cache = grids[(w % 3) as usize].cache::<(u32, u32), u32>("w");
+        let cache = grids[(w % 3) as usize].cache::<(u32, u32), u32>("w").await.unwrap();
         let (stop, acked) = (stop.clone(), acked.clone());
         writers.push(tokio::spawn(async move {
             let mut n = 0u32;
@@ -174,7 +174,7 @@ async fn every_acknowledged_write_survives_a_join_under_64_writers() {
     let acked = acked.lock().unwrap().clone();
     println!("{total} writes, {} keys acknowledged", acked.len());
     assert!(total > 1000, "the writers barely ran");
-    let reader = grids[3].cache::<(u32, u32), u32>("w");
+    let reader = grids[3].cache::<(u32, u32), u32>("w").await.unwrap();
     for (key, value) in &acked {
         let p = grids[0]
             .runtime()
@@ -196,13 +196,13 @@ async fn every_acknowledged_write_survives_a_join_under_64_writers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_shutdown_without_backups_loses_nothing() {
     let grids = data_cluster("p-leave0", 3, 0).await;
-    let cache = grids[0].cache::<u32, u32>("c");
+    let cache = grids[0].cache::<u32, u32>("c").await.unwrap();
     for k in 0..300 {
         cache.put(&k, &k).await.unwrap();
     }
     grids[2].shutdown().await;
     let rest = &grids[..2];
-    let cache = rest[1].cache::<u32, u32>("c");
+    let cache = rest[1].cache::<u32, u32>("c").await.unwrap();
     for k in 0..300 {
         assert_eq!(cache.get(&k).await.unwrap(), Some(k), "key {k}");
     }
@@ -240,10 +240,10 @@ async fn a_member_with_another_partition_count_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_map_operations_work_from_every_member() {
     let grids = data_cluster("p-ops", 3, 1).await;
-    let caches: Vec<_> = grids
-        .iter()
-        .map(|g| g.cache::<String, String>("ops"))
-        .collect();
+    let mut caches = Vec::new();
+    for g in &grids {
+        caches.push(g.cache::<String, String>("ops").await.unwrap());
+    }
     for i in 0..50 {
         let k = format!("k{i}");
         assert_eq!(caches[i % 3].put(&k, &format!("v{i}")).await.unwrap(), None);
@@ -280,7 +280,7 @@ async fn core_map_operations_work_from_every_member() {
     // Another cache of the same member is another map.
     assert_eq!(
         grids[0]
-            .cache::<String, String>("other")
+            .cache::<String, String>("other").await.unwrap()
             .len()
             .await
             .unwrap(),
@@ -305,7 +305,7 @@ async fn anti_entropy_repairs_a_backup_that_missed_a_change() {
     let b = tuned("b").seed(a.addr()).start().await.unwrap();
     let grids = vec![a, b];
     assert!(settled(&grids, 2).await);
-    let cache = grids[0].cache::<u32, u32>("c");
+    let cache = grids[0].cache::<u32, u32>("c").await.unwrap();
     cache.put(&1, &1).await.unwrap();
     cache.put(&1, &2).await.unwrap();
     let owner = owner_of(&grids, &cache, 1);
@@ -320,7 +320,7 @@ async fn anti_entropy_repairs_a_backup_that_missed_a_change() {
     // dies, and the promoted backup must have the acknowledged write.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     grids[owner].kill();
-    let survivor = grids[backup].cache::<u32, u32>("c");
+    let survivor = grids[backup].cache::<u32, u32>("c").await.unwrap();
     assert_eq!(survivor.get(&1).await.unwrap(), Some(2));
     grids[backup].shutdown().await;
 }
@@ -357,10 +357,10 @@ async fn a_lite_member_owns_nothing_and_uses_everything() {
         table.members().iter().all(|m| &**m != "lite"),
         "a lite member holds no partition"
     );
-    let cache = grids[1].cache::<u32, String>("c");
+    let cache = grids[1].cache::<u32, String>("c").await.unwrap();
     cache.put(&7, &"seven".to_string()).await.unwrap();
     assert_eq!(
-        grids[0].cache::<u32, String>("c").get(&7).await.unwrap(),
+        grids[0].cache::<u32, String>("c").await.unwrap().get(&7).await.unwrap(),
         Some("seven".to_string())
     );
     for g in &grids {

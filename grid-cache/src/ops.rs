@@ -1,89 +1,145 @@
 //! The cache's operations and the changes they replicate. An operation is what a caller
 //! asks; a change is its effect, recorded so that every replica applies exactly the same
-//! thing (a `put_if_absent` that found the key absent replicates as a plain set).
+//! thing (a `put_if_absent` that found the key absent replicates as a plain set, with the
+//! absolute expiry time the owner chose).
 
 use serde::{Deserialize, Serialize};
+
+use crate::settings::WriteParams;
+
+/// Encoded bytes carried as MessagePack binary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Blob(#[serde(with = "grid_core::codec::bin")] pub Vec<u8>);
 
 /// An operation, run on the key's owner.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum CacheOp {
-    /// The value of `key`.
+    /// The value of `key` (a read: counts as an access for idle expiry and eviction).
     Get {
         /// Cache name.
         cache: String,
         /// Encoded key.
-        #[serde(with = "grid_core::codec::bin")]
-        key: Vec<u8>,
+        key: Blob,
     },
-    /// Whether `key` has a value.
+    /// Whether `key` has a live value (not an access).
     ContainsKey {
         /// Cache name.
         cache: String,
         /// Encoded key.
-        #[serde(with = "grid_core::codec::bin")]
-        key: Vec<u8>,
+        key: Blob,
     },
-    /// Sets `key` to `value`; answers the previous value.
+    /// Writes `key`, depending on `cond`; answers depend on `cond` (see [`PutIf`]).
     Put {
         /// Cache name.
         cache: String,
         /// Encoded key.
-        #[serde(with = "grid_core::codec::bin")]
-        key: Vec<u8>,
+        key: Blob,
         /// Encoded value.
-        #[serde(with = "grid_core::codec::bin")]
-        value: Vec<u8>,
+        value: Blob,
+        /// When to write.
+        cond: PutIf,
+        /// Expiry and eviction.
+        params: WriteParams,
     },
-    /// Sets `key` to `value` unless it has a value; answers the existing value.
-    PutIfAbsent {
-        /// Cache name.
-        cache: String,
-        /// Encoded key.
-        #[serde(with = "grid_core::codec::bin")]
-        key: Vec<u8>,
-        /// Encoded value.
-        #[serde(with = "grid_core::codec::bin")]
-        value: Vec<u8>,
-    },
-    /// Entries of `cache` in the partition the operation is sent to.
-    Len {
-        /// Cache name.
-        cache: String,
-    },
-    /// Removes `key`; answers the previous value.
+    /// Removes `key` (if it holds `expected`, when given).
     Remove {
         /// Cache name.
         cache: String,
         /// Encoded key.
-        #[serde(with = "grid_core::codec::bin")]
-        key: Vec<u8>,
+        key: Blob,
+        /// Only if the current value is this one.
+        expected: Option<Blob>,
     },
+    /// Runs the registered entry processor `processor` on `key`, atomically.
+    Process {
+        /// Cache name.
+        cache: String,
+        /// Encoded key.
+        key: Blob,
+        /// Processor name (registered on every member).
+        processor: String,
+        /// Encoded arguments.
+        args: Blob,
+        /// Expiry and eviction for a value the processor sets.
+        params: WriteParams,
+    },
+    /// Removes every entry of `cache` in the partition.
+    Clear {
+        /// Cache name.
+        cache: String,
+    },
+    /// Removes the partition's expired entries (every cache), at most `limit`.
+    Expire {
+        /// Most entries removed by one operation.
+        limit: u32,
+    },
+}
+
+/// The condition of a [`CacheOp::Put`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PutIf {
+    /// Always; answers the previous value.
+    Always,
+    /// Only when the key has no live value; answers the existing value.
+    Absent,
+    /// Only when the key has a live value; answers the previous value.
+    Present,
+    /// Only when the current value is this one; answers `Some(old)` when it wrote.
+    Equals(Blob),
+}
+
+/// Why an entry went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Removal {
+    /// A caller removed it.
+    Removed,
+    /// Its time to live or idle time passed.
+    Expired,
+    /// `max_entries` made room for another.
+    Evicted,
 }
 
 /// A replicated effect.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum CacheChange {
-    /// Set a stored key (cache-prefixed) to a value.
-    Set(
-        #[serde(with = "grid_core::codec::bin")] Vec<u8>,
-        #[serde(with = "grid_core::codec::bin")] Vec<u8>,
-    ),
-    /// Remove a stored key.
-    Delete(#[serde(with = "grid_core::codec::bin")] Vec<u8>),
+    /// Set a key.
+    Set {
+        /// Cache name.
+        cache: String,
+        /// Encoded key.
+        key: Blob,
+        /// Encoded value.
+        value: Blob,
+        /// Absolute expiry, ms since the Unix epoch (0: never).
+        expire_at: u64,
+        /// Idle time to live, ms (0: none).
+        idle_ms: u32,
+    },
+    /// Remove a key.
+    Delete {
+        /// Cache name.
+        cache: String,
+        /// Encoded key.
+        key: Blob,
+        /// Why.
+        why: Removal,
+    },
+    /// Remove every entry of a cache in the partition.
+    Clear {
+        /// Cache name.
+        cache: String,
+    },
+    /// Several changes, applied in order as one.
+    Many(Vec<CacheChange>),
 }
 
-/// The stored form of a key: the cache name, then the encoded key, so that one partition's
-/// map holds every cache's entries for that partition.
-pub(crate) fn stored_key(cache: &str, key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(2 + cache.len() + key.len());
-    k.extend_from_slice(&(cache.len() as u16).to_be_bytes());
-    k.extend_from_slice(cache.as_bytes());
-    k.extend_from_slice(key);
-    k
-}
-
-/// The cache name of a stored key.
-pub(crate) fn cache_of(stored: &[u8]) -> Option<&[u8]> {
-    let len = u16::from_be_bytes(stored.get(..2)?.try_into().ok()?) as usize;
-    stored.get(2..2 + len)
+/// What a processor did to its entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Left the entry as it was.
+    Keep,
+    /// Set the value (encoded).
+    Set(Vec<u8>),
+    /// Removed the entry.
+    Remove,
 }

@@ -1,22 +1,176 @@
-//! The per-partition maps of every cache on this member, and the runtime's view of them.
+//! The entries of every cache on this member, split by partition, and the runtime's view
+//! of them ([`CacheService`]): operations become changes on the owner; changes are applied
+//! on the owner and its backups; the owner reports what happened to the entries (events).
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use grid_core::codec;
 use grid_core::runtime::{PartitionService, Prepared};
 
-use crate::ops::{cache_of, stored_key, CacheChange, CacheOp};
+use crate::events::{EventKind, EventSink, RawEvent};
+use crate::ops::{Blob, CacheChange, CacheOp, Outcome, PutIf, Removal};
+use crate::processor::ErasedProcessor;
+use crate::settings::{Eviction, WriteParams, EVICTION_SAMPLE};
 
 /// The runtime service name of the cache.
 pub const SERVICE: &str = "cache";
 
-type Map = HashMap<Vec<u8>, Vec<u8>>;
+/// Milliseconds since the Unix epoch: expiry times are absolute so that every replica
+/// agrees on them.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
-/// Every cache's entries on this member, one map per partition. Reads take a partition's
-/// read lock only; writes come from the runtime, one at a time per partition.
+/// One entry. 48 bytes beside the key's and the value's own allocations.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) value: Box<[u8]>,
+    /// Absolute expiry in ms since the epoch (0: never).
+    pub(crate) expire_at: u64,
+    /// Last read or write, ms since the epoch (idle expiry, LRU). Reads update it under
+    /// the read lock, hence atomic.
+    touched: AtomicU64,
+    /// Idle time to live in ms (0: none).
+    pub(crate) idle_ms: u32,
+    /// Reads, saturating (LFU).
+    hits: AtomicU32,
+}
+
+impl Entry {
+    pub(crate) fn new(value: Vec<u8>, expire_at: u64, idle_ms: u32, now: u64) -> Self {
+        Self {
+            value: value.into_boxed_slice(),
+            expire_at,
+            touched: AtomicU64::new(now),
+            idle_ms,
+            hits: AtomicU32::new(0),
+        }
+    }
+
+    pub(crate) fn is_live(&self, now: u64) -> bool {
+        (self.expire_at == 0 || now < self.expire_at)
+            && (self.idle_ms == 0
+                || now < self.touched.load(Ordering::Relaxed) + self.idle_ms as u64)
+    }
+
+    pub(crate) fn touch(&self, now: u64) {
+        self.touched.fetch_max(now, Ordering::Relaxed);
+        let _ = self
+            .hits
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| h.checked_add(1));
+    }
+
+    /// When this entry expires if it is not read again (0: never).
+    pub(crate) fn deadline(&self) -> u64 {
+        let idle = (self.idle_ms > 0)
+            .then(|| self.touched.load(Ordering::Relaxed) + self.idle_ms as u64)
+            .unwrap_or(0);
+        match (self.expire_at, idle) {
+            (0, i) => i,
+            (e, 0) => e,
+            (e, i) => e.min(i),
+        }
+    }
+
+    fn eviction_rank(&self, policy: Eviction) -> u64 {
+        match policy {
+            Eviction::Lru => self.touched.load(Ordering::Relaxed),
+            Eviction::Lfu => self.hits.load(Ordering::Relaxed) as u64,
+        }
+    }
+}
+
+/// One cache's entries in one partition (or in a member-only store).
+#[derive(Debug, Default)]
+pub(crate) struct CacheMap {
+    pub(crate) entries: HashMap<Box<[u8]>, Entry>,
+    /// Entries that can expire: the sweeper skips maps without any.
+    expiring: usize,
+}
+
+impl CacheMap {
+    pub(crate) fn live(&self, key: &[u8], now: u64) -> Option<&Entry> {
+        self.entries.get(key).filter(|e| e.is_live(now))
+    }
+
+    fn insert(&mut self, key: Vec<u8>, entry: Entry) -> Option<Entry> {
+        if entry.deadline() != 0 || entry.idle_ms != 0 {
+            self.expiring += 1;
+        }
+        let old = self.entries.insert(key.into_boxed_slice(), entry);
+        if let Some(o) = &old {
+            self.forget(o);
+        }
+        old
+    }
+
+    fn remove(&mut self, key: &[u8]) -> Option<Entry> {
+        let old = self.entries.remove(key);
+        if let Some(o) = &old {
+            self.forget(o);
+        }
+        old
+    }
+
+    fn forget(&mut self, e: &Entry) {
+        if e.expire_at != 0 || e.idle_ms != 0 {
+            self.expiring = self.expiring.saturating_sub(1);
+        }
+    }
+
+    /// Up to `n` victims, chosen by sampling `EVICTION_SAMPLE` entries per victim from a
+    /// pseudo-random place in the map; expired entries go first.
+    fn victims(&self, n: usize, policy: Eviction, now: u64, seed: u64) -> Vec<Vec<u8>> {
+        let len = self.entries.len();
+        let mut chosen: Vec<Vec<u8>> = Vec::new();
+        let mut seed = seed | 1;
+        for _ in 0..n {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let start = (seed % len.max(1) as u64) as usize;
+            let best = self
+                .entries
+                .iter()
+                .cycle()
+                .skip(start)
+                .take(EVICTION_SAMPLE.min(len))
+                .filter(|(k, _)| !chosen.iter().any(|c| c[..] == k[..]))
+                .min_by_key(|(_, e)| (e.is_live(now), e.eviction_rank(policy)));
+            match best {
+                Some((k, _)) => chosen.push(k.to_vec()),
+                None => break,
+            }
+        }
+        chosen
+    }
+}
+
+type Partition = HashMap<Arc<str>, CacheMap>;
+
+/// What the owner's store counts per cache (evictions and expirations happen there, not
+/// at a caller).
+#[derive(Debug, Default)]
+pub(crate) struct StoreCounters {
+    pub(crate) evictions: AtomicU64,
+    pub(crate) expirations: AtomicU64,
+}
+
+/// Every cache's entries on this member, by partition. Reads take a partition's read lock
+/// only; writes come from the runtime, one at a time per partition.
 pub struct CacheService {
-    partitions: Vec<RwLock<Map>>,
+    partitions: Vec<RwLock<Partition>>,
+    /// Partitions this member owns (for the per-partition share of `max_entries`).
+    owned: AtomicU32,
+    processors: RwLock<HashMap<(String, String), ErasedProcessor>>,
+    sink: OnceLock<Arc<dyn EventSink>>,
+    counters: RwLock<HashMap<String, Arc<StoreCounters>>>,
 }
 
 impl std::fmt::Debug for CacheService {
@@ -27,41 +181,460 @@ impl std::fmt::Debug for CacheService {
     }
 }
 
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, String> {
+    codec::encode(v).map_err(|e| e.to_string())
+}
+
+fn blob(v: &[u8]) -> Blob {
+    Blob(v.to_vec())
+}
+
 impl CacheService {
     /// A service for `partitions` partitions.
     pub fn new(partitions: u32) -> Self {
         Self {
-            partitions: (0..partitions).map(|_| RwLock::new(Map::new())).collect(),
+            partitions: (0..partitions)
+                .map(|_| RwLock::new(Partition::new()))
+                .collect(),
+            owned: AtomicU32::new(partitions),
+            processors: RwLock::new(HashMap::new()),
+            sink: OnceLock::new(),
+            counters: RwLock::new(HashMap::new()),
         }
     }
 
-    fn map(&self, p: u32) -> Result<&RwLock<Map>, String> {
+    fn part(&self, p: u32) -> Result<&RwLock<Partition>, String> {
         self.partitions
             .get(p as usize)
             .ok_or_else(|| format!("no partition {p}"))
     }
 
-    /// The locally stored value of a key (the caller checked that this member owns it).
-    pub fn get_local(&self, p: u32, cache: &str, key: &[u8]) -> Option<Vec<u8>> {
-        let map = self.partitions.get(p as usize)?;
-        let map = map.read().unwrap_or_else(|e| e.into_inner());
-        map.get(&stored_key(cache, key)).cloned()
+    fn read(&self, p: u32) -> Option<std::sync::RwLockReadGuard<'_, Partition>> {
+        Some(
+            self.partitions
+                .get(p as usize)?
+                .read()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
     }
 
-    /// Entries of `cache` in partition `p` on this member.
-    pub fn len_local(&self, p: u32, cache: &str) -> usize {
-        let Some(map) = self.partitions.get(p as usize) else {
-            return 0;
-        };
-        let map = map.read().unwrap_or_else(|e| e.into_inner());
-        map.keys()
-            .filter(|k| cache_of(k) == Some(cache.as_bytes()))
-            .count()
+    /// Where the owner reports what happened to entries.
+    pub(crate) fn set_sink(&self, sink: Arc<dyn EventSink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    /// Tells the store how many partitions this member owns.
+    pub(crate) fn set_owned(&self, owned: u32) {
+        self.owned.store(owned, Ordering::Relaxed);
+    }
+
+    pub(crate) fn register_processor(&self, cache: &str, name: &str, f: ErasedProcessor) {
+        self.processors
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((cache.to_string(), name.to_string()), f);
+    }
+
+    pub(crate) fn counters(&self, cache: &str) -> Arc<StoreCounters> {
+        if let Some(c) = self
+            .counters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(cache)
+        {
+            return c.clone();
+        }
+        self.counters
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(cache.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// The live value of a key in this member's copy, counted as a read (`touch`) or not.
+    pub(crate) fn get_local(&self, p: u32, cache: &str, key: &[u8], touch: bool) -> Option<Vec<u8>> {
+        let part = self.read(p)?;
+        let now = now_ms();
+        let e = part.get(cache)?.live(key, now)?;
+        if touch {
+            e.touch(now);
+        }
+        Some(e.value.to_vec())
+    }
+
+    /// The live value and its expiry deadline (for near copies).
+    pub(crate) fn get_with_deadline(&self, p: u32, cache: &str, key: &[u8]) -> Option<(Vec<u8>, u64)> {
+        let part = self.read(p)?;
+        let now = now_ms();
+        let e = part.get(cache)?.live(key, now)?;
+        e.touch(now);
+        Some((e.value.to_vec(), e.deadline()))
+    }
+
+    /// Live entries of `cache` in the given partitions.
+    pub(crate) fn count(&self, cache: &str, partitions: impl Iterator<Item = u32>) -> usize {
+        let now = now_ms();
+        partitions
+            .filter_map(|p| {
+                let part = self.read(p)?;
+                let map = part.get(cache)?;
+                Some(if map.expiring == 0 {
+                    map.entries.len()
+                } else {
+                    map.entries.values().filter(|e| e.is_live(now)).count()
+                })
+            })
+            .sum()
+    }
+
+    /// Bytes of keys and values of `cache` in the given partitions, plus the per-entry
+    /// bookkeeping: the statistics' heap size estimate.
+    pub(crate) fn heap_estimate(&self, cache: &str, partitions: impl Iterator<Item = u32>) -> u64 {
+        let per_entry = (size_of::<Entry>() + size_of::<Box<[u8]>>() + 1) as u64;
+        partitions
+            .filter_map(|p| {
+                let part = self.read(p)?;
+                let map = part.get(cache)?;
+                Some(
+                    map.entries
+                        .iter()
+                        .map(|(k, e)| k.len() as u64 + e.value.len() as u64 + per_entry)
+                        .sum::<u64>(),
+                )
+            })
+            .sum()
+    }
+
+    /// Live entries of `cache` in the given partitions: (key, value, expire_at, idle_ms).
+    pub(crate) fn entries(
+        &self,
+        cache: &str,
+        partitions: impl Iterator<Item = u32>,
+        with_values: bool,
+    ) -> Vec<(Vec<u8>, Vec<u8>, u64, u32)> {
+        let now = now_ms();
+        let mut out = Vec::new();
+        for p in partitions {
+            let Some(part) = self.read(p) else { continue };
+            let Some(map) = part.get(cache) else { continue };
+            out.extend(map.entries.iter().filter(|(_, e)| e.is_live(now)).map(|(k, e)| {
+                let value = if with_values { e.value.to_vec() } else { Vec::new() };
+                (k.to_vec(), value, e.deadline(), e.idle_ms)
+            }));
+        }
+        out
+    }
+
+    /// Partitions among `partitions` holding an entry that expired.
+    pub(crate) fn with_expired(&self, partitions: impl Iterator<Item = u32>) -> Vec<u32> {
+        let now = now_ms();
+        partitions
+            .filter(|p| {
+                self.read(*p).is_some_and(|part| {
+                    part.values().any(|m| {
+                        m.expiring > 0 && m.entries.values().any(|e| !e.is_live(now))
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// The write `op` would make (and its answer), without making it.
+    pub(crate) fn prepare_op(&self, p: u32, op: CacheOp) -> Result<Prepared, String> {
+        let part = self.part(p)?.read().unwrap_or_else(|e| e.into_inner());
+        let now = now_ms();
+        Ok(match op {
+            CacheOp::Get { cache, key } => {
+                let found = part.get(cache.as_str()).and_then(|m| m.live(&key.0, now));
+                if let Some(e) = found {
+                    e.touch(now);
+                }
+                Prepared {
+                    answer: encode(&found.map(|e| (blob(&e.value), e.deadline())))?,
+                    change: None,
+                }
+            }
+            CacheOp::ContainsKey { cache, key } => Prepared {
+                answer: encode(&part.get(cache.as_str()).and_then(|m| m.live(&key.0, now)).is_some())?,
+                change: None,
+            },
+            CacheOp::Put {
+                cache,
+                key,
+                value,
+                cond,
+                params,
+            } => {
+                let map = part.get(cache.as_str());
+                let current = map.and_then(|m| m.live(&key.0, now));
+                let write = match &cond {
+                    PutIf::Always => true,
+                    PutIf::Absent => current.is_none(),
+                    PutIf::Present => current.is_some(),
+                    PutIf::Equals(v) => current.is_some_and(|e| e.value[..] == v.0[..]),
+                };
+                let answer = match (&cond, write) {
+                    (PutIf::Equals(_), w) => encode(&w)?,
+                    _ => encode(&current.map(|e| blob(&e.value)))?,
+                };
+                let change = if write {
+                    let evict = self.eviction(map, &key.0, &params, now);
+                    Some(encode(&with_evictions(
+                        &cache,
+                        evict,
+                        set(&cache, key, value.0, &params, now),
+                    ))?)
+                } else {
+                    None
+                };
+                Prepared { answer, change }
+            }
+            CacheOp::Remove {
+                cache,
+                key,
+                expected,
+            } => {
+                let current = part.get(cache.as_str()).and_then(|m| m.live(&key.0, now));
+                let remove = match (&expected, current) {
+                    (_, None) => false,
+                    (None, Some(_)) => true,
+                    (Some(v), Some(e)) => e.value[..] == v.0[..],
+                };
+                let answer = match expected {
+                    Some(_) => encode(&remove)?,
+                    None => encode(&current.map(|e| blob(&e.value)))?,
+                };
+                let change = remove
+                    .then(|| {
+                        encode(&CacheChange::Delete {
+                            cache,
+                            key,
+                            why: Removal::Removed,
+                        })
+                    })
+                    .transpose()?;
+                Prepared { answer, change }
+            }
+            CacheOp::Process {
+                cache,
+                key,
+                processor,
+                args,
+                params,
+            } => {
+                let f = self
+                    .processors
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&(cache.clone(), processor.clone()))
+                    .cloned()
+                    .ok_or_else(|| {
+                        format!("no entry processor {processor:?} registered for cache {cache:?} on the key's owner")
+                    })?;
+                let map = part.get(cache.as_str());
+                let current = map.and_then(|m| m.live(&key.0, now));
+                let (outcome, result) = f(&key.0, current.map(|e| &e.value[..]), &args.0)?;
+                let change = match outcome {
+                    Outcome::Keep => None,
+                    Outcome::Remove if current.is_none() => None,
+                    Outcome::Remove => Some(CacheChange::Delete {
+                        cache,
+                        key,
+                        why: Removal::Removed,
+                    }),
+                    Outcome::Set(v) => {
+                        let evict = self.eviction(map, &key.0, &params, now);
+                        Some(with_evictions(&cache, evict, set(&cache, key, v, &params, now)))
+                    }
+                };
+                Prepared {
+                    answer: encode(&Blob(result))?,
+                    change: change.map(|c| encode(&c)).transpose()?,
+                }
+            }
+            CacheOp::Clear { cache } => {
+                let n = part.get(cache.as_str()).map_or(0, |m| m.entries.len());
+                Prepared {
+                    answer: encode(&(n as u64))?,
+                    change: (n > 0)
+                        .then(|| encode(&CacheChange::Clear { cache }))
+                        .transpose()?,
+                }
+            }
+            CacheOp::Expire { limit } => {
+                let mut gone = Vec::new();
+                'maps: for (cache, map) in part.iter().filter(|(_, m)| m.expiring > 0) {
+                    for (k, e) in &map.entries {
+                        if gone.len() >= limit as usize {
+                            break 'maps;
+                        }
+                        if !e.is_live(now) {
+                            gone.push(CacheChange::Delete {
+                                cache: cache.to_string(),
+                                key: blob(k),
+                                why: Removal::Expired,
+                            });
+                        }
+                    }
+                }
+                Prepared {
+                    answer: encode(&(gone.len() as u32))?,
+                    change: (!gone.is_empty())
+                        .then(|| encode(&CacheChange::Many(gone)))
+                        .transpose()?,
+                }
+            }
+        })
+    }
+
+    /// The entries that must go so that `key` fits under `max_entries`.
+    fn eviction(&self, map: Option<&CacheMap>, key: &[u8], params: &WriteParams, now: u64) -> Vec<Vec<u8>> {
+        let Some(map) = map else { return Vec::new() };
+        if params.max_entries == 0 || map.entries.contains_key(key) {
+            return Vec::new();
+        }
+        let owned = self.owned.load(Ordering::Relaxed).max(1);
+        let cap = params.max_entries.div_ceil(owned).max(1) as usize;
+        if map.entries.len() < cap {
+            return Vec::new();
+        }
+        map.victims(map.entries.len() + 1 - cap, params.eviction, now, now ^ key.len() as u64 ^ (key.first().copied().unwrap_or(0) as u64) << 32)
+    }
+
+    /// Applies a change to partition `p` of this store; the owner (`primary`) reports
+    /// what happened to the entries.
+    pub(crate) fn apply_change(&self, p: u32, change: CacheChange, primary: bool) -> Result<(), String> {
+        let sink = if primary { self.sink.get() } else { None };
+        let mut part = self.part(p)?.write().unwrap_or_else(|e| e.into_inner());
+        let now = now_ms();
+        let mut events = Vec::new();
+        apply_to(&mut part, change, now, sink, &mut events);
+        drop(part);
+        for ev in events.into_iter().filter(|_| primary) {
+            if ev.kind == EventKind::Evicted {
+                self.counters(&ev.cache).evictions.fetch_add(1, Ordering::Relaxed);
+            } else if ev.kind == EventKind::Expired {
+                self.counters(&ev.cache).expirations.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(sink) = sink {
+                sink.emit(ev);
+            }
+        }
+        Ok(())
     }
 }
 
-fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, String> {
-    codec::encode(v).map_err(|e| e.to_string())
+fn set(cache: &str, key: Blob, value: Vec<u8>, params: &WriteParams, now: u64) -> CacheChange {
+    CacheChange::Set {
+        cache: cache.to_string(),
+        key,
+        value: Blob(value),
+        expire_at: if params.ttl_ms > 0 {
+            now.saturating_add(params.ttl_ms)
+        } else {
+            0
+        },
+        idle_ms: params.idle_ms,
+    }
+}
+
+fn with_evictions(cache: &str, evict: Vec<Vec<u8>>, change: CacheChange) -> CacheChange {
+    if evict.is_empty() {
+        return change;
+    }
+    let mut all: Vec<CacheChange> = evict
+        .into_iter()
+        .map(|k| CacheChange::Delete {
+            cache: cache.to_string(),
+            key: Blob(k),
+            why: Removal::Evicted,
+        })
+        .collect();
+    all.push(change);
+    CacheChange::Many(all)
+}
+
+/// Applies `change`, collecting events when `sink` wants them.
+fn apply_to(
+    part: &mut Partition,
+    change: CacheChange,
+    now: u64,
+    sink: Option<&Arc<dyn EventSink>>,
+    events: &mut Vec<RawEvent>,
+) {
+    match change {
+        CacheChange::Set {
+            cache,
+            key,
+            value,
+            expire_at,
+            idle_ms,
+        } => {
+            let map = match part.get_mut(cache.as_str()) {
+                Some(m) => m,
+                None => part.entry(Arc::from(cache.as_str())).or_default(),
+            };
+            let wants = sink.is_some_and(|s| s.wants(&cache));
+            let ev_value = wants.then(|| value.clone());
+            let old = map.insert(key.0.clone(), Entry::new(value.0, expire_at, idle_ms, now));
+            if wants {
+                let old = old.filter(|o| o.is_live(now));
+                events.push(RawEvent {
+                    cache: cache.as_str().into(),
+                    kind: if old.is_some() { EventKind::Updated } else { EventKind::Added },
+                    key: key.0,
+                    old: old.map(|o| Blob(o.value.into_vec())),
+                    value: ev_value,
+                    expire_at,
+                    idle_ms,
+                });
+            }
+        }
+        CacheChange::Delete { cache, key, why } => {
+            let Some(map) = part.get_mut(cache.as_str()) else { return };
+            let old = map.remove(&key.0);
+            if map.entries.is_empty() {
+                part.remove(cache.as_str());
+            }
+            if let Some(old) = old {
+                let counted = why != Removal::Removed || old.is_live(now);
+                if counted && (why != Removal::Removed || sink.is_some_and(|s| s.wants(&cache))) {
+                    events.push(RawEvent {
+                        cache: cache.as_str().into(),
+                        kind: match why {
+                            Removal::Removed => EventKind::Removed,
+                            Removal::Expired => EventKind::Expired,
+                            Removal::Evicted => EventKind::Evicted,
+                        },
+                        key: key.0,
+                        old: Some(Blob(old.value.into_vec())),
+                        value: None,
+                        expire_at: 0,
+                        idle_ms: 0,
+                    });
+                }
+            }
+        }
+        CacheChange::Clear { cache } => {
+            if part.remove(cache.as_str()).is_some() && sink.is_some_and(|s| s.wants(&cache)) {
+                events.push(RawEvent {
+                    cache: cache.as_str().into(),
+                    kind: EventKind::Cleared,
+                    key: Vec::new(),
+                    old: None,
+                    value: None,
+                    expire_at: 0,
+                    idle_ms: 0,
+                });
+            }
+        }
+        CacheChange::Many(all) => {
+            for c in all {
+                apply_to(part, c, now, sink, events);
+            }
+        }
+    }
 }
 
 impl PartitionService for CacheService {
@@ -71,94 +644,50 @@ impl PartitionService for CacheService {
 
     fn prepare(&self, p: u32, op: &[u8]) -> Result<Prepared, String> {
         let op: CacheOp = codec::decode(op).map_err(|e| e.to_string())?;
-        let map = self.map(p)?.read().unwrap_or_else(|e| e.into_inner());
-        Ok(match op {
-            CacheOp::Get { cache, key } => Prepared {
-                answer: encode(&map.get(&stored_key(&cache, &key)).map(|v| serde_bytes(v)))?,
-                change: None,
-            },
-            CacheOp::ContainsKey { cache, key } => Prepared {
-                answer: encode(&map.contains_key(&stored_key(&cache, &key)))?,
-                change: None,
-            },
-            CacheOp::Put { cache, key, value } => {
-                let k = stored_key(&cache, &key);
-                let old = map.get(&k).map(|v| serde_bytes(v));
-                Prepared {
-                    answer: encode(&old)?,
-                    change: Some(encode(&CacheChange::Set(k, value))?),
-                }
-            }
-            CacheOp::PutIfAbsent { cache, key, value } => {
-                let k = stored_key(&cache, &key);
-                match map.get(&k) {
-                    Some(existing) => Prepared {
-                        answer: encode(&Some(serde_bytes(existing)))?,
-                        change: None,
-                    },
-                    None => Prepared {
-                        answer: encode(&None::<Bytes>)?,
-                        change: Some(encode(&CacheChange::Set(k, value))?),
-                    },
-                }
-            }
-            CacheOp::Len { cache } => Prepared {
-                answer: encode(
-                    &map.keys()
-                        .filter(|k| cache_of(k) == Some(cache.as_bytes()))
-                        .count(),
-                )?,
-                change: None,
-            },
-            CacheOp::Remove { cache, key } => {
-                let k = stored_key(&cache, &key);
-                match map.get(&k) {
-                    Some(old) => Prepared {
-                        answer: encode(&Some(serde_bytes(old)))?,
-                        change: Some(encode(&CacheChange::Delete(k))?),
-                    },
-                    None => Prepared {
-                        answer: encode(&None::<Bytes>)?,
-                        change: None,
-                    },
-                }
-            }
-        })
+        self.prepare_op(p, op)
     }
 
-    fn apply(&self, p: u32, change: &[u8]) -> Result<(), String> {
+    fn apply(&self, p: u32, change: &[u8], primary: bool) -> Result<(), String> {
         let change: CacheChange = codec::decode(change).map_err(|e| e.to_string())?;
-        let mut map = self.map(p)?.write().unwrap_or_else(|e| e.into_inner());
-        match change {
-            CacheChange::Set(k, v) => {
-                map.insert(k, v);
-            }
-            CacheChange::Delete(k) => {
-                map.remove(&k);
-            }
-        }
-        Ok(())
+        self.apply_change(p, change, primary)
     }
 
-    /// Chunks of MessagePack `bin` pairs (stored key, value), written straight from the map:
-    /// no intermediate copies, as this is the bulk of a migration's work.
+    /// Chunks of groups: the cache name (bin), the entry count, then per entry the key
+    /// and value (bin), the expiry (u64) and the idle time (u32). Written straight from
+    /// the maps: this is the bulk of a migration's work.
     fn snapshot(&self, p: u32, chunk_bytes: usize) -> Vec<Vec<u8>> {
-        let Ok(map) = self.map(p) else {
+        let Some(part) = self.read(p) else {
             return Vec::new();
         };
-        let map = map.read().unwrap_or_else(|e| e.into_inner());
         let mut chunks = Vec::new();
         let mut buf = Vec::with_capacity(chunk_bytes.min(8 << 20) + 1024);
-        for (k, v) in map.iter() {
-            // Writing to a Vec cannot fail.
-            let _ = rmp::encode::write_bin(&mut buf, k);
-            let _ = rmp::encode::write_bin(&mut buf, v);
-            if buf.len() >= chunk_bytes {
-                chunks.push(std::mem::replace(
-                    &mut buf,
-                    Vec::with_capacity(chunk_bytes.min(8 << 20) + 1024),
-                ));
+        let mut group = Vec::new();
+        for (cache, map) in part.iter() {
+            let mut n = 0u32;
+            let flush = |buf: &mut Vec<u8>, group: &mut Vec<u8>, n: &mut u32| {
+                if *n > 0 {
+                    let _ = rmp::encode::write_bin(buf, cache.as_bytes());
+                    let _ = rmp::encode::write_u32(buf, *n);
+                    buf.append(group);
+                    *n = 0;
+                }
+            };
+            for (k, e) in &map.entries {
+                // Writing to a Vec cannot fail.
+                let _ = rmp::encode::write_bin(&mut group, k);
+                let _ = rmp::encode::write_bin(&mut group, &e.value);
+                let _ = rmp::encode::write_u64(&mut group, e.expire_at);
+                let _ = rmp::encode::write_u32(&mut group, e.idle_ms);
+                n += 1;
+                if buf.len() + group.len() >= chunk_bytes {
+                    flush(&mut buf, &mut group, &mut n);
+                    chunks.push(std::mem::replace(
+                        &mut buf,
+                        Vec::with_capacity(chunk_bytes.min(8 << 20) + 1024),
+                    ));
+                }
             }
+            flush(&mut buf, &mut group, &mut n);
         }
         if !buf.is_empty() {
             chunks.push(buf);
@@ -167,11 +696,11 @@ impl PartitionService for CacheService {
     }
 
     fn restore(&self, p: u32, chunks: Vec<bytes::Bytes>) -> Result<(), String> {
+        let bad = |e: &dyn std::fmt::Display| format!("bad snapshot: {e}");
         fn bin<'a>(rd: &mut &'a [u8]) -> Result<&'a [u8], String> {
             let len =
                 rmp::decode::read_bin_len(rd).map_err(|e| format!("bad snapshot: {e}"))? as usize;
-            let (data, rest) = (rd.get(..len), rd.get(len..));
-            match (data, rest) {
+            match (rd.get(..len), rd.get(len..)) {
                 (Some(d), Some(r)) => {
                     *rd = r;
                     Ok(d)
@@ -179,48 +708,105 @@ impl PartitionService for CacheService {
                 _ => Err("bad snapshot: truncated entry".to_string()),
             }
         }
-        let mut fresh = Map::new();
+        let now = now_ms();
+        let mut fresh = Partition::new();
         for chunk in chunks {
             let mut rd: &[u8] = &chunk;
             while !rd.is_empty() {
-                let k = bin(&mut rd)?.to_vec();
-                let v = bin(&mut rd)?.to_vec();
-                fresh.insert(k, v);
+                let cache = std::str::from_utf8(bin(&mut rd)?).map_err(|e| bad(&e))?;
+                let n: u32 = rmp::decode::read_int(&mut rd).map_err(|e| bad(&e))?;
+                let map = fresh.entry(Arc::from(cache)).or_default();
+                for _ in 0..n {
+                    let k = bin(&mut rd)?.to_vec();
+                    let v = bin(&mut rd)?.to_vec();
+                    let expire_at: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad(&e))?;
+                    let idle_ms: u32 = rmp::decode::read_int(&mut rd).map_err(|e| bad(&e))?;
+                    map.insert(k, Entry::new(v, expire_at, idle_ms, now));
+                }
             }
         }
-        *self.map(p)?.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        *self.part(p)?.write().unwrap_or_else(|e| e.into_inner()) = fresh;
         Ok(())
     }
 
     fn drop_partition(&self, p: u32) {
-        if let Ok(map) = self.map(p) {
-            *map.write().unwrap_or_else(|e| e.into_inner()) = Map::new();
+        if let Ok(part) = self.part(p) {
+            *part.write().unwrap_or_else(|e| e.into_inner()) = Partition::new();
         }
     }
 
     fn partition_len(&self, p: u32) -> usize {
-        self.map(p)
-            .map(|m| m.read().unwrap_or_else(|e| e.into_inner()).len())
+        self.read(p)
+            .map(|part| part.values().map(|m| m.entries.len()).sum())
             .unwrap_or(0)
     }
 }
 
-/// Bytes that encode as MessagePack binary.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Bytes(pub(crate) Vec<u8>);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::PutIf;
 
-fn serde_bytes(v: &[u8]) -> Bytes {
-    Bytes(v.to_vec())
-}
-
-impl serde::Serialize for Bytes {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0)
+    fn run(s: &CacheService, op: CacheOp) -> Vec<u8> {
+        let prepared = s.prepare_op(0, op).unwrap();
+        if let Some(c) = prepared.change {
+            s.apply(0, &c, true).unwrap();
+        }
+        prepared.answer
     }
-}
 
-impl<'de> serde::Deserialize<'de> for Bytes {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        codec::bin::deserialize(d).map(Bytes)
+    fn put(cache: &str, k: &[u8], v: &[u8], params: WriteParams) -> CacheOp {
+        CacheOp::Put {
+            cache: cache.into(),
+            key: blob(k),
+            value: blob(v),
+            cond: PutIf::Always,
+            params,
+        }
+    }
+
+    #[test]
+    fn snapshot_round_trips_every_cache_and_expiry() {
+        let s = CacheService::new(1);
+        let far = WriteParams {
+            ttl_ms: 3_600_000,
+            idle_ms: 7,
+            ..Default::default()
+        };
+        for i in 0..1000u32 {
+            run(&s, put(if i % 2 == 0 { "a" } else { "b" }, &i.to_be_bytes(), &[7; 100], far));
+        }
+        let chunks: Vec<bytes::Bytes> = s.snapshot(0, 4096).into_iter().map(Into::into).collect();
+        assert!(chunks.len() > 10);
+        let t = CacheService::new(1);
+        t.restore(0, chunks).unwrap();
+        assert_eq!(t.partition_len(0), 1000);
+        let e = t.entries("a", 0..1, true);
+        assert_eq!(e.len(), 500);
+        assert!(e.iter().all(|(_, v, _, idle)| v.len() == 100 && *idle == 7));
+    }
+
+    #[test]
+    fn restore_refuses_garbage_without_panicking() {
+        let t = CacheService::new(1);
+        for junk in [&b"\xc4\x05ab"[..], b"\xc4\x01a\x05", b"\xff\xff", b"\xc4\x01a\x01\xc4"] {
+            assert!(t.restore(0, vec![bytes::Bytes::copy_from_slice(junk)]).is_err());
+        }
+    }
+
+    #[test]
+    fn max_entries_evicts_least_recently_used_of_a_sample() {
+        let s = CacheService::new(1);
+        s.set_owned(1);
+        let params = WriteParams {
+            max_entries: 10,
+            ..Default::default()
+        };
+        for i in 0..100u32 {
+            run(&s, put("c", &i.to_be_bytes(), b"v", params));
+            assert!(s.count("c", 0..1) <= 10);
+        }
+        assert_eq!(s.count("c", 0..1), 10);
+        assert_eq!(s.counters("c").evictions.load(Ordering::Relaxed), 90);
     }
 }

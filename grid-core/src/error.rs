@@ -59,4 +59,27 @@ pub enum GridError {
     /// A key or value could not be encoded or decoded.
     #[error(transparent)]
     Codec(#[from] grid_net::codec::CodecError),
+    /// A cache's loader failed; the error is the loader's, and nothing was cached.
+    #[error("loader of cache {cache:?} failed: {message}")]
+    Loader {
+        /// The cache.
+        cache: String,
+        /// What the loader said.
+        message: String,
+    },
+    /// A cache was opened with settings that differ from those it already has in the
+    /// cluster. Open it with the same settings everywhere.
+    #[error("cache {cache:?} already exists with other settings: {existing} (asked for {requested})")]
+    SettingsConflict {
+        /// The cache.
+        cache: String,
+        /// The settings it has.
+        existing: String,
+        /// The settings asked for.
+        requested: String,
+    },
+    /// The operation is not allowed by the cache's settings (e.g. `remove_all` on a cache
+    /// that is not flushable).
+    #[error("not allowed: {0}")]
+    NotAllowed(String),
 }

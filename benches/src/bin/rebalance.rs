@@ -218,7 +218,7 @@ async fn main() -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(0));
     let mut loaders = Vec::new();
     for t in 0..64 {
-        let cache = grids[t % grids.len()].cache::<u64, ByteBuf>("data");
+        let cache = grids[t % grids.len()].cache::<u64, ByteBuf>("data").await?;
         let (next, bar, size, entries) = (next.clone(), bar.clone(), args.value_size, args.entries);
         loaders.push(tokio::spawn(async move {
             loop {
@@ -248,7 +248,7 @@ async fn main() -> anyhow::Result<()> {
     let stayers = args.members - args.kill - args.shutdown;
     let mut load = Vec::new();
     for t in 0..args.load_tasks {
-        let cache = grids[t % stayers].cache::<u64, ByteBuf>("data");
+        let cache = grids[t % stayers].cache::<u64, ByteBuf>("data").await?;
         let (stop, during, bl, dl, ok, failed) = (
             stop.clone(),
             during.clone(),
@@ -348,7 +348,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // Read everything back.
-    let reader = grids[0].cache::<u64, ByteBuf>("data");
+    let reader = grids[0].cache::<u64, ByteBuf>("data").await?;
     let mut lost = 0u64;
     for k in 0..args.entries {
         match reader.get(&k).await {

@@ -105,7 +105,7 @@ impl Runtime {
             let acked = futures::future::join_all(sends).await;
             // The change is applied whatever the backups said: some may have it already,
             // and the owner must not fall behind them.
-            if let Err(e) = slot.service.apply(p, &change) {
+            if let Err(e) = slot.service.apply(p, &change, true) {
                 warn!(partition = p, error = %e, "owner could not apply its own change");
                 return OpResponse::Failed(e);
             }
@@ -256,7 +256,7 @@ impl Runtime {
             return Ok(BackupResponse::NeedSync);
         }
         if req.version == next {
-            slot.service.apply(req.partition, &req.change)?;
+            slot.service.apply(req.partition, &req.change, false)?;
             st.version = req.version;
         }
         // Older versions are duplicates of changes already applied.

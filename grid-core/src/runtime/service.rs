@@ -30,8 +30,9 @@ pub trait PartitionService: Send + Sync + 'static {
     fn prepare(&self, partition: u32, op: &[u8]) -> Result<Prepared, String>;
 
     /// Applies a change produced by `prepare` (on the owner after the backups acknowledged
-    /// it, and on every backup).
-    fn apply(&self, partition: u32, change: &[u8]) -> Result<(), String>;
+    /// it, with `primary` set, and on every backup). Only the owner's application reports
+    /// effects to the outside (events, notifications), so that each happens once.
+    fn apply(&self, partition: u32, change: &[u8], primary: bool) -> Result<(), String>;
 
     /// The partition's whole state, as chunks of at most about `chunk_bytes` each.
     fn snapshot(&self, partition: u32, chunk_bytes: usize) -> Vec<Vec<u8>>;

@@ -1,0 +1,213 @@
+//! Copies of a cache kept on a member beside the partitioned entries: the near copy
+//! (what this member read, dropped when anyone changes it) and the replicated copy (every
+//! entry, kept up to date by the owners' events).
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+
+use crate::events::{EventKind, RawEvent};
+use crate::store::{now_ms, Entry};
+
+type Map = HashMap<Box<[u8]>, Entry>;
+
+/// Invalidation counters, striped by key hash: a read that fetched a value stores it only
+/// if no invalidation of its stripe arrived meanwhile, so a copy never keeps a value that
+/// a concurrent change superseded.
+const STRIPES: usize = 1024;
+
+/// What this member read of a near cache.
+pub(crate) struct NearCopy {
+    map: RwLock<Map>,
+    stripes: Vec<AtomicU64>,
+    hasher: RandomState,
+    /// Most entries kept; when full, new reads are not copied.
+    capacity: usize,
+}
+
+impl std::fmt::Debug for NearCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NearCopy").field("capacity", &self.capacity).finish()
+    }
+}
+
+impl NearCopy {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            map: RwLock::new(Map::new()),
+            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            hasher: RandomState::new(),
+            capacity,
+        }
+    }
+
+    fn stripe(&self, key: &[u8]) -> &AtomicU64 {
+        &self.stripes[(self.hasher.hash_one(key) as usize) % STRIPES]
+    }
+
+    /// The copied value, if live.
+    pub(crate) fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        map.get(key).filter(|e| e.is_live(now_ms())).map(|e| e.value.to_vec())
+    }
+
+    /// The invalidation mark to pass to [`NearCopy::insert`] (taken before fetching).
+    pub(crate) fn mark(&self, key: &[u8]) -> u64 {
+        self.stripe(key).load(Ordering::Acquire)
+    }
+
+    /// Copies a fetched value unless an invalidation arrived since `mark`.
+    pub(crate) fn insert(&self, key: &[u8], value: Vec<u8>, deadline: u64, mark: u64) {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        if self.stripe(key).load(Ordering::Acquire) != mark
+            || (map.len() >= self.capacity && !map.contains_key(key))
+        {
+            return;
+        }
+        map.insert(key.into(), Entry::new(value, deadline, 0, now_ms()));
+    }
+
+    pub(crate) fn invalidate(&self, key: &[u8]) {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        self.stripe(key).fetch_add(1, Ordering::AcqRel);
+        map.remove(key);
+    }
+
+    pub(crate) fn clear(&self) {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        for s in &self.stripes {
+            s.fetch_add(1, Ordering::AcqRel);
+        }
+        map.clear();
+    }
+
+    pub(crate) fn on_event(&self, ev: &RawEvent) {
+        match ev.kind {
+            EventKind::Cleared => self.clear(),
+            _ => self.invalidate(&ev.key),
+        }
+    }
+}
+
+/// Every entry of a replicated cache.
+#[derive(Default)]
+pub(crate) struct ReplicatedCopy {
+    map: RwLock<Map>,
+    /// While the copy is first filled: keys changed by events since, which the fill must
+    /// not overwrite with its older values.
+    filling: Mutex<Option<HashSet<Box<[u8]>>>>,
+}
+
+impl std::fmt::Debug for ReplicatedCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicatedCopy").finish()
+    }
+}
+
+impl ReplicatedCopy {
+    pub(crate) fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        let now = now_ms();
+        let e = map.get(key).filter(|e| e.is_live(now))?;
+        e.touch(now);
+        Some(e.value.to_vec())
+    }
+
+    pub(crate) fn contains(&self, key: &[u8]) -> bool {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        map.get(key).is_some_and(|e| e.is_live(now_ms()))
+    }
+
+    pub(crate) fn set(&self, key: &[u8], value: Vec<u8>, expire_at: u64, idle_ms: u32) {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        self.note(key);
+        map.insert(key.into(), Entry::new(value, expire_at, idle_ms, now_ms()));
+    }
+
+    pub(crate) fn remove(&self, key: &[u8]) {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        self.note(key);
+        map.remove(key);
+    }
+
+    fn note(&self, key: &[u8]) {
+        if let Some(changed) = self.filling.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            changed.insert(key.into());
+        }
+    }
+
+    pub(crate) fn on_event(&self, ev: &RawEvent) {
+        match (ev.kind, ev.value_bytes()) {
+            (EventKind::Added | EventKind::Updated, Some(v)) => {
+                self.set(&ev.key, v.to_vec(), ev.expire_at, ev.idle_ms)
+            }
+            (EventKind::Cleared, _) => {
+                // A partition of the cache was cleared: only `remove_all` does that, which
+                // clears every partition.
+                self.map.write().unwrap_or_else(|e| e.into_inner()).clear();
+            }
+            _ => self.remove(&ev.key),
+        }
+    }
+
+    /// Starts the first fill: events from now on win over the fill's values.
+    pub(crate) fn begin_fill(&self) {
+        *self.filling.lock().unwrap_or_else(|e| e.into_inner()) = Some(HashSet::new());
+    }
+
+    /// Adds the fill's entries (key, value, expire_at, idle) except those changed since
+    /// [`ReplicatedCopy::begin_fill`].
+    pub(crate) fn fill(&self, entries: Vec<(Vec<u8>, Vec<u8>, u64, u32)>) {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        let filling = self.filling.lock().unwrap_or_else(|e| e.into_inner());
+        let now = now_ms();
+        for (k, v, expire_at, idle) in entries {
+            if filling.as_ref().is_some_and(|c| c.contains(&k[..])) {
+                continue;
+            }
+            map.entry(k.into_boxed_slice())
+                .or_insert_with(|| Entry::new(v, expire_at, idle, now));
+        }
+    }
+
+    pub(crate) fn end_fill(&self) {
+        *self.filling.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    pub(crate) fn clear(&self) {
+        self.map.write().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Live (key, value) pairs.
+    pub(crate) fn entries(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let now = now_ms();
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, e)| e.is_live(now))
+            .map(|(k, e)| (k.to_vec(), e.value.to_vec()))
+            .collect()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        let now = now_ms();
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|e| e.is_live(now))
+            .count()
+    }
+
+    pub(crate) fn heap(&self) -> u64 {
+        let per = (size_of::<Entry>() + 17) as u64;
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, e)| k.len() as u64 + e.value.len() as u64 + per)
+            .sum()
+    }
+}
