@@ -320,7 +320,10 @@ impl Caches {
             values,
         };
         let mut all = Vec::new();
-        for part in self.ask_all::<_, Vec<(Blob, Blob, u64, u32)>>(routes::ENTRIES, &req).await? {
+        for part in self
+            .ask_all(routes::ENTRIES, &req, |inner| owned_entries(inner, &req))
+            .await?
+        {
             all.extend(part.into_iter().map(|(k, v, e, i)| (k.0, v.0, e, i)));
         }
         Ok(all)
@@ -329,7 +332,7 @@ impl Caches {
     /// The number of live entries of `cache` the members own, summed.
     pub(crate) async fn member_count(&self, cache: &str) -> Result<u64, GridError> {
         let counts = self
-            .ask_all::<_, u64>(routes::COUNT, &cache.to_string())
+            .ask_all(routes::COUNT, &cache.to_string(), |inner| owned_count(inner, cache))
             .await?;
         Ok(counts.into_iter().sum())
     }
@@ -339,30 +342,46 @@ impl Caches {
         &self,
         cache: &str,
     ) -> Result<Vec<CacheStatistics>, GridError> {
-        self.ask_all(routes::STATS, &cache.to_string()).await
+        self.ask_all(routes::STATS, &cache.to_string(), |inner| {
+            local_statistics(inner, cache)
+        })
+        .await
     }
 
     pub(crate) fn local_statistics(&self, cache: &str) -> CacheStatistics {
         local_statistics(&self.inner, cache)
     }
 
-    /// Asks every live member (this one through the network too: one code path).
-    async fn ask_all<Req, Resp>(&self, route: &str, req: &Req) -> Result<Vec<Resp>, GridError>
+    /// Asks every live member: the others over the network, this one by `local`.
+    async fn ask_all<Req, Resp>(
+        &self,
+        route: &str,
+        req: &Req,
+        local: impl FnOnce(&Inner) -> Resp,
+    ) -> Result<Vec<Resp>, GridError>
     where
         Req: Serialize + Sync,
         Resp: serde::de::DeserializeOwned,
     {
         let timeout = self.inner.runtime.config().op_timeout;
-        let asks = self.inner.cluster.members().iter().map(|m| {
-            let addr = m.addr;
-            async move {
-                self.inner
-                    .transport
-                    .request_typed::<Req, Resp>(addr, route, req, timeout)
-                    .await
-            }
-        }).collect::<Vec<_>>();
-        let mut out = Vec::new();
+        let me = self.inner.runtime.member_id().clone();
+        let asks = self
+            .inner
+            .cluster
+            .members()
+            .iter()
+            .filter(|m| m.id != me)
+            .map(|m| {
+                let addr = m.addr;
+                async move {
+                    self.inner
+                        .transport
+                        .request_typed::<Req, Resp>(addr, route, req, timeout)
+                        .await
+                }
+            })
+            .collect::<Vec<_>>();
+        let mut out = vec![local(&self.inner)];
         for r in futures::future::join_all(asks).await {
             out.push(r?);
         }
@@ -513,6 +532,21 @@ fn owned_partitions(inner: &Inner) -> Vec<u32> {
         .collect()
 }
 
+fn owned_count(inner: &Inner, cache: &str) -> u64 {
+    inner
+        .service
+        .count(cache, owned_partitions(inner).into_iter()) as u64
+}
+
+fn owned_entries(inner: &Inner, req: &EntriesRequest) -> Vec<(Blob, Blob, u64, u32)> {
+    inner
+        .service
+        .entries(&req.cache, owned_partitions(inner).into_iter(), req.values)
+        .into_iter()
+        .map(|(k, v, e, i)| (Blob(k), Blob(v), e, i))
+        .collect()
+}
+
 fn local_statistics(inner: &Inner, cache: &str) -> CacheStatistics {
     let shared = shared_of(inner, cache);
     let mut stats = shared
@@ -585,8 +619,7 @@ fn register_routes(inner: &Arc<Inner>) {
         let inner = weak.upgrade();
         async move {
             let inner = inner.ok_or("member stopped")?;
-            let owned = owned_partitions(&inner);
-            Ok(inner.service.count(&cache, owned.into_iter()) as u64)
+            Ok(owned_count(&inner, &cache))
         }
     });
     let weak = Arc::downgrade(inner);
@@ -594,13 +627,7 @@ fn register_routes(inner: &Arc<Inner>) {
         let inner = weak.upgrade();
         async move {
             let inner = inner.ok_or("member stopped")?;
-            let owned = owned_partitions(&inner);
-            Ok(inner
-                .service
-                .entries(&req.cache, owned.into_iter(), req.values)
-                .into_iter()
-                .map(|(k, v, e, i)| (Blob(k), Blob(v), e, i))
-                .collect::<Vec<_>>())
+            Ok(owned_entries(&inner, &req))
         }
     });
 }
