@@ -10,55 +10,10 @@ use std::time::Duration;
 
 use grid::Grid;
 
-use common::{eventually, init_tracing, member};
+use common::{eventually, init_tracing, member, settled};
 
-/// Starts `n` members with `backups`, all seeded with the first, and waits until the
-/// partition table covers all of them.
 async fn data_cluster(name: &str, n: usize, backups: u8) -> Vec<Grid> {
-    init_tracing();
-    let first = member(name, "m0").backups(backups).start().await.unwrap();
-    let mut grids = vec![first.clone()];
-    for i in 1..n {
-        grids.push(
-            member(name, &format!("m{i}"))
-                .backups(backups)
-                .seed(first.addr())
-                .start()
-                .await
-                .unwrap(),
-        );
-    }
-    for g in &grids {
-        assert!(
-            g.cluster()
-                .wait_until(Duration::from_secs(15), |m| m.len() == n)
-                .await
-        );
-    }
-    assert!(
-        settled(&grids, n).await,
-        "partitions did not settle on {n} members"
-    );
-    grids
-}
-
-/// Waits until the coordinator has no migration left and every member applied a table
-/// that spreads the partitions over `n` members.
-async fn settled(grids: &[Grid], n: usize) -> bool {
-    eventually(Duration::from_secs(30), || {
-        let coordinator = grids
-            .iter()
-            .find(|g| g.runtime().coordinator_status().active);
-        let Some(c) = coordinator else { return false };
-        let status = c.runtime().coordinator_status();
-        let version = c.runtime().table().version();
-        status.settled
-            && c.runtime().table().members().len() == n
-            && grids
-                .iter()
-                .all(|g| g.runtime().table().version() == version)
-    })
-    .await
+    common::data_cluster(name, n, |b| b.backups(backups)).await
 }
 
 fn owner_of(grids: &[Grid], cache: &grid::Cache<u32, u32>, key: u32) -> usize {
@@ -87,7 +42,13 @@ async fn with_one_backup_a_killed_owners_keys_stay_readable_and_writable() {
     assert_eq!(survivor.get(&7).await.unwrap(), Some(70), "backup promoted");
     survivor.put(&7, &71).await.unwrap();
     assert_eq!(
-        grids[1].cache::<u32, u32>("c").await.unwrap().get(&7).await.unwrap(),
+        grids[1]
+            .cache::<u32, u32>("c")
+            .await
+            .unwrap()
+            .get(&7)
+            .await
+            .unwrap(),
         Some(71)
     );
     for k in 0..300 {
@@ -119,14 +80,26 @@ async fn with_two_backups_killing_two_of_five_at_once_loses_nothing() {
     }
     cache.put(&1, &1000).await.unwrap();
     assert_eq!(
-        grids[2].cache::<u32, u32>("c").await.unwrap().get(&1).await.unwrap(),
+        grids[2]
+            .cache::<u32, u32>("c")
+            .await
+            .unwrap()
+            .get(&1)
+            .await
+            .unwrap(),
         Some(1000)
     );
     assert!(settled(&grids, 3).await);
     for k in 0..500 {
         let expect = if k == 1 { 1000 } else { k + 1 };
         assert_eq!(
-            grids[0].cache::<u32, u32>("c").await.unwrap().get(&k).await.unwrap(),
+            grids[0]
+                .cache::<u32, u32>("c")
+                .await
+                .unwrap()
+                .get(&k)
+                .await
+                .unwrap(),
             Some(expect)
         );
     }
@@ -142,7 +115,10 @@ async fn every_acknowledged_write_survives_a_join_under_64_writers() {
     let acked: Arc<Mutex<HashMap<(u32, u32), u32>>> = Arc::default();
     let mut writers = Vec::new();
     for w in 0..64u32 {
-        let cache = grids[(w % 3) as usize].cache::<(u32, u32), u32>("w").await.unwrap();
+        let cache = grids[(w % 3) as usize]
+            .cache::<(u32, u32), u32>("w")
+            .await
+            .unwrap();
         let (stop, acked) = (stop.clone(), acked.clone());
         writers.push(tokio::spawn(async move {
             let mut n = 0u32;
@@ -280,7 +256,9 @@ async fn core_map_operations_work_from_every_member() {
     // Another cache of the same member is another map.
     assert_eq!(
         grids[0]
-            .cache::<String, String>("other").await.unwrap()
+            .cache::<String, String>("other")
+            .await
+            .unwrap()
             .len()
             .await
             .unwrap(),
@@ -360,7 +338,13 @@ async fn a_lite_member_owns_nothing_and_uses_everything() {
     let cache = grids[1].cache::<u32, String>("c").await.unwrap();
     cache.put(&7, &"seven".to_string()).await.unwrap();
     assert_eq!(
-        grids[0].cache::<u32, String>("c").await.unwrap().get(&7).await.unwrap(),
+        grids[0]
+            .cache::<u32, String>("c")
+            .await
+            .unwrap()
+            .get(&7)
+            .await
+            .unwrap(),
         Some("seven".to_string())
     );
     for g in &grids {

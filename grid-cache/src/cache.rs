@@ -122,7 +122,9 @@ pub struct CacheBuilder<K, V> {
 
 impl<K, V> std::fmt::Debug for CacheBuilder<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CacheBuilder").field("name", &self.name).finish()
+        f.debug_struct("CacheBuilder")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -357,9 +359,9 @@ where
     where
         K: Eq + Hash + Clone + 'a,
     {
-        let gets = keys.into_iter().map(|k| async move {
-            self.get(k).await.map(|v| v.map(|v| (k.clone(), v)))
-        });
+        let gets = keys
+            .into_iter()
+            .map(|k| async move { self.get(k).await.map(|v| v.map(|v| (k.clone(), v))) });
         let mut found = HashMap::new();
         let mut results = futures::stream::iter(gets).buffer_unordered(FAN_OUT);
         while let Some(r) = results.next().await {
@@ -374,7 +376,10 @@ where
     pub async fn contains_key(&self, key: &K) -> Result<bool, GridError> {
         let key = codec::encode(key)?;
         if let Some(local) = &self.shared.local {
-            return Ok(local.service.get_local(0, &self.shared.name, &key, false).is_some());
+            return Ok(local
+                .service
+                .get_local(0, &self.shared.name, &key, false)
+                .is_some());
         }
         if let Some(copy) = &self.shared.replicated {
             return Ok(copy.contains(&key));
@@ -403,9 +408,19 @@ where
 
     /// Sets `key` to `value` with its own expiry (overriding the cache's); returns the
     /// previous value.
-    pub async fn put_with(&self, key: &K, value: &V, expiry: Expiry) -> Result<Option<V>, GridError> {
+    pub async fn put_with(
+        &self,
+        key: &K,
+        value: &V,
+        expiry: Expiry,
+    ) -> Result<Option<V>, GridError> {
         let (key, value) = (codec::encode(key)?, codec::encode(value)?);
-        let op = self.put_op(key.clone(), value.clone(), PutIf::Always, expiry.apply(self.shared.params));
+        let op = self.put_op(
+            key.clone(),
+            value.clone(),
+            PutIf::Always,
+            expiry.apply(self.shared.params),
+        );
         // Setting the same value twice leaves the same state: safe to retry.
         let old = decode_old(&self.run(&key, &op, OpKind::IdempotentWrite).await?)?;
         self.shared.counters.put(1);
@@ -414,7 +429,10 @@ where
     }
 
     /// Sets every entry (in parallel; not atomic as a whole).
-    pub async fn put_all(&self, entries: impl IntoIterator<Item = (K, V)>) -> Result<(), GridError> {
+    pub async fn put_all(
+        &self,
+        entries: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<(), GridError> {
         let puts = entries
             .into_iter()
             .map(|(k, v)| async move { self.put(&k, &v).await.map(|_| ()) });
@@ -429,7 +447,12 @@ where
     /// when this call stored `value`).
     pub async fn put_if_absent(&self, key: &K, value: &V) -> Result<Option<V>, GridError> {
         let (key, value) = (codec::encode(key)?, codec::encode(value)?);
-        let op = self.put_op(key.clone(), value.clone(), PutIf::Absent, self.shared.params);
+        let op = self.put_op(
+            key.clone(),
+            value.clone(),
+            PutIf::Absent,
+            self.shared.params,
+        );
         let existing: Option<V> = decode_old(&self.run(&key, &op, OpKind::Write).await?)?;
         if existing.is_none() {
             self.shared.counters.put(1);
@@ -442,7 +465,12 @@ where
     /// nothing was written).
     pub async fn replace(&self, key: &K, value: &V) -> Result<Option<V>, GridError> {
         let (key, value) = (codec::encode(key)?, codec::encode(value)?);
-        let op = self.put_op(key.clone(), value.clone(), PutIf::Present, self.shared.params);
+        let op = self.put_op(
+            key.clone(),
+            value.clone(),
+            PutIf::Present,
+            self.shared.params,
+        );
         let old: Option<V> = decode_old(&self.run(&key, &op, OpKind::IdempotentWrite).await?)?;
         if old.is_some() {
             self.shared.counters.put(1);
@@ -503,7 +531,12 @@ where
     /// The keys that have a value (a snapshot: exact when nothing changes meanwhile).
     pub async fn keys(&self) -> Result<Vec<K>, GridError> {
         let raw: Vec<Vec<u8>> = if let Some(local) = &self.shared.local {
-            local.service.entries(&self.shared.name, 0..1, false).into_iter().map(|e| e.0).collect()
+            local
+                .service
+                .entries(&self.shared.name, 0..1, false)
+                .into_iter()
+                .map(|e| e.0)
+                .collect()
         } else if let Some(copy) = &self.shared.replicated {
             copy.entries().into_iter().map(|e| e.0).collect()
         } else {
@@ -558,7 +591,11 @@ where
         let op = codec::encode(&op)?;
         let clears = (0..runtime.table().partitions()).map(|p| {
             let op = op.clone();
-            async move { runtime.execute(SERVICE, p, op, OpKind::IdempotentWrite).await }
+            async move {
+                runtime
+                    .execute(SERVICE, p, op, OpKind::IdempotentWrite)
+                    .await
+            }
         });
         let mut results = futures::stream::iter(clears).buffer_unordered(FAN_OUT);
         while let Some(r) = results.next().await {
@@ -600,7 +637,9 @@ where
     {
         let erased = erase(processor);
         match &self.shared.local {
-            Some(local) => local.service.register_processor(&self.shared.name, name, erased),
+            Some(local) => local
+                .service
+                .register_processor(&self.shared.name, name, erased),
             None => self
                 .caches
                 .inner
@@ -680,7 +719,12 @@ where
                 d.fetch_add(1, Ordering::Relaxed);
             }
         });
-        let guard = self.caches.inner.hub.add_handler(&self.shared.name, handler).await;
+        let guard = self
+            .caches
+            .inner
+            .hub
+            .add_handler(&self.shared.name, handler)
+            .await;
         CacheListener {
             rx,
             _guard: guard,

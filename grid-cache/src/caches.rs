@@ -109,7 +109,10 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn loader(&self) -> Option<ErasedLoader> {
-        self.loader.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.loader
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -332,7 +335,9 @@ impl Caches {
     /// The number of live entries of `cache` the members own, summed.
     pub(crate) async fn member_count(&self, cache: &str) -> Result<u64, GridError> {
         let counts = self
-            .ask_all(routes::COUNT, &cache.to_string(), |inner| owned_count(inner, cache))
+            .ask_all(routes::COUNT, &cache.to_string(), |inner| {
+                owned_count(inner, cache)
+            })
             .await?;
         Ok(counts.into_iter().sum())
     }
@@ -408,7 +413,12 @@ impl Caches {
                     };
                     let r: Result<LoadAnswer, _> = inner
                         .transport
-                        .request_typed(m.addr, routes::LOAD, &req, inner.runtime.config().op_timeout)
+                        .request_typed(
+                            m.addr,
+                            routes::LOAD,
+                            &req,
+                            inner.runtime.config().op_timeout,
+                        )
                         .await;
                     match r {
                         Ok(LoadAnswer::Value(v)) => return Ok(v.map(|b| b.0)),
@@ -494,7 +504,9 @@ async fn load_and_store(
     let started = Instant::now();
     let loaded = loader(key.clone()).await;
     shared.counters.load(loaded.is_ok(), started.elapsed());
-    let Some(value) = loaded? else { return Ok(None) };
+    let Some(value) = loaded? else {
+        return Ok(None);
+    };
     let op = CacheOp::Put {
         cache: shared.name.to_string(),
         key: Blob(key.clone()),
@@ -502,13 +514,14 @@ async fn load_and_store(
         cond: PutIf::Absent,
         params: shared.params,
     };
-    let existing: Option<Blob> = match crate::cache::execute(&caches, shared, &key, &op, OpKind::Write).await {
-        Ok(answer) => codec::decode(&answer).map_err(|e| e.to_string())?,
-        Err(e) => {
-            warn!(cache = %shared.name, error = %e, "loaded value not stored");
-            None
-        }
-    };
+    let existing: Option<Blob> =
+        match crate::cache::execute(&caches, shared, &key, &op, OpKind::Write).await {
+            Ok(answer) => codec::decode(&answer).map_err(|e| e.to_string())?,
+            Err(e) => {
+                warn!(cache = %shared.name, error = %e, "loaded value not stored");
+                None
+            }
+        };
     shared.counters.put(existing.is_none() as u64);
     let value = existing.map(|b| b.0).unwrap_or(value);
     crate::cache::after_write(shared, &key, Some(&value));
@@ -564,7 +577,11 @@ fn local_statistics(inner: &Inner, cache: &str) -> CacheStatistics {
                 svc.counters(cache),
             )
         }
-        (None, Some(copy)) => (copy.len() as u64, copy.heap(), inner.service.counters(cache)),
+        (None, Some(copy)) => (
+            copy.len() as u64,
+            copy.heap(),
+            inner.service.counters(cache),
+        ),
         (None, None) => {
             let owned = owned_partitions(inner);
             (
@@ -658,8 +675,13 @@ async fn sweep(inner: std::sync::Weak<Inner>) {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         let op = CacheOp::Expire { limit: 1024 };
-        let Ok(op_bytes) = codec::encode(&op) else { return };
-        for p in inner.service.with_expired(owned_partitions(&inner).into_iter()) {
+        let Ok(op_bytes) = codec::encode(&op) else {
+            return;
+        };
+        for p in inner
+            .service
+            .with_expired(owned_partitions(&inner).into_iter())
+        {
             if let Err(e) = inner
                 .runtime
                 .execute(SERVICE, p, op_bytes.clone(), OpKind::IdempotentWrite)

@@ -28,7 +28,9 @@ pub(crate) struct NearCopy {
 
 impl std::fmt::Debug for NearCopy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NearCopy").field("capacity", &self.capacity).finish()
+        f.debug_struct("NearCopy")
+            .field("capacity", &self.capacity)
+            .finish()
     }
 }
 
@@ -49,7 +51,9 @@ impl NearCopy {
     /// The copied value, if live.
     pub(crate) fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());
-        map.get(key).filter(|e| e.is_live(now_ms())).map(|e| e.value.to_vec())
+        map.get(key)
+            .filter(|e| e.is_live(now_ms()))
+            .map(|e| e.value.to_vec())
     }
 
     /// The invalidation mark to pass to [`NearCopy::insert`] (taken before fetching).
@@ -132,7 +136,12 @@ impl ReplicatedCopy {
     }
 
     fn note(&self, key: &[u8]) {
-        if let Some(changed) = self.filling.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        if let Some(changed) = self
+            .filling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
             changed.insert(key.into());
         }
     }

@@ -160,7 +160,10 @@ impl EventHub {
     fn set_interest(&self, cache: &str, member: &Arc<str>, on: bool) {
         let mut interest = self.interest.write().unwrap_or_else(|e| e.into_inner());
         if on {
-            interest.entry(cache.into()).or_default().insert(member.clone());
+            interest
+                .entry(cache.into())
+                .or_default()
+                .insert(member.clone());
         } else if let Some(set) = interest.get_mut(cache) {
             set.remove(member);
             if set.is_empty() {
@@ -197,7 +200,9 @@ impl EventHub {
     fn remove_handler(self: &Arc<Self>, cache: &Arc<str>, id: u64) {
         let last = {
             let mut handlers = self.handlers.write().unwrap_or_else(|e| e.into_inner());
-            let Some(list) = handlers.get_mut(cache) else { return };
+            let Some(list) = handlers.get_mut(cache) else {
+                return;
+            };
             list.retain(|(i, _)| *i != id);
             let empty = list.is_empty();
             if empty {
@@ -330,7 +335,11 @@ async fn dispatch(hub: Weak<EventHub>, mut rx: mpsc::Receiver<RawEvent>) {
             };
             match codec::encode(&events) {
                 Ok(body) => {
-                    if let Err(e) = hub.transport.send_ordered(m.addr, routes::EVENTS, &body).await {
+                    if let Err(e) = hub
+                        .transport
+                        .send_ordered(m.addr, routes::EVENTS, &body)
+                        .await
+                    {
                         debug!(member = %member, error = %e, "cache events not sent");
                     }
                 }

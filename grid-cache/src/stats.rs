@@ -128,7 +128,14 @@ impl Counters {
     pub(crate) fn load(&self, ok: bool, took: Duration) {
         if self.enabled {
             bump(&self.loads, 1);
-            bump(if ok { &self.load_successes } else { &self.load_failures }, 1);
+            bump(
+                if ok {
+                    &self.load_successes
+                } else {
+                    &self.load_failures
+                },
+                1,
+            );
             bump(&self.load_ns, took.as_nanos() as u64);
         }
     }

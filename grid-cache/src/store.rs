@@ -253,7 +253,13 @@ impl CacheService {
     }
 
     /// The live value of a key in this member's copy, counted as a read (`touch`) or not.
-    pub(crate) fn get_local(&self, p: u32, cache: &str, key: &[u8], touch: bool) -> Option<Vec<u8>> {
+    pub(crate) fn get_local(
+        &self,
+        p: u32,
+        cache: &str,
+        key: &[u8],
+        touch: bool,
+    ) -> Option<Vec<u8>> {
         let part = self.read(p)?;
         let now = now_ms();
         let e = part.get(cache)?.live(key, now)?;
@@ -264,7 +270,12 @@ impl CacheService {
     }
 
     /// The live value and its expiry deadline (for near copies).
-    pub(crate) fn get_with_deadline(&self, p: u32, cache: &str, key: &[u8]) -> Option<(Vec<u8>, u64)> {
+    pub(crate) fn get_with_deadline(
+        &self,
+        p: u32,
+        cache: &str,
+        key: &[u8],
+    ) -> Option<(Vec<u8>, u64)> {
         let part = self.read(p)?;
         let now = now_ms();
         let e = part.get(cache)?.live(key, now)?;
@@ -318,10 +329,19 @@ impl CacheService {
         for p in partitions {
             let Some(part) = self.read(p) else { continue };
             let Some(map) = part.get(cache) else { continue };
-            out.extend(map.entries.iter().filter(|(_, e)| e.is_live(now)).map(|(k, e)| {
-                let value = if with_values { e.value.to_vec() } else { Vec::new() };
-                (k.to_vec(), value, e.deadline(), e.idle_ms)
-            }));
+            out.extend(
+                map.entries
+                    .iter()
+                    .filter(|(_, e)| e.is_live(now))
+                    .map(|(k, e)| {
+                        let value = if with_values {
+                            e.value.to_vec()
+                        } else {
+                            Vec::new()
+                        };
+                        (k.to_vec(), value, e.deadline(), e.idle_ms)
+                    }),
+            );
         }
         out
     }
@@ -332,9 +352,8 @@ impl CacheService {
         partitions
             .filter(|p| {
                 self.read(*p).is_some_and(|part| {
-                    part.values().any(|m| {
-                        m.expiring > 0 && m.entries.values().any(|e| !e.is_live(now))
-                    })
+                    part.values()
+                        .any(|m| m.expiring > 0 && m.entries.values().any(|e| !e.is_live(now)))
                 })
             })
             .collect()
@@ -356,7 +375,12 @@ impl CacheService {
                 }
             }
             CacheOp::ContainsKey { cache, key } => Prepared {
-                answer: encode(&part.get(cache.as_str()).and_then(|m| m.live(&key.0, now)).is_some())?,
+                answer: encode(
+                    &part
+                        .get(cache.as_str())
+                        .and_then(|m| m.live(&key.0, now))
+                        .is_some(),
+                )?,
                 change: None,
             },
             CacheOp::Put {
@@ -445,7 +469,11 @@ impl CacheService {
                     }),
                     Outcome::Set(v) => {
                         let evict = self.eviction(map, &key.0, &params, now);
-                        Some(with_evictions(&cache, evict, set(&cache, key, v, &params, now)))
+                        Some(with_evictions(
+                            &cache,
+                            evict,
+                            set(&cache, key, v, &params, now),
+                        ))
                     }
                 };
                 Prepared {
@@ -489,7 +517,13 @@ impl CacheService {
     }
 
     /// The entries that must go so that `key` fits under `max_entries`.
-    fn eviction(&self, map: Option<&CacheMap>, key: &[u8], params: &WriteParams, now: u64) -> Vec<Vec<u8>> {
+    fn eviction(
+        &self,
+        map: Option<&CacheMap>,
+        key: &[u8],
+        params: &WriteParams,
+        now: u64,
+    ) -> Vec<Vec<u8>> {
         let Some(map) = map else { return Vec::new() };
         if params.max_entries == 0 || map.entries.contains_key(key) {
             return Vec::new();
@@ -499,12 +533,22 @@ impl CacheService {
         if map.entries.len() < cap {
             return Vec::new();
         }
-        map.victims(map.entries.len() + 1 - cap, params.eviction, now, now ^ key.len() as u64 ^ (key.first().copied().unwrap_or(0) as u64) << 32)
+        map.victims(
+            map.entries.len() + 1 - cap,
+            params.eviction,
+            now,
+            now ^ key.len() as u64 ^ (key.first().copied().unwrap_or(0) as u64) << 32,
+        )
     }
 
     /// Applies a change to partition `p` of this store; the owner (`primary`) reports
     /// what happened to the entries.
-    pub(crate) fn apply_change(&self, p: u32, change: CacheChange, primary: bool) -> Result<(), String> {
+    pub(crate) fn apply_change(
+        &self,
+        p: u32,
+        change: CacheChange,
+        primary: bool,
+    ) -> Result<(), String> {
         let sink = if primary { self.sink.get() } else { None };
         let mut part = self.part(p)?.write().unwrap_or_else(|e| e.into_inner());
         let now = now_ms();
@@ -513,9 +557,13 @@ impl CacheService {
         drop(part);
         for ev in events.into_iter().filter(|_| primary) {
             if ev.kind == EventKind::Evicted {
-                self.counters(&ev.cache).evictions.fetch_add(1, Ordering::Relaxed);
+                self.counters(&ev.cache)
+                    .evictions
+                    .fetch_add(1, Ordering::Relaxed);
             } else if ev.kind == EventKind::Expired {
-                self.counters(&ev.cache).expirations.fetch_add(1, Ordering::Relaxed);
+                self.counters(&ev.cache)
+                    .expirations
+                    .fetch_add(1, Ordering::Relaxed);
             }
             if let Some(sink) = sink {
                 sink.emit(ev);
@@ -582,7 +630,11 @@ fn apply_to(
                 let old = old.filter(|o| o.is_live(now));
                 events.push(RawEvent {
                     cache: cache.as_str().into(),
-                    kind: if old.is_some() { EventKind::Updated } else { EventKind::Added },
+                    kind: if old.is_some() {
+                        EventKind::Updated
+                    } else {
+                        EventKind::Added
+                    },
                     key: key.0,
                     old: old.map(|o| Blob(o.value.into_vec())),
                     value: ev_value,
@@ -592,7 +644,9 @@ fn apply_to(
             }
         }
         CacheChange::Delete { cache, key, why } => {
-            let Some(map) = part.get_mut(cache.as_str()) else { return };
+            let Some(map) = part.get_mut(cache.as_str()) else {
+                return;
+            };
             let old = map.remove(&key.0);
             if map.entries.is_empty() {
                 part.remove(cache.as_str());
@@ -774,7 +828,15 @@ mod tests {
             ..Default::default()
         };
         for i in 0..1000u32 {
-            run(&s, put(if i % 2 == 0 { "a" } else { "b" }, &i.to_be_bytes(), &[7; 100], far));
+            run(
+                &s,
+                put(
+                    if i % 2 == 0 { "a" } else { "b" },
+                    &i.to_be_bytes(),
+                    &[7; 100],
+                    far,
+                ),
+            );
         }
         let chunks: Vec<bytes::Bytes> = s.snapshot(0, 4096).into_iter().map(Into::into).collect();
         assert!(chunks.len() > 10);
@@ -789,8 +851,15 @@ mod tests {
     #[test]
     fn restore_refuses_garbage_without_panicking() {
         let t = CacheService::new(1);
-        for junk in [&b"\xc4\x05ab"[..], b"\xc4\x01a\x05", b"\xff\xff", b"\xc4\x01a\x01\xc4"] {
-            assert!(t.restore(0, vec![bytes::Bytes::copy_from_slice(junk)]).is_err());
+        for junk in [
+            &b"\xc4\x05ab"[..],
+            b"\xc4\x01a\x05",
+            b"\xff\xff",
+            b"\xc4\x01a\x01\xc4",
+        ] {
+            assert!(t
+                .restore(0, vec![bytes::Bytes::copy_from_slice(junk)])
+                .is_err());
         }
     }
 

@@ -115,3 +115,73 @@ pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Polls the async `cond` every 20 ms until it holds or `timeout` passes.
+pub async fn eventually_async<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts `n` data members m0.. (each builder passed through `configure`), all seeded
+/// with m0, and waits until the partition table covers all of them.
+pub async fn data_cluster(
+    name: &str,
+    n: usize,
+    configure: impl Fn(GridBuilder) -> GridBuilder,
+) -> Vec<Grid> {
+    init_tracing();
+    let first = configure(member(name, "m0")).start().await.unwrap();
+    let mut grids = vec![first.clone()];
+    for i in 1..n {
+        grids.push(
+            configure(member(name, &format!("m{i}")))
+                .seed(first.addr())
+                .start()
+                .await
+                .unwrap(),
+        );
+    }
+    for g in &grids {
+        assert!(
+            g.cluster()
+                .wait_until(Duration::from_secs(15), |m| m.len() == n)
+                .await
+        );
+    }
+    assert!(
+        settled(&grids, n).await,
+        "partitions did not settle on {n} members"
+    );
+    grids
+}
+
+/// Waits until the coordinator has no migration left and every member applied a table
+/// that spreads the partitions over `n` members.
+pub async fn settled(grids: &[Grid], n: usize) -> bool {
+    eventually(Duration::from_secs(30), || {
+        let coordinator = grids
+            .iter()
+            .find(|g| g.runtime().coordinator_status().active);
+        let Some(c) = coordinator else { return false };
+        let status = c.runtime().coordinator_status();
+        let version = c.runtime().table().version();
+        status.settled
+            && c.runtime().table().members().len() == n
+            && grids
+                .iter()
+                .all(|g| g.runtime().table().version() == version)
+    })
+    .await
+}

@@ -1,0 +1,559 @@
+//! The cache's features in in-process clusters: the loader's single flight, expiry on
+//! every member, bounded size, the replicated and near modes, listeners, entry processors,
+//! statistics and settings.
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use grid::{Cache, CacheEvent, CacheMode, CacheSettings, Expiry, Grid, GridError};
+
+use common::{data_cluster, eventually_async, member};
+
+async fn open<V>(grids: &[Grid], name: &str, settings: &CacheSettings) -> Vec<Cache<u32, V>>
+where
+    V: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let mut caches = Vec::new();
+    for g in grids {
+        caches.push(
+            g.cache::<u32, V>(name)
+                .settings(settings.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    caches
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loader_runs_once_when_sixty_callers_on_three_members_miss_together() {
+    let grids = data_cluster("c-loader", 3, |b| b).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let mut caches = Vec::new();
+    for g in &grids {
+        let calls = calls.clone();
+        caches.push(
+            g.cache::<u32, String>("loaded")
+                .loader(move |k: u32| {
+                    let calls = calls.clone();
+                    async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        // Slow enough that every caller misses while it runs.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        if k == 13 {
+                            Err(format!("no value for {k}"))
+                        } else {
+                            Ok(Some(format!("loaded {k}")))
+                        }
+                    }
+                })
+                .await
+                .unwrap(),
+        );
+    }
+    let gets: Vec<_> = (0..60)
+        .map(|t| {
+            let c = caches[t % 3].clone();
+            tokio::spawn(async move { c.get(&7).await })
+        })
+        .collect();
+    for g in gets {
+        assert_eq!(g.await.unwrap().unwrap(), Some("loaded 7".to_string()));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "loader calls for one key");
+    // Stored: later reads do not load.
+    assert_eq!(caches[1].get(&7).await.unwrap(), Some("loaded 7".into()));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // contains_key never loads.
+    assert!(!caches[2].contains_key(&8).await.unwrap());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // An error reaches every waiting caller, typed, and is not cached.
+    let gets: Vec<_> = (0..30)
+        .map(|t| {
+            let c = caches[t % 3].clone();
+            tokio::spawn(async move { c.get(&13).await })
+        })
+        .collect();
+    for g in gets {
+        match g.await.unwrap() {
+            Err(GridError::Loader { cache, message }) => {
+                assert_eq!(cache, "loaded");
+                assert!(message.contains("no value for 13"), "{message}");
+            }
+            other => panic!("expected a loader error, got {other:?}"),
+        }
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert!(caches[0].get(&13).await.is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "errors are not cached");
+    let stats = caches[0].cluster_statistics().await.unwrap();
+    assert_eq!(stats.loads, 3);
+    assert_eq!(stats.load_failures, 2);
+    assert_eq!(stats.load_successes, 1);
+    assert!(stats.misses >= 60);
+
+    // get_or_insert_with: one-off suppliers.
+    let v = caches[2]
+        .get_or_insert_with(&100, || async { "supplied".to_string() })
+        .await;
+    // The cache has a loader: it answers first.
+    assert_eq!(v.unwrap(), "loaded 100");
+    for g in grids {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_and_idle_expiry_hold_on_every_member() {
+    let grids = data_cluster("c-expiry", 3, |b| b).await;
+    let ttl = open::<String>(
+        &grids,
+        "ttl",
+        &CacheSettings::builder()
+            .expire_after_write(Duration::from_millis(400))
+            .build(),
+    )
+    .await;
+    let mut expired = ttl[2].listen().await;
+    let first_write = Instant::now();
+    for k in 0..20 {
+        ttl[k as usize % 3].put(&k, &format!("v{k}")).await.unwrap();
+    }
+    let written = Instant::now();
+    // Per-entry expiry overrides the cache's.
+    ttl[0]
+        .put_with(
+            &100,
+            &"long".into(),
+            Expiry::after_write(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    for c in &ttl {
+        if first_write.elapsed() < Duration::from_millis(300) {
+            assert_eq!(c.get(&3).await.unwrap(), Some("v3".into()));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(400).saturating_sub(written.elapsed())).await;
+    for c in &ttl {
+        for k in 0..20 {
+            assert_eq!(c.get(&k).await.unwrap(), None, "key {k} outlived its ttl");
+            assert!(!c.contains_key(&k).await.unwrap());
+        }
+        assert_eq!(c.get(&100).await.unwrap(), Some("long".into()));
+    }
+    // The owners remove expired entries and say so.
+    let mut seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while seen < 20 && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), expired.recv()).await {
+            Ok(Some(CacheEvent::Expired { .. })) => seen += 1,
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    assert_eq!(seen, 20, "expired events");
+    assert_eq!(ttl[1].len().await.unwrap(), 1);
+
+    // Idle expiry: reads from any member keep an entry alive; without them it goes.
+    let idle = open::<String>(
+        &grids,
+        "idle",
+        &CacheSettings::builder()
+            .expire_after_access(Duration::from_millis(500))
+            .build(),
+    )
+    .await;
+    idle[0].put(&1, &"kept".into()).await.unwrap();
+    idle[0].put(&2, &"idle".into()).await.unwrap();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(1200) {
+        for c in &idle {
+            assert_eq!(c.get(&1).await.unwrap(), Some("kept".into()));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for c in &idle {
+        assert_eq!(
+            c.get(&2).await.unwrap(),
+            None,
+            "idle entry outlived its idle time"
+        );
+        assert_eq!(c.get(&1).await.unwrap(), Some("kept".into()));
+    }
+    for g in grids {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_entries_is_never_exceeded_by_more_than_the_documented_slack() {
+    let grids = data_cluster("c-max", 3, |b| b.partitions(31)).await;
+    let max = 200u32;
+    let caches = open::<u32>(
+        &grids,
+        "bounded",
+        &CacheSettings::builder().max_entries(max).build(),
+    )
+    .await;
+    let mut listener = caches[0].listen().await;
+    for k in 0..3000u32 {
+        caches[k as usize % 3].put(&k, &k).await.unwrap();
+    }
+    let mut total = 0;
+    for (i, c) in caches.iter().enumerate() {
+        let stats = c.statistics();
+        let table = grids[i].runtime().table();
+        let me = grids[i].cluster().local_member().id.clone();
+        let owned = table.primaries_per_member().get(&me).copied().unwrap_or(0) as u64;
+        // The slack: one entry per owned partition (the bound is per partition, rounded up).
+        assert!(
+            stats.size <= max as u64 + owned,
+            "member {i} holds {} entries, bound {max} + {owned}",
+            stats.size
+        );
+        assert!(
+            stats.size >= max as u64 / 2,
+            "member {i} evicted too eagerly: {}",
+            stats.size
+        );
+        total += stats.size;
+    }
+    let evictions = caches[0].cluster_statistics().await.unwrap().evictions;
+    assert_eq!(
+        total + evictions,
+        3000,
+        "every entry is either held or evicted"
+    );
+    // Listeners hear evictions.
+    let mut evicted = 0;
+    while evicted == 0 {
+        match tokio::time::timeout(Duration::from_secs(5), listener.recv()).await {
+            Ok(Some(CacheEvent::Evicted { .. })) => evicted += 1,
+            Ok(Some(_)) => {}
+            _ => panic!("no eviction event"),
+        }
+    }
+    for g in grids {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_cache_converges_after_puts_and_after_a_member_joins() {
+    let grids = data_cluster("c-repl", 2, |b| b).await;
+    let settings = CacheSettings::builder().mode(CacheMode::Replicated).build();
+    let caches = open::<String>(&grids, "repl", &settings).await;
+    for k in 0..100u32 {
+        caches[k as usize % 2]
+            .put(&k, &format!("v{k}"))
+            .await
+            .unwrap();
+    }
+    caches[1].remove(&99).await.unwrap();
+    for c in &caches {
+        let ok = eventually_async(Duration::from_secs(5), || async {
+            c.len().await.unwrap() == 99 && c.get(&98).await.unwrap() == Some("v98".into())
+        })
+        .await;
+        assert!(ok, "a replica did not converge after the puts");
+    }
+    // A member joins and opens the cache: it gets a full copy, then every change.
+    let third = member("c-repl", "m2")
+        .seed(grids[0].addr())
+        .start()
+        .await
+        .unwrap();
+    let mut all = grids.clone();
+    all.push(third.clone());
+    assert!(common::settled(&all, 3).await);
+    let joined = third
+        .cache::<u32, String>("repl")
+        .settings(settings.clone())
+        .await
+        .unwrap();
+    assert_eq!(joined.len().await.unwrap(), 99);
+    assert_eq!(joined.get(&5).await.unwrap(), Some("v5".into()));
+    caches[0].put(&500, &"after join".into()).await.unwrap();
+    joined
+        .put(&501, &"from the new member".into())
+        .await
+        .unwrap();
+    for c in caches.iter().chain([&joined]) {
+        let ok = eventually_async(Duration::from_secs(5), || async {
+            c.get(&500).await.unwrap() == Some("after join".into())
+                && c.get(&501).await.unwrap() == Some("from the new member".into())
+        })
+        .await;
+        assert!(ok, "a replica did not converge after the join");
+    }
+    for g in all {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_cache_stops_serving_a_value_within_100ms_of_a_put_elsewhere() {
+    let grids = data_cluster("c-near", 3, |b| b).await;
+    let caches = open::<String>(&grids, "near", &CacheSettings::builder().near().build()).await;
+    for k in 0..50u32 {
+        caches[0].put(&k, &"old".into()).await.unwrap();
+    }
+    // Every member reads (and copies) every key.
+    for c in &caches {
+        for k in 0..50u32 {
+            assert_eq!(c.get(&k).await.unwrap(), Some("old".into()));
+        }
+    }
+    let hits_before = caches[1].statistics().hits;
+    for k in 0..50u32 {
+        caches[1].get(&k).await.unwrap();
+    }
+    assert_eq!(caches[1].statistics().hits, hits_before + 50);
+    for round in 0..20u32 {
+        let k = round % 50;
+        let value = format!("new {round}");
+        caches[round as usize % 3].put(&k, &value).await.unwrap();
+        let written = Instant::now();
+        for (i, c) in caches.iter().enumerate() {
+            let ok = eventually_async(Duration::from_millis(100), || async {
+                c.get(&k).await.unwrap() == Some(value.clone())
+            })
+            .await;
+            assert!(
+                ok,
+                "member {i} still served the old value of {k} {:?} after the put",
+                written.elapsed()
+            );
+        }
+    }
+    for g in grids {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_see_changes_from_other_members_in_order() {
+    let grids = data_cluster("c-listen", 3, |b| b).await;
+    let caches = open::<u32>(&grids, "events", &CacheSettings::default()).await;
+    let mut listener = caches[0].listen().await;
+    let mut other = caches[2].listen().await;
+    for k in [1u32, 2, 3] {
+        let writer = &caches[(k as usize) % 3];
+        for v in 0..50u32 {
+            writer.put(&k, &v).await.unwrap();
+        }
+        writer.remove(&k).await.unwrap();
+    }
+    for l in [&mut listener, &mut other] {
+        let mut per_key: std::collections::HashMap<u32, Vec<CacheEvent<u32, u32>>> =
+            Default::default();
+        for _ in 0..153 {
+            let ev = tokio::time::timeout(Duration::from_secs(5), l.recv())
+                .await
+                .expect("an event within 5 s")
+                .expect("listener open");
+            let key = match &ev {
+                CacheEvent::Added { key, .. }
+                | CacheEvent::Updated { key, .. }
+                | CacheEvent::Removed { key, .. } => *key,
+                other => panic!("unexpected event {other:?}"),
+            };
+            per_key.entry(key).or_default().push(ev);
+        }
+        for k in [1u32, 2, 3] {
+            let evs = &per_key[&k];
+            assert_eq!(evs[0], CacheEvent::Added { key: k, value: 0 });
+            for v in 1..50u32 {
+                assert_eq!(
+                    evs[v as usize],
+                    CacheEvent::Updated {
+                        key: k,
+                        old: v - 1,
+                        value: v
+                    }
+                );
+            }
+            assert_eq!(evs[50], CacheEvent::Removed { key: k, old: 49 });
+        }
+    }
+    // Dropping a listener unregisters it; the other keeps hearing.
+    drop(listener);
+    caches[1].put(&9, &9).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), other.recv())
+        .await
+        .unwrap();
+    assert_eq!(ev, Some(CacheEvent::Added { key: 9, value: 9 }));
+    for g in grids {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incr_processor_from_3_members_times_64_tasks_times_100_ends_at_19200() {
+    let grids = data_cluster("c-incr", 3, |b| b).await;
+    let caches = open::<u64>(&grids, "counters", &CacheSettings::default()).await;
+    for c in &caches {
+        c.register_processor("incr", |entry, by: u64| {
+            let next = entry.value().copied().unwrap_or(0) + by;
+            entry.set_value(next);
+            next
+        });
+    }
+    let mut tasks = Vec::new();
+    for c in &caches {
+        for _ in 0..64 {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..100 {
+                    let _: u64 = c.execute_on_key(&1, "incr", &1u64).await.unwrap();
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(caches[2].get(&1).await.unwrap(), Some(19_200));
+    // Several keys at once, results in order; an unknown processor is an error.
+    let out: Vec<u64> = caches[0]
+        .execute_on_keys(&[1, 2, 3], "incr", &10u64)
+        .await
+        .unwrap();
+    assert_eq!(out, vec![19_210, 10, 10]);
+    assert!(caches[1]
+        .execute_on_key::<u64, u64>(&1, "nope", &1)
+        .await
+        .is_err());
+    for g in grids {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_operations_statistics_and_settings() {
+    let grids = data_cluster("c-ops", 2, |b| b).await;
+    let caches = open::<String>(&grids, "ops", &CacheSettings::default()).await;
+    let (a, b) = (&caches[0], &caches[1]);
+    a.put_all((0..40u32).map(|k| (k, format!("v{k}"))))
+        .await
+        .unwrap();
+    let got = b.get_all(&[1, 2, 3, 1000]).await.unwrap();
+    assert_eq!(got.len(), 3);
+    assert_eq!(got[&2], "v2");
+    assert_eq!(b.replace(&1000, &"x".into()).await.unwrap(), None);
+    assert!(!b.contains_key(&1000).await.unwrap());
+    assert_eq!(
+        b.replace(&1, &"one".into()).await.unwrap(),
+        Some("v1".into())
+    );
+    assert!(!a.replace_if(&1, &"v1".into(), &"uno".into()).await.unwrap());
+    assert!(a
+        .replace_if(&1, &"one".into(), &"uno".into())
+        .await
+        .unwrap());
+    assert!(!b.remove_if(&1, &"one".into()).await.unwrap());
+    assert!(b.remove_if(&1, &"uno".into()).await.unwrap());
+    let mut keys = a.keys().await.unwrap();
+    keys.sort();
+    assert_eq!(keys, (0..40).filter(|k| *k != 1).collect::<Vec<_>>());
+    assert_eq!(b.len().await.unwrap(), 39);
+
+    let stats = a.cluster_statistics().await.unwrap();
+    assert_eq!(stats.size, 39);
+    assert!(stats.heap_size >= 39 * 4);
+    assert_eq!(stats.hits, 3 + 0);
+    assert!(stats.puts >= 42);
+    assert_eq!(stats.removes, 1);
+
+    a.remove_all().await.unwrap();
+    assert_eq!(b.len().await.unwrap(), 0);
+    let fixed = grids[0]
+        .cache::<u32, u32>("fixed")
+        .settings(
+            CacheSettings::builder()
+                .flushable(false)
+                .statistics(false)
+                .build(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        fixed.remove_all().await,
+        Err(GridError::NotAllowed(_))
+    ));
+    fixed.put(&1, &1).await.unwrap();
+    assert_eq!(fixed.get(&1).await.unwrap(), Some(1));
+    assert_eq!(fixed.statistics().hits, 0, "statistics off");
+
+    // Same name, other settings: refused on any member.
+    let clash = grids[1]
+        .cache::<u32, u32>("fixed")
+        .settings(CacheSettings::builder().max_entries(5).build())
+        .await;
+    assert!(
+        matches!(clash, Err(GridError::SettingsConflict { .. })),
+        "{clash:?}"
+    );
+
+    // A cached reference: computed once across the cluster, reset everywhere.
+    let computed = Arc::new(AtomicU32::new(0));
+    let mut refs = Vec::new();
+    for g in &grids {
+        let computed = computed.clone();
+        refs.push(
+            g.cached_reference("answer", move || {
+                let computed = computed.clone();
+                async move { Ok::<_, String>(40 + computed.fetch_add(1, Ordering::SeqCst) + 2) }
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    assert_eq!(refs[0].get().await.unwrap(), 42);
+    assert_eq!(refs[1].get().await.unwrap(), 42);
+    refs[1].reset().await.unwrap();
+    assert_eq!(refs[0].get().await.unwrap(), 43);
+    for g in grids {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_cache_never_leaves_the_member() {
+    let grids = data_cluster("c-local", 2, |b| b).await;
+    let settings = CacheSettings::builder().local().max_entries(10).build();
+    let caches = open::<u32>(&grids, "mine", &settings).await;
+    let mut events = caches[0].listen().await;
+    for k in 0..20 {
+        caches[0].put(&k, &k).await.unwrap();
+    }
+    assert_eq!(caches[0].len().await.unwrap(), 10, "bounded at max_entries");
+    assert_eq!(
+        caches[1].len().await.unwrap(),
+        0,
+        "the other member's copy is its own"
+    );
+    assert_eq!(caches[1].get(&19).await.unwrap(), None);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(1), events.recv())
+            .await
+            .unwrap(),
+        Some(CacheEvent::Added { key: 0, value: 0 })
+    );
+    caches[0].register_processor("double", |e, (): ()| {
+        let v = e.value().copied().unwrap_or(1) * 2;
+        e.set_value(v);
+        v
+    });
+    let v: u32 = caches[0].execute_on_key(&19, "double", &()).await.unwrap();
+    assert_eq!(v, 38);
+    assert_eq!(caches[0].statistics().evictions, 10);
+    for g in grids {
+        g.shutdown().await;
+    }
+}
