@@ -28,6 +28,8 @@ pub(crate) type ErasedLoader =
     Arc<dyn Fn(Vec<u8>) -> BoxFuture<'static, Result<Option<Vec<u8>>, String>> + Send + Sync>;
 
 type Flight = SharedFuture<BoxFuture<'static, Result<Option<Vec<u8>>, String>>>;
+/// Flights under way, by (cache, encoded key).
+type Flights = HashMap<(Arc<str>, Vec<u8>), Flight>;
 
 /// The internal cache holding every cache's settings, keyed by cache name.
 const SETTINGS_CACHE: &str = "__grid.cache-settings";
@@ -125,7 +127,7 @@ pub(crate) struct Inner {
     opened: tokio::sync::Mutex<HashMap<String, Arc<Shared>>>,
     /// The same map, readable without waiting (for the sweeper and the routes).
     open_now: RwLock<HashMap<String, Arc<Shared>>>,
-    flights: Mutex<HashMap<(Arc<str>, Vec<u8>), Flight>>,
+    flights: Mutex<Flights>,
 }
 
 /// A member's caches. Cheap to clone.

@@ -66,6 +66,8 @@ pub(crate) trait EventSink: Send + Sync {
 }
 
 type Handler = Arc<dyn Fn(&RawEvent) + Send + Sync>;
+/// Each cache's handlers on this member, with their ids.
+type Handlers = HashMap<Arc<str>, Vec<(u64, Handler)>>;
 
 mod routes {
     pub(super) const EVENTS: &str = "cache.events";
@@ -92,7 +94,7 @@ pub(crate) struct EventHub {
     /// Members (this one included) that want each cache's events.
     interest: RwLock<HashMap<Arc<str>, BTreeSet<Arc<str>>>>,
     /// This member's handlers of each cache's events.
-    handlers: RwLock<HashMap<Arc<str>, Vec<(u64, Handler)>>>,
+    handlers: RwLock<Handlers>,
     next_id: AtomicU64,
     outbox: mpsc::Sender<RawEvent>,
     dropped: AtomicU64,

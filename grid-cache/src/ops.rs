@@ -130,7 +130,7 @@ pub enum CacheChange {
         cache: String,
     },
     /// Several changes, applied in order as one.
-    Many(Vec<CacheChange>),
+    Many(Vec<Self>),
 }
 
 /// What a processor did to its entry.

@@ -55,7 +55,7 @@ impl CacheStatistics {
     }
 
     /// Adds another member's statistics.
-    pub fn add(&mut self, o: &CacheStatistics) {
+    pub fn add(&mut self, o: &Self) {
         self.hits += o.hits;
         self.misses += o.misses;
         self.puts += o.puts;

@@ -68,9 +68,11 @@ impl Entry {
 
     /// When this entry expires if it is not read again (0: never).
     pub(crate) fn deadline(&self) -> u64 {
-        let idle = (self.idle_ms > 0)
-            .then(|| self.touched.load(Ordering::Relaxed) + self.idle_ms as u64)
-            .unwrap_or(0);
+        let idle = if self.idle_ms > 0 {
+            self.touched.load(Ordering::Relaxed) + self.idle_ms as u64
+        } else {
+            0
+        };
         match (self.expire_at, idle) {
             (0, i) => i,
             (e, 0) => e,
