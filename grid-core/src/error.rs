@@ -69,7 +69,9 @@ pub enum GridError {
     },
     /// A cache was opened with settings that differ from those it already has in the
     /// cluster. Open it with the same settings everywhere.
-    #[error("cache {cache:?} already exists with other settings: {existing} (asked for {requested})")]
+    #[error(
+        "cache {cache:?} already exists with other settings: {existing} (asked for {requested})"
+    )]
     SettingsConflict {
         /// The cache.
         cache: String,
