@@ -540,17 +540,12 @@ where
         } else if let Some(copy) = &self.shared.replicated {
             copy.entries().into_iter().map(|e| e.0).collect()
         } else {
-            let mut keys: Vec<Vec<u8>> = self
-                .caches
-                .member_entries(&self.shared.name, false)
+            self.caches
+                .all_entries(&self.shared.name, false)
                 .await?
                 .into_iter()
                 .map(|e| e.0)
-                .collect();
-            // During a migration two members may both report a partition.
-            keys.sort_unstable();
-            keys.dedup();
-            keys
+                .collect()
         };
         raw.iter().map(|k| Ok(codec::decode(k)?)).collect()
     }

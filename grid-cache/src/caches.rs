@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared as SharedFuture};
+use futures::StreamExt;
 use grid_core::codec;
 use grid_core::runtime::{OpKind, Runtime};
 use grid_core::GridError;
@@ -33,8 +34,11 @@ type Flights = HashMap<(Arc<str>, Vec<u8>), Flight>;
 
 /// The internal cache holding every cache's settings, keyed by cache name.
 const SETTINGS_CACHE: &str = "__grid.cache-settings";
-/// How often the owner looks for expired entries to remove (and report).
+/// How often the owner looks for expired entries to remove (and report): one tenth of its
+/// partitions per tick, so each partition once a second. Reads never see an expired entry
+/// whatever the sweeper does; the sweep frees memory and tells listeners.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+const SWEEP_SLICES: u32 = 10;
 /// Near copies keep at most this many entries (or `max_entries`, if smaller).
 const NEAR_CAPACITY: usize = 100_000;
 
@@ -42,7 +46,6 @@ mod routes {
     pub(super) const LOAD: &str = "cache.load";
     pub(super) const STATS: &str = "cache.stats";
     pub(super) const COUNT: &str = "cache.count";
-    pub(super) const ENTRIES: &str = "cache.entries";
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -57,12 +60,6 @@ enum LoadAnswer {
     Value(Option<Blob>),
     NoLoader,
     Failed(String),
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct EntriesRequest {
-    cache: String,
-    values: bool,
 }
 
 /// A member-only store (local mode): the same entry logic, one partition, no network.
@@ -231,7 +228,7 @@ impl Caches {
                 );
                 // Every member now sends this one the changes; fetch what is already
                 // there (changes that arrive meanwhile win over the fetched values).
-                let entries = self.member_entries(name, true).await?;
+                let entries = self.all_entries(name, true).await?;
                 copy.fill(entries);
                 copy.end_fill();
                 replicated = Some(copy);
@@ -314,22 +311,29 @@ impl Caches {
         Ok(())
     }
 
-    /// Every member's owned entries of `cache` (keys only unless `values`).
-    pub(crate) async fn member_entries(
+    /// Every live entry of `cache`, read from each partition's owner (keys only unless
+    /// `values`): (key, value, expire_at, idle_ms). One bounded answer per partition.
+    pub(crate) async fn all_entries(
         &self,
         cache: &str,
         values: bool,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>, u64, u32)>, GridError> {
-        let req = EntriesRequest {
+        let runtime = &self.inner.runtime;
+        let op = codec::encode(&CacheOp::Entries {
             cache: cache.to_string(),
             values,
-        };
+        })?;
+        let reads = (0..runtime.table().partitions()).map(|p| {
+            let op = op.clone();
+            async move {
+                let answer = runtime.execute(SERVICE, p, op, OpKind::Read).await?;
+                Ok::<_, GridError>(codec::decode::<Vec<(Blob, Blob, u64, u32)>>(&answer)?)
+            }
+        });
         let mut all = Vec::new();
-        for part in self
-            .ask_all(routes::ENTRIES, &req, |inner| owned_entries(inner, &req))
-            .await?
-        {
-            all.extend(part.into_iter().map(|(k, v, e, i)| (k.0, v.0, e, i)));
+        let mut results = futures::stream::iter(reads).buffer_unordered(16);
+        while let Some(part) = results.next().await {
+            all.extend(part?.into_iter().map(|(k, v, e, i)| (k.0, v.0, e, i)));
         }
         Ok(all)
     }
@@ -553,15 +557,6 @@ fn owned_count(inner: &Inner, cache: &str) -> u64 {
         .count(cache, owned_partitions(inner).into_iter()) as u64
 }
 
-fn owned_entries(inner: &Inner, req: &EntriesRequest) -> Vec<(Blob, Blob, u64, u32)> {
-    inner
-        .service
-        .entries(&req.cache, owned_partitions(inner).into_iter(), req.values)
-        .into_iter()
-        .map(|(k, v, e, i)| (Blob(k), Blob(v), e, i))
-        .collect()
-}
-
 fn local_statistics(inner: &Inner, cache: &str) -> CacheStatistics {
     let shared = shared_of(inner, cache);
     let mut stats = shared
@@ -641,14 +636,6 @@ fn register_routes(inner: &Arc<Inner>) {
             Ok(owned_count(&inner, &cache))
         }
     });
-    let weak = Arc::downgrade(inner);
-    t.on_request_typed(routes::ENTRIES, move |_peer, req: EntriesRequest| {
-        let inner = weak.upgrade();
-        async move {
-            let inner = inner.ok_or("member stopped")?;
-            Ok(owned_entries(&inner, &req))
-        }
-    });
 }
 
 /// Keeps the store told how many partitions this member owns (its `max_entries` share).
@@ -673,16 +660,17 @@ async fn follow_table(inner: std::sync::Weak<Inner>) {
 async fn sweep(inner: std::sync::Weak<Inner>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for slice in (0..SWEEP_SLICES).cycle() {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         let op = CacheOp::Expire { limit: 1024 };
         let Ok(op_bytes) = codec::encode(&op) else {
             return;
         };
+        let mine = owned_partitions(&inner).into_iter();
         for p in inner
             .service
-            .with_expired(owned_partitions(&inner).into_iter())
+            .with_expired(mine.filter(|p| p % SWEEP_SLICES == slice))
         {
             if let Err(e) = inner
                 .runtime
@@ -699,7 +687,7 @@ async fn sweep(inner: std::sync::Weak<Inner>) {
             .values()
             .filter_map(|s| s.local.clone())
             .collect();
-        for store in locals {
+        for store in locals.into_iter().filter(|_| slice == 0) {
             if !store.service.with_expired(0..1).is_empty() {
                 let _ = store.run(op.clone());
             }

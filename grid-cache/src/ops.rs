@@ -63,6 +63,13 @@ pub enum CacheOp {
         /// Expiry and eviction for a value the processor sets.
         params: WriteParams,
     },
+    /// The partition's live entries of `cache`: (key, value or empty, expire_at, idle_ms).
+    Entries {
+        /// Cache name.
+        cache: String,
+        /// Whether to include the values.
+        values: bool,
+    },
     /// Removes every entry of `cache` in the partition.
     Clear {
         /// Cache name.

@@ -483,6 +483,29 @@ impl CacheService {
                     change: change.map(|c| encode(&c)).transpose()?,
                 }
             }
+            CacheOp::Entries { cache, values } => {
+                let entries: Vec<(Blob, Blob, u64, u32)> = part
+                    .get(cache.as_str())
+                    .map(|m| {
+                        m.entries
+                            .iter()
+                            .filter(|(_, e)| e.is_live(now))
+                            .map(|(k, e)| {
+                                let v = if values {
+                                    blob(&e.value)
+                                } else {
+                                    Blob::default()
+                                };
+                                (blob(k), v, e.deadline(), e.idle_ms)
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Prepared {
+                    answer: encode(&entries)?,
+                    change: None,
+                }
+            }
             CacheOp::Clear { cache } => {
                 let n = part.get(cache.as_str()).map_or(0, |m| m.entries.len());
                 Prepared {
