@@ -8,7 +8,27 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use crate::events::{EventKind, RawEvent};
-use crate::store::{now_ms, Entry};
+use crate::map::Meta;
+use crate::store::now_ms;
+
+/// A copied entry: its value and expiry.
+struct Entry {
+    value: Box<[u8]>,
+    meta: Meta,
+}
+
+impl Entry {
+    fn new(value: Vec<u8>, expire_at: u64, idle_ms: u32, now: u64) -> Self {
+        Self {
+            value: value.into_boxed_slice(),
+            meta: Meta::new(expire_at, idle_ms, now),
+        }
+    }
+
+    fn is_live(&self, now: u64) -> bool {
+        self.meta.is_live(now)
+    }
+}
 
 type Map = HashMap<Box<[u8]>, Entry>;
 
@@ -114,7 +134,7 @@ impl ReplicatedCopy {
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());
         let now = now_ms();
         let e = map.get(key).filter(|e| e.is_live(now))?;
-        e.touch(now);
+        e.meta.touch(now);
         Some(e.value.to_vec())
     }
 

@@ -19,6 +19,7 @@ pub mod cache;
 pub mod caches;
 mod copies;
 mod events;
+mod map;
 pub mod ops;
 pub mod processor;
 pub mod reference;

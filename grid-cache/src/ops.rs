@@ -121,6 +121,8 @@ pub enum CacheChange {
         expire_at: u64,
         /// Idle time to live, ms (0: none).
         idle_ms: u32,
+        /// Whether to track accesses (for LRU/LFU eviction).
+        track: bool,
     },
     /// Remove a key.
     Delete {

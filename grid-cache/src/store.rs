@@ -9,11 +9,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use grid_core::codec;
 use grid_core::runtime::{PartitionService, Prepared};
+use tracing::warn;
 
 use crate::events::{EventKind, EventSink, RawEvent};
+use crate::map::{CacheMap, Meta};
 use crate::ops::{Blob, CacheChange, CacheOp, Outcome, PutIf, Removal};
 use crate::processor::ErasedProcessor;
-use crate::settings::{Eviction, WriteParams, EVICTION_SAMPLE};
+use crate::settings::WriteParams;
 
 /// The runtime service name of the cache.
 pub const SERVICE: &str = "cache";
@@ -25,133 +27,6 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// One entry. 48 bytes beside the key's and the value's own allocations.
-#[derive(Debug)]
-pub(crate) struct Entry {
-    pub(crate) value: Box<[u8]>,
-    /// Absolute expiry in ms since the epoch (0: never).
-    pub(crate) expire_at: u64,
-    /// Last read or write, ms since the epoch (idle expiry, LRU). Reads update it under
-    /// the read lock, hence atomic.
-    touched: AtomicU64,
-    /// Idle time to live in ms (0: none).
-    pub(crate) idle_ms: u32,
-    /// Reads, saturating (LFU).
-    hits: AtomicU32,
-}
-
-impl Entry {
-    pub(crate) fn new(value: Vec<u8>, expire_at: u64, idle_ms: u32, now: u64) -> Self {
-        Self {
-            value: value.into_boxed_slice(),
-            expire_at,
-            touched: AtomicU64::new(now),
-            idle_ms,
-            hits: AtomicU32::new(0),
-        }
-    }
-
-    pub(crate) fn is_live(&self, now: u64) -> bool {
-        (self.expire_at == 0 || now < self.expire_at)
-            && (self.idle_ms == 0
-                || now < self.touched.load(Ordering::Relaxed) + self.idle_ms as u64)
-    }
-
-    pub(crate) fn touch(&self, now: u64) {
-        self.touched.fetch_max(now, Ordering::Relaxed);
-        let _ = self
-            .hits
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| h.checked_add(1));
-    }
-
-    /// When this entry expires if it is not read again (0: never).
-    pub(crate) fn deadline(&self) -> u64 {
-        let idle = if self.idle_ms > 0 {
-            self.touched.load(Ordering::Relaxed) + self.idle_ms as u64
-        } else {
-            0
-        };
-        match (self.expire_at, idle) {
-            (0, i) => i,
-            (e, 0) => e,
-            (e, i) => e.min(i),
-        }
-    }
-
-    fn eviction_rank(&self, policy: Eviction) -> u64 {
-        match policy {
-            Eviction::Lru => self.touched.load(Ordering::Relaxed),
-            Eviction::Lfu => self.hits.load(Ordering::Relaxed) as u64,
-        }
-    }
-}
-
-/// One cache's entries in one partition (or in a member-only store).
-#[derive(Debug, Default)]
-pub(crate) struct CacheMap {
-    pub(crate) entries: HashMap<Box<[u8]>, Entry>,
-    /// Entries that can expire: the sweeper skips maps without any.
-    expiring: usize,
-}
-
-impl CacheMap {
-    pub(crate) fn live(&self, key: &[u8], now: u64) -> Option<&Entry> {
-        self.entries.get(key).filter(|e| e.is_live(now))
-    }
-
-    fn insert(&mut self, key: Vec<u8>, entry: Entry) -> Option<Entry> {
-        if entry.deadline() != 0 || entry.idle_ms != 0 {
-            self.expiring += 1;
-        }
-        let old = self.entries.insert(key.into_boxed_slice(), entry);
-        if let Some(o) = &old {
-            self.forget(o);
-        }
-        old
-    }
-
-    fn remove(&mut self, key: &[u8]) -> Option<Entry> {
-        let old = self.entries.remove(key);
-        if let Some(o) = &old {
-            self.forget(o);
-        }
-        old
-    }
-
-    fn forget(&mut self, e: &Entry) {
-        if e.expire_at != 0 || e.idle_ms != 0 {
-            self.expiring = self.expiring.saturating_sub(1);
-        }
-    }
-
-    /// Up to `n` victims, chosen by sampling `EVICTION_SAMPLE` entries per victim from a
-    /// pseudo-random place in the map; expired entries go first.
-    fn victims(&self, n: usize, policy: Eviction, now: u64, seed: u64) -> Vec<Vec<u8>> {
-        let len = self.entries.len();
-        let mut chosen: Vec<Vec<u8>> = Vec::new();
-        let mut seed = seed | 1;
-        for _ in 0..n {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let start = (seed % len.max(1) as u64) as usize;
-            let best = self
-                .entries
-                .iter()
-                .cycle()
-                .skip(start)
-                .take(EVICTION_SAMPLE.min(len))
-                .filter(|(k, _)| !chosen.iter().any(|c| c[..] == k[..]))
-                .min_by_key(|(_, e)| (e.is_live(now), e.eviction_rank(policy)));
-            match best {
-                Some((k, _)) => chosen.push(k.to_vec()),
-                None => break,
-            }
-        }
-        chosen
-    }
 }
 
 type Partition = HashMap<Arc<str>, CacheMap>;
@@ -292,10 +167,10 @@ impl CacheService {
             .filter_map(|p| {
                 let part = self.read(p)?;
                 let map = part.get(cache)?;
-                Some(if map.expiring == 0 {
-                    map.entries.len()
+                Some(if map.has_expiring() {
+                    map.iter().filter(|e| e.is_live(now)).count()
                 } else {
-                    map.entries.values().filter(|e| e.is_live(now)).count()
+                    map.len()
                 })
             })
             .sum()
@@ -304,18 +179,8 @@ impl CacheService {
     /// Bytes of keys and values of `cache` in the given partitions, plus the per-entry
     /// bookkeeping: the statistics' heap size estimate.
     pub(crate) fn heap_estimate(&self, cache: &str, partitions: impl Iterator<Item = u32>) -> u64 {
-        let per_entry = (size_of::<Entry>() + size_of::<Box<[u8]>>() + 1) as u64;
         partitions
-            .filter_map(|p| {
-                let part = self.read(p)?;
-                let map = part.get(cache)?;
-                Some(
-                    map.entries
-                        .iter()
-                        .map(|(k, e)| k.len() as u64 + e.value.len() as u64 + per_entry)
-                        .sum::<u64>(),
-                )
-            })
+            .filter_map(|p| Some(self.read(p)?.get(cache)?.heap_bytes()))
             .sum()
     }
 
@@ -331,19 +196,14 @@ impl CacheService {
         for p in partitions {
             let Some(part) = self.read(p) else { continue };
             let Some(map) = part.get(cache) else { continue };
-            out.extend(
-                map.entries
-                    .iter()
-                    .filter(|(_, e)| e.is_live(now))
-                    .map(|(k, e)| {
-                        let value = if with_values {
-                            e.value.to_vec()
-                        } else {
-                            Vec::new()
-                        };
-                        (k.to_vec(), value, e.deadline(), e.idle_ms)
-                    }),
-            );
+            out.extend(map.iter().filter(|e| e.is_live(now)).map(|e| {
+                let value = if with_values {
+                    e.value.to_vec()
+                } else {
+                    Vec::new()
+                };
+                (e.key.to_vec(), value, e.deadline(), e.idle_ms())
+            }));
         }
         out
     }
@@ -355,7 +215,7 @@ impl CacheService {
             .filter(|p| {
                 self.read(*p).is_some_and(|part| {
                     part.values()
-                        .any(|m| m.expiring > 0 && m.entries.values().any(|e| !e.is_live(now)))
+                        .any(|m| m.has_expiring() && m.iter().any(|e| !e.is_live(now)))
                 })
             })
             .collect()
@@ -372,7 +232,7 @@ impl CacheService {
                     e.touch(now);
                 }
                 Prepared {
-                    answer: encode(&found.map(|e| (blob(&e.value), e.deadline())))?,
+                    answer: encode(&found.map(|e| (blob(e.value), e.deadline())))?,
                     change: None,
                 }
             }
@@ -398,13 +258,14 @@ impl CacheService {
                     PutIf::Always => true,
                     PutIf::Absent => current.is_none(),
                     PutIf::Present => current.is_some(),
-                    PutIf::Equals(v) => current.is_some_and(|e| e.value[..] == v.0[..]),
+                    PutIf::Equals(v) => current.is_some_and(|e| e.value == &v.0[..]),
                 };
                 let answer = match (&cond, write) {
                     (PutIf::Equals(_), w) => encode(&w)?,
-                    _ => encode(&current.map(|e| blob(&e.value)))?,
+                    _ => encode(&current.map(|e| blob(e.value)))?,
                 };
                 let change = if write {
+                    check_room(map, &key.0, &value.0)?;
                     let evict = self.eviction(map, &key.0, &params, now);
                     Some(encode(&with_evictions(
                         &cache,
@@ -425,11 +286,11 @@ impl CacheService {
                 let remove = match (&expected, current) {
                     (_, None) => false,
                     (None, Some(_)) => true,
-                    (Some(v), Some(e)) => e.value[..] == v.0[..],
+                    (Some(v), Some(e)) => e.value == &v.0[..],
                 };
                 let answer = match expected {
                     Some(_) => encode(&remove)?,
-                    None => encode(&current.map(|e| blob(&e.value)))?,
+                    None => encode(&current.map(|e| blob(e.value)))?,
                 };
                 let change = remove
                     .then(|| {
@@ -460,7 +321,7 @@ impl CacheService {
                     })?;
                 let map = part.get(cache.as_str());
                 let current = map.and_then(|m| m.live(&key.0, now));
-                let (outcome, result) = f(&key.0, current.map(|e| &e.value[..]), &args.0)?;
+                let (outcome, result) = f(&key.0, current.map(|e| e.value), &args.0)?;
                 let change = match outcome {
                     Outcome::Keep => None,
                     Outcome::Remove if current.is_none() => None,
@@ -470,6 +331,7 @@ impl CacheService {
                         why: Removal::Removed,
                     }),
                     Outcome::Set(v) => {
+                        check_room(map, &key.0, &v)?;
                         let evict = self.eviction(map, &key.0, &params, now);
                         Some(with_evictions(
                             &cache,
@@ -487,16 +349,15 @@ impl CacheService {
                 let entries: Vec<(Blob, Blob, u64, u32)> = part
                     .get(cache.as_str())
                     .map(|m| {
-                        m.entries
-                            .iter()
-                            .filter(|(_, e)| e.is_live(now))
-                            .map(|(k, e)| {
+                        m.iter()
+                            .filter(|e| e.is_live(now))
+                            .map(|e| {
                                 let v = if values {
-                                    blob(&e.value)
+                                    blob(e.value)
                                 } else {
                                     Blob::default()
                                 };
-                                (blob(k), v, e.deadline(), e.idle_ms)
+                                (blob(e.key), v, e.deadline(), e.idle_ms())
                             })
                             .collect()
                     })
@@ -507,7 +368,7 @@ impl CacheService {
                 }
             }
             CacheOp::Clear { cache } => {
-                let n = part.get(cache.as_str()).map_or(0, |m| m.entries.len());
+                let n = part.get(cache.as_str()).map_or(0, CacheMap::len);
                 Prepared {
                     answer: encode(&(n as u64))?,
                     change: (n > 0)
@@ -517,15 +378,15 @@ impl CacheService {
             }
             CacheOp::Expire { limit } => {
                 let mut gone = Vec::new();
-                'maps: for (cache, map) in part.iter().filter(|(_, m)| m.expiring > 0) {
-                    for (k, e) in &map.entries {
+                'maps: for (cache, map) in part.iter().filter(|(_, m)| m.has_expiring()) {
+                    for e in map.iter() {
                         if gone.len() >= limit as usize {
                             break 'maps;
                         }
                         if !e.is_live(now) {
                             gone.push(CacheChange::Delete {
                                 cache: cache.to_string(),
-                                key: blob(k),
+                                key: blob(e.key),
                                 why: Removal::Expired,
                             });
                         }
@@ -550,16 +411,16 @@ impl CacheService {
         now: u64,
     ) -> Vec<Vec<u8>> {
         let Some(map) = map else { return Vec::new() };
-        if params.max_entries == 0 || map.entries.contains_key(key) {
+        if params.max_entries == 0 || map.contains(key) {
             return Vec::new();
         }
         let owned = self.owned.load(Ordering::Relaxed).max(1);
         let cap = params.max_entries.div_ceil(owned).max(1) as usize;
-        if map.entries.len() < cap {
+        if map.len() < cap {
             return Vec::new();
         }
         map.victims(
-            map.entries.len() + 1 - cap,
+            map.len() + 1 - cap,
             params.eviction,
             now,
             now ^ key.len() as u64 ^ (key.first().copied().unwrap_or(0) as u64) << 32,
@@ -598,6 +459,15 @@ impl CacheService {
     }
 }
 
+/// Refuses a write that would not fit its partition's arena.
+fn check_room(map: Option<&CacheMap>, key: &[u8], value: &[u8]) -> Result<(), String> {
+    if map.is_none_or(|m| m.fits(key.len() + value.len())) {
+        Ok(())
+    } else {
+        Err("partition full: 4 GiB of keys and values of one cache in one partition".into())
+    }
+}
+
 fn set(cache: &str, key: Blob, value: Vec<u8>, params: &WriteParams, now: u64) -> CacheChange {
     CacheChange::Set {
         cache: cache.to_string(),
@@ -609,6 +479,7 @@ fn set(cache: &str, key: Blob, value: Vec<u8>, params: &WriteParams, now: u64) -
             0
         },
         idle_ms: params.idle_ms,
+        track: params.max_entries > 0,
     }
 }
 
@@ -643,16 +514,24 @@ fn apply_to(
             value,
             expire_at,
             idle_ms,
+            track,
         } => {
             let map = match part.get_mut(cache.as_str()) {
                 Some(m) => m,
                 None => part.entry(Arc::from(cache.as_str())).or_default(),
             };
             let wants = sink.is_some_and(|s| s.wants(&cache));
-            let ev_value = wants.then(|| value.clone());
-            let old = map.insert(key.0.clone(), Entry::new(value.0, expire_at, idle_ms, now));
+            let meta = (expire_at != 0 || idle_ms != 0 || track)
+                .then(|| Meta::new(expire_at, idle_ms, now));
+            let old = match map.insert(&key.0, &value.0, meta, now, wants) {
+                Ok(old) => old,
+                Err(e) => {
+                    warn!(cache = %cache, error = %e, "entry not stored");
+                    return;
+                }
+            };
             if wants {
-                let old = old.filter(|o| o.is_live(now));
+                let old = old.filter(|o| o.live);
                 events.push(RawEvent {
                     cache: cache.as_str().into(),
                     kind: if old.is_some() {
@@ -661,8 +540,8 @@ fn apply_to(
                         EventKind::Added
                     },
                     key: key.0,
-                    old: old.map(|o| Blob(o.value.into_vec())),
-                    value: ev_value,
+                    old: old.map(|o| Blob(o.value)),
+                    value: Some(value),
                     expire_at,
                     idle_ms,
                 });
@@ -672,13 +551,14 @@ fn apply_to(
             let Some(map) = part.get_mut(cache.as_str()) else {
                 return;
             };
-            let old = map.remove(&key.0);
-            if map.entries.is_empty() {
+            let wants = sink.is_some_and(|s| s.wants(&cache));
+            let old = map.remove(&key.0, wants, now);
+            if map.is_empty() {
                 part.remove(cache.as_str());
             }
             if let Some(old) = old {
-                let counted = why != Removal::Removed || old.is_live(now);
-                if counted && (why != Removal::Removed || sink.is_some_and(|s| s.wants(&cache))) {
+                let counted = why != Removal::Removed || old.live;
+                if counted && (why != Removal::Removed || wants) {
                     events.push(RawEvent {
                         cache: cache.as_str().into(),
                         kind: match why {
@@ -687,7 +567,7 @@ fn apply_to(
                             Removal::Evicted => EventKind::Evicted,
                         },
                         key: key.0,
-                        old: Some(Blob(old.value.into_vec())),
+                        old: wants.then_some(Blob(old.value)),
                         value: None,
                         expire_at: 0,
                         idle_ms: 0,
@@ -732,7 +612,8 @@ impl PartitionService for CacheService {
     }
 
     /// Chunks of groups: the cache name (bin), the entry count, then per entry the key
-    /// and value (bin), the expiry (u64) and the idle time (u32). Written straight from
+    /// and value (bin), the expiry (u64), the idle time (u32) and whether accesses are
+    /// tracked (bool). Written straight from
     /// the maps: this is the bulk of a migration's work.
     fn snapshot(&self, p: u32, chunk_bytes: usize) -> Vec<Vec<u8>> {
         let Some(part) = self.read(p) else {
@@ -751,12 +632,13 @@ impl PartitionService for CacheService {
                     *n = 0;
                 }
             };
-            for (k, e) in &map.entries {
+            for e in map.iter() {
                 // Writing to a Vec cannot fail.
-                let _ = rmp::encode::write_bin(&mut group, k);
-                let _ = rmp::encode::write_bin(&mut group, &e.value);
-                let _ = rmp::encode::write_u64(&mut group, e.expire_at);
-                let _ = rmp::encode::write_u32(&mut group, e.idle_ms);
+                let _ = rmp::encode::write_bin(&mut group, e.key);
+                let _ = rmp::encode::write_bin(&mut group, e.value);
+                let _ = rmp::encode::write_u64(&mut group, e.expire_at());
+                let _ = rmp::encode::write_u32(&mut group, e.idle_ms());
+                let _ = rmp::encode::write_bool(&mut group, e.tracked());
                 n += 1;
                 if buf.len() + group.len() >= chunk_bytes {
                     flush(&mut buf, &mut group, &mut n);
@@ -796,11 +678,14 @@ impl PartitionService for CacheService {
                 let n: u32 = rmp::decode::read_int(&mut rd).map_err(|e| bad(&e))?;
                 let map = fresh.entry(Arc::from(cache)).or_default();
                 for _ in 0..n {
-                    let k = bin(&mut rd)?.to_vec();
-                    let v = bin(&mut rd)?.to_vec();
+                    let k = bin(&mut rd)?;
+                    let v = bin(&mut rd)?;
                     let expire_at: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad(&e))?;
                     let idle_ms: u32 = rmp::decode::read_int(&mut rd).map_err(|e| bad(&e))?;
-                    map.insert(k, Entry::new(v, expire_at, idle_ms, now));
+                    let tracked = rmp::decode::read_bool(&mut rd).map_err(|e| bad(&e))?;
+                    let meta = (expire_at != 0 || idle_ms != 0 || tracked)
+                        .then(|| Meta::new(expire_at, idle_ms, now));
+                    map.insert(k, v, meta, now, false)?;
                 }
             }
         }
@@ -816,7 +701,7 @@ impl PartitionService for CacheService {
 
     fn partition_len(&self, p: u32) -> usize {
         self.read(p)
-            .map(|part| part.values().map(|m| m.entries.len()).sum())
+            .map(|part| part.values().map(CacheMap::len).sum())
             .unwrap_or(0)
     }
 }
