@@ -445,6 +445,8 @@ async fn map_operations_statistics_and_settings() {
     let got = b.get_all(&[1, 2, 3, 1000]).await.unwrap();
     assert_eq!(got.len(), 3);
     assert_eq!(got[&2], "v2");
+    a.set(&41, &"set".into()).await.unwrap();
+    assert_eq!(b.remove(&41).await.unwrap(), Some("set".into()));
     assert_eq!(b.replace(&1000, &"x".into()).await.unwrap(), None);
     assert!(!b.contains_key(&1000).await.unwrap());
     assert_eq!(

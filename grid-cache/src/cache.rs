@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::caches::{Caches, ErasedLoader, Shared};
-use crate::events::{EventKind, HandlerGuard, RawEvent};
+use crate::events::{EventKind, HandlerGuard, RawEvent, Want};
 use crate::ops::{Blob, CacheOp, PutIf};
 use crate::processor::{erase, ProcessorEntry};
 use crate::settings::{CacheSettings, Expiry, WriteParams};
@@ -406,6 +406,17 @@ where
         self.put_with(key, value, Expiry::default()).await
     }
 
+    /// Sets `key` to `value` without fetching the previous value (Hazelcast's `set`, Redis's
+    /// `SET`): less to send back than [`Cache::put`].
+    pub async fn set(&self, key: &K, value: &V) -> Result<(), GridError> {
+        let (key, value) = (codec::encode(key)?, codec::encode(value)?);
+        let op = self.put_op(key.clone(), value.clone(), PutIf::Set, self.shared.params);
+        self.run(&key, &op, OpKind::IdempotentWrite).await?;
+        self.shared.counters.put(1);
+        after_write(&self.shared, &key, Some(&value));
+        Ok(())
+    }
+
     /// Sets `key` to `value` with its own expiry (overriding the cache's); returns the
     /// previous value.
     pub async fn put_with(
@@ -718,7 +729,7 @@ where
             .caches
             .inner
             .hub
-            .add_handler(&self.shared.name, handler)
+            .add_handler(&self.shared.name, Want::Values, handler)
             .await;
         CacheListener {
             rx,

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use crate::copies::{NearCopy, ReplicatedCopy};
-use crate::events::{EventHub, HandlerGuard, LocalSink};
+use crate::events::{EventHub, HandlerGuard, LocalSink, Want};
 use crate::ops::{Blob, CacheChange, CacheOp, PutIf};
 use crate::settings::{CacheMode, CacheSettings, WriteParams};
 use crate::stats::{CacheStatistics, Counters};
@@ -211,7 +211,7 @@ impl Caches {
                 guards.push(
                     inner
                         .hub
-                        .add_handler(name, Arc::new(move |ev| c.on_event(ev)))
+                        .add_handler(name, Want::Keys, Arc::new(move |ev| c.on_event(ev)))
                         .await,
                 );
                 near = Some(copy);
@@ -223,7 +223,7 @@ impl Caches {
                 guards.push(
                     inner
                         .hub
-                        .add_handler(name, Arc::new(move |ev| c.on_event(ev)))
+                        .add_handler(name, Want::Values, Arc::new(move |ev| c.on_event(ev)))
                         .await,
                 );
                 // Every member now sends this one the changes; fetch what is already

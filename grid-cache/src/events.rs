@@ -6,7 +6,7 @@
 //! in it, on the ordered one-way channel, so the events of one key (one partition, one
 //! owner applying one change at a time) arrive in the order they happened.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
@@ -66,8 +66,8 @@ pub(crate) trait EventSink: Send + Sync {
 }
 
 type Handler = Arc<dyn Fn(&RawEvent) + Send + Sync>;
-/// Each cache's handlers on this member, with their ids.
-type Handlers = HashMap<Arc<str>, Vec<(u64, Handler)>>;
+/// Each cache's handlers on this member, with their ids and what they want.
+type Handlers = HashMap<Arc<str>, Vec<(u64, Want, Handler)>>;
 
 mod routes {
     pub(super) const EVENTS: &str = "cache.events";
@@ -80,11 +80,26 @@ const OUTBOX: usize = 65_536;
 /// Most events in one message.
 const BATCH: usize = 256;
 
+/// What a member wants of a cache's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub(crate) enum Want {
+    /// Which keys changed (near copies): events without values.
+    Keys,
+    /// Everything, values included (listeners, replicated copies).
+    Values,
+}
+
+/// A member's interest in a cache's events (`None`: none any more). `seq` orders a
+/// member's announcements, which may arrive out of order.
 #[derive(Debug, Serialize, Deserialize)]
 struct Interest {
     cache: String,
-    on: bool,
+    want: Option<Want>,
+    seq: u64,
 }
+
+/// Who wants a cache's events: member → (what, sequence of the announcement).
+type Interested = BTreeMap<Arc<str>, (Option<Want>, u64)>;
 
 /// The member's event hub.
 pub(crate) struct EventHub {
@@ -92,7 +107,9 @@ pub(crate) struct EventHub {
     cluster: Cluster,
     me: Arc<str>,
     /// Members (this one included) that want each cache's events.
-    interest: RwLock<HashMap<Arc<str>, BTreeSet<Arc<str>>>>,
+    interest: RwLock<HashMap<Arc<str>, Interested>>,
+    /// Sequence of this member's announcements.
+    seq: AtomicU64,
     /// This member's handlers of each cache's events.
     handlers: RwLock<Handlers>,
     next_id: AtomicU64,
@@ -130,6 +147,7 @@ impl EventHub {
             transport,
             cluster,
             interest: RwLock::new(HashMap::new()),
+            seq: AtomicU64::new(1),
             handlers: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             outbox: tx,
@@ -149,7 +167,7 @@ impl EventHub {
                 let hub = weak.upgrade();
                 async move {
                     if let Some(hub) = hub {
-                        hub.set_interest(&req.cache, &peer.member_id, req.on);
+                        hub.set_interest(&req.cache, &peer.member_id, req.want, req.seq);
                     }
                     Ok(())
                 }
@@ -159,19 +177,29 @@ impl EventHub {
         hub
     }
 
-    fn set_interest(&self, cache: &str, member: &Arc<str>, on: bool) {
+    /// Records what `member` wants of `cache`, unless a later announcement of its own
+    /// already arrived.
+    fn set_interest(&self, cache: &str, member: &Arc<str>, want: Option<Want>, seq: u64) {
         let mut interest = self.interest.write().unwrap_or_else(|e| e.into_inner());
-        if on {
-            interest
-                .entry(cache.into())
-                .or_default()
-                .insert(member.clone());
-        } else if let Some(set) = interest.get_mut(cache) {
-            set.remove(member);
-            if set.is_empty() {
-                interest.remove(cache);
+        let members = interest.entry(cache.into()).or_default();
+        match members.get(member) {
+            Some((_, newer)) if *newer > seq => {}
+            _ => {
+                members.insert(member.clone(), (want, seq));
             }
         }
+        if members.values().all(|(w, _)| w.is_none()) {
+            interest.remove(cache);
+        }
+    }
+
+    /// What this member's handlers of `cache` want together.
+    fn local_want(&self, cache: &str) -> Option<Want> {
+        self.handlers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(cache)
+            .and_then(|list| list.iter().map(|(_, w, _)| *w).max())
     }
 
     /// Registers `handler` for `cache`'s events on this member; returns once every
@@ -179,18 +207,20 @@ impl EventHub {
     pub(crate) async fn add_handler(
         self: &Arc<Self>,
         cache: &str,
+        want: Want,
         handler: Handler,
     ) -> HandlerGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let first = {
-            let mut handlers = self.handlers.write().unwrap_or_else(|e| e.into_inner());
-            let list = handlers.entry(cache.into()).or_default();
-            list.push((id, handler));
-            list.len() == 1
-        };
-        self.set_interest(cache, &self.me.clone(), true);
-        if first {
-            self.announce(cache, true).await;
+        let before = self.local_want(cache);
+        self.handlers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(cache.into())
+            .or_default()
+            .push((id, want, handler));
+        let after = self.local_want(cache);
+        if after != before {
+            self.announce(cache, after).await;
         }
         HandlerGuard {
             hub: Arc::downgrade(self),
@@ -200,60 +230,60 @@ impl EventHub {
     }
 
     fn remove_handler(self: &Arc<Self>, cache: &Arc<str>, id: u64) {
-        let last = {
+        let before = self.local_want(cache);
+        {
             let mut handlers = self.handlers.write().unwrap_or_else(|e| e.into_inner());
             let Some(list) = handlers.get_mut(cache) else {
                 return;
             };
-            list.retain(|(i, _)| *i != id);
-            let empty = list.is_empty();
-            if empty {
+            list.retain(|(i, _, _)| *i != id);
+            if list.is_empty() {
                 handlers.remove(cache);
             }
-            empty
-        };
-        if last {
-            self.set_interest(cache, &self.me.clone(), false);
+        }
+        let after = self.local_want(cache);
+        if after != before {
             let hub = self.clone();
             let cache = cache.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move { hub.announce(&cache, false).await });
+                rt.spawn(async move { hub.announce(&cache, after).await });
             }
         }
     }
 
-    async fn announce(&self, cache: &str, on: bool) {
+    /// Tells every member (this one included) what this member wants of `cache`.
+    async fn announce(&self, cache: &str, want: Option<Want>) {
         let req = Interest {
             cache: cache.to_string(),
-            on,
+            want,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
         };
+        self.set_interest(cache, &self.me, want, req.seq);
         let sends = self
             .cluster
             .members()
             .iter()
             .filter(|m| m.id != self.me)
-            .map(|m| {
-                let req = &req;
-                let addr = m.addr;
-                async move {
-                    let r: Result<(), _> = self
-                        .transport
-                        .request_typed(addr, routes::INTEREST, req, Duration::from_secs(5))
-                        .await;
-                    if let Err(e) = r {
-                        debug!(%addr, error = %e, "interest not delivered");
-                    }
-                }
-            })
+            .map(|m| self.tell(m.addr, &req))
             .collect::<Vec<_>>();
         futures::future::join_all(sends).await;
+    }
+
+    async fn tell(&self, addr: std::net::SocketAddr, req: &Interest) {
+        let r: Result<(), _> = self
+            .transport
+            .request_typed(addr, routes::INTEREST, req, Duration::from_secs(5))
+            .await;
+        if let Err(e) = r {
+            debug!(%addr, error = %e, "interest not delivered");
+        }
     }
 
     /// Runs this member's handlers of the event's cache.
     pub(crate) fn deliver_local(&self, event: &RawEvent) {
         let handlers = self.handlers.read().unwrap_or_else(|e| e.into_inner());
         if let Some(list) = handlers.get(&event.cache) {
-            for (_, h) in list {
+            for (_, _, h) in list {
                 h(event);
             }
         }
@@ -267,12 +297,16 @@ impl EventHub {
             .contains_key(cache)
     }
 
-    fn targets(&self, cache: &str) -> Vec<Arc<str>> {
+    fn targets(&self, cache: &str) -> Vec<(Arc<str>, Want)> {
         self.interest
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(cache)
-            .map(|s| s.iter().cloned().collect())
+            .map(|s| {
+                s.iter()
+                    .filter_map(|(m, (w, _))| w.map(|w| (m.clone(), w)))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -321,14 +355,25 @@ async fn dispatch(hub: Weak<EventHub>, mut rx: mpsc::Receiver<RawEvent>) {
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         let Some(hub) = hub.upgrade() else { return };
-        let mut per_member: HashMap<Arc<str>, Vec<&RawEvent>> = HashMap::new();
+        // Members that want keys only get events without values: less to copy and send.
+        let mut per_member: HashMap<Arc<str>, Vec<RawEvent>> = HashMap::new();
         for ev in &batch {
-            for m in hub.targets(&ev.cache) {
+            for (m, want) in hub.targets(&ev.cache) {
                 if m == hub.me {
                     hub.deliver_local(ev);
-                } else {
-                    per_member.entry(m).or_default().push(ev);
+                    continue;
                 }
+                let ev = match want {
+                    Want::Values => ev.clone(),
+                    Want::Keys => RawEvent {
+                        old: None,
+                        value: None,
+                        key: ev.key.clone(),
+                        cache: ev.cache.clone(),
+                        ..*ev
+                    },
+                };
+                per_member.entry(m).or_default().push(ev);
             }
         }
         for (member, events) in per_member {
@@ -371,24 +416,19 @@ async fn follow_members(hub: Weak<EventHub>, cluster: Cluster) {
                     for cache in caches {
                         let req = Interest {
                             cache: cache.to_string(),
-                            on: true,
+                            want: hub.local_want(&cache),
+                            seq: hub.seq.fetch_add(1, Ordering::Relaxed),
                         };
-                        let r: Result<(), _> = hub
-                            .transport
-                            .request_typed(m.addr, routes::INTEREST, &req, Duration::from_secs(5))
-                            .await;
-                        if let Err(e) = r {
-                            debug!(member = %m.id, error = %e, "interest not delivered to a new member");
-                        }
+                        hub.tell(m.addr, &req).await;
                     }
                 });
             }
             MemberEvent::Left(m) | MemberEvent::Failed(m) => {
                 let mut interest = hub.interest.write().unwrap_or_else(|e| e.into_inner());
-                for set in interest.values_mut() {
-                    set.remove(&m.id);
+                for members in interest.values_mut() {
+                    members.remove(&m.id);
                 }
-                interest.retain(|_, s| !s.is_empty());
+                interest.retain(|_, s| s.values().any(|(w, _)| w.is_some()));
             }
         }
     }

@@ -87,6 +87,8 @@ pub enum CacheOp {
 pub enum PutIf {
     /// Always; answers the previous value.
     Always,
+    /// Always; answers nothing.
+    Set,
     /// Only when the key has no live value; answers the existing value.
     Absent,
     /// Only when the key has a live value; answers the previous value.

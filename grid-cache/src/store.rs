@@ -255,13 +255,14 @@ impl CacheService {
                 let map = part.get(cache.as_str());
                 let current = map.and_then(|m| m.live(&key.0, now));
                 let write = match &cond {
-                    PutIf::Always => true,
+                    PutIf::Always | PutIf::Set => true,
                     PutIf::Absent => current.is_none(),
                     PutIf::Present => current.is_some(),
                     PutIf::Equals(v) => current.is_some_and(|e| e.value == &v.0[..]),
                 };
                 let answer = match (&cond, write) {
                     (PutIf::Equals(_), w) => encode(&w)?,
+                    (PutIf::Set, _) => encode(&())?,
                     _ => encode(&current.map(|e| blob(e.value)))?,
                 };
                 let change = if write {
