@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use grid::{Grid, GridConfig, MemberEvent};
+use grid::{CacheEvent, CacheSettings, Grid, GridConfig, MemberEvent};
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
 
@@ -216,6 +216,8 @@ async fn demo() -> anyhow::Result<()> {
         on_m2.len().await?
     );
 
+    cache_features(&m1, &m2).await?;
+
     println!("\nkilling m3 abruptly (no goodbye; its socket goes silent)...");
     let mut watchers = Vec::new();
     for m in [&m1, &m2] {
@@ -300,5 +302,75 @@ async fn demo() -> anyhow::Result<()> {
     }
     m1.shutdown().await;
     println!("\ndone in {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The cache's features across two members: a near cache kept coherent, listeners, an
+/// entry processor run atomically on the owner, a loader that runs once.
+async fn cache_features(m1: &Grid, m2: &Grid) -> anyhow::Result<()> {
+    let near = CacheSettings::builder().near().build();
+    let prices1 = m1
+        .cache::<String, u64>("prices")
+        .settings(near.clone())
+        .await?;
+    let prices2 = m2.cache::<String, u64>("prices").settings(near).await?;
+    let mut events = prices2.listen().await;
+    prices1.put(&"apple".into(), &3).await?;
+    prices2.get(&"apple".into()).await?; // m2 now holds a near copy
+    let t = Instant::now();
+    prices1.put(&"apple".into(), &4).await?;
+    while !matches!(
+        events.recv().await,
+        Some(CacheEvent::Updated { value: 4, .. })
+    ) {}
+    println!(
+        "  near cache: m1 changed a price m2 had copied; m2 heard of it after {} µs and reads {:?}",
+        t.elapsed().as_micros(),
+        prices2.get(&"apple".into()).await?
+    );
+
+    let mut counters = Vec::new();
+    for m in [m1, m2] {
+        let c = m.cache::<String, u64>("counters").await?;
+        c.register_processor("incr", |entry, by: u64| {
+            let next = entry.value().copied().unwrap_or(0) + by;
+            entry.set_value(next);
+            next
+        });
+        counters.push(c);
+    }
+    let visits = "visits".to_string();
+    let runs = counters.iter().flat_map(|c| {
+        let visits = &visits;
+        (0..100).map(move |_| c.execute_on_key::<u64, u64>(visits, "incr", &1))
+    });
+    futures::future::try_join_all(runs).await?;
+    println!(
+        "  entry processor: 200 concurrent increments from two members: visits = {:?}",
+        counters[0].get(&"visits".into()).await?
+    );
+
+    let loads = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut squares = Vec::new();
+    for m in [m1, m2] {
+        let loads = loads.clone();
+        squares.push(
+            m.cache::<u64, u64>("squares")
+                .loader(move |k: u64| {
+                    loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    async move { Ok::<_, String>(Some(k * k)) }
+                })
+                .await?,
+        );
+    }
+    let gets = squares
+        .iter()
+        .flat_map(|c| (0..20).map(move |_| c.get(&12)));
+    let values = futures::future::try_join_all(gets).await?;
+    println!(
+        "  read-through: 40 concurrent misses on two members got {:?}; the loader ran {} time(s)",
+        values[0],
+        loads.load(std::sync::atomic::Ordering::Relaxed)
+    );
     Ok(())
 }

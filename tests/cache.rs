@@ -244,7 +244,7 @@ async fn max_entries_is_never_exceeded_by_more_than_the_documented_slack() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replicated_cache_converges_after_puts_and_after_a_member_joins() {
+async fn replicated_cache_converges_after_puts_a_join_and_a_leave() {
     let grids = data_cluster("c-repl", 2, |b| b).await;
     let settings = CacheSettings::builder().mode(CacheMode::Replicated).build();
     let caches = open::<String>(&grids, "repl", &settings).await;
@@ -291,7 +291,20 @@ async fn replicated_cache_converges_after_puts_and_after_a_member_joins() {
         .await;
         assert!(ok, "a replica did not converge after the join");
     }
-    for g in all {
+    // A member leaves: the others keep every entry and keep converging.
+    grids[1].shutdown().await;
+    let stayers = [&caches[0], &joined];
+    assert!(common::settled(&[grids[0].clone(), third.clone()], 2).await);
+    joined.put(&502, &"after the leave".into()).await.unwrap();
+    for c in stayers {
+        let ok = eventually_async(Duration::from_secs(5), || async {
+            c.len().await.unwrap() == 102
+                && c.get(&502).await.unwrap() == Some("after the leave".into())
+        })
+        .await;
+        assert!(ok, "a replica did not converge after the leave");
+    }
+    for g in [&grids[0], &third] {
         g.shutdown().await;
     }
 }

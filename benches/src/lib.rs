@@ -1,7 +1,9 @@
-//! Shared helpers of the benchmark harnesses: percentiles, medians, and the loopback
-//! identities both sides of a comparison use.
+//! Shared helpers of the benchmark harnesses: percentiles, medians, waiting for a cluster
+//! to settle, and the loopback identities both sides of a comparison use.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use grid::Grid;
 
 /// The `p`-th percentile (0–100) of `samples`, which it sorts.
 pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
@@ -26,6 +28,30 @@ pub fn median(values: &[f64]) -> f64 {
     } else {
         v[mid]
     }
+}
+
+/// Whether every member sees `members` members and applied the coordinator's settled table.
+pub async fn settled(grids: &[Grid], members: usize, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(c) = grids
+            .iter()
+            .find(|g| g.runtime().coordinator_status().active)
+        {
+            let version = c.runtime().table().version();
+            if c.runtime().coordinator_status().settled
+                && c.runtime().table().members().len() == members
+                && grids.iter().all(|g| {
+                    g.runtime().table().version() == version
+                        && g.cluster().members().len() == members
+                })
+            {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
 }
 
 #[cfg(test)]

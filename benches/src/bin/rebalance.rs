@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use grid::Grid;
-use grid_bench::percentile;
+use grid_bench::{percentile, settled};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -123,28 +123,6 @@ async fn start_member(
         None => b.no_seeds(),
     };
     Ok(b.start().await?)
-}
-
-async fn settled(grids: &[Grid], members: usize, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Some(c) = grids
-            .iter()
-            .find(|g| g.runtime().coordinator_status().active)
-        {
-            let version = c.runtime().table().version();
-            if c.runtime().coordinator_status().settled
-                && c.runtime().table().members().len() == members
-                && grids
-                    .iter()
-                    .all(|g| g.runtime().table().version() == version)
-            {
-                return true;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    false
 }
 
 /// Raw quinn: one stream carrying `total` bytes in 1 MiB writes, in this process.
