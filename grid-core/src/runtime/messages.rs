@@ -8,8 +8,6 @@ use crate::partition::table::PartitionTable;
 pub(crate) mod routes {
     pub(crate) const OP: &str = "grid.rt.op";
     pub(crate) const BACKUP: &str = "grid.rt.backup";
-    pub(crate) const OP_BATCH: &str = "grid.rt.op.batch";
-    pub(crate) const BACKUP_BATCH: &str = "grid.rt.backup.batch";
     pub(crate) const SYNC: &str = "grid.rt.sync";
     pub(crate) const TABLE_PUSH: &str = "grid.rt.table.push";
     pub(crate) const TABLE_GET: &str = "grid.rt.table.get";
@@ -20,7 +18,7 @@ pub(crate) mod routes {
 }
 
 /// An operation for a partition's owner.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct OpRequest {
     pub(crate) service: String,
     pub(crate) partition: u32,
@@ -47,7 +45,7 @@ pub(crate) enum OpResponse {
 }
 
 /// A change for a backup.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct BackupRequest {
     pub(crate) service: String,
     pub(crate) partition: u32,

@@ -21,7 +21,6 @@
 //! - Reads right after an ownership change may briefly go to the old owner, which answers
 //!   from its (complete) copy until the new table reaches it.
 
-mod batch;
 pub(crate) mod coordinator;
 mod driver;
 pub(crate) mod messages;
@@ -34,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use grid_net::membership::{Cluster, Member};
 use grid_net::transport::Transport;
+use grid_net::NetError;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
@@ -174,10 +174,6 @@ pub(crate) struct Inner {
     table_source: Mutex<Option<Arc<str>>>,
     drains: mpsc::Sender<(Arc<str>, oneshot::Sender<()>)>,
     moved: Mutex<(u64, u64)>,
-    /// Small operations to other owners, batched per member.
-    ops: batch::Batcher<OpRequest, OpResponse>,
-    /// Small backup changes, batched per member.
-    backups: batch::Batcher<messages::BackupRequest, Result<messages::BackupResponse, String>>,
 }
 
 /// A member's partition runtime. Cheap to clone.
@@ -225,8 +221,6 @@ impl Runtime {
         let me: Arc<str> = cluster.local_member().id.clone();
         let partitions = config.table.partitions;
         let (drain_tx, drain_rx) = mpsc::channel(64);
-        let ops = batch::Batcher::new(transport.clone(), routes::OP_BATCH);
-        let backups = batch::Batcher::new(transport.clone(), routes::BACKUP_BATCH);
         let inner = Arc::new(Inner {
             transport,
             cluster,
@@ -238,8 +232,6 @@ impl Runtime {
             table_source: Mutex::new(None),
             drains: drain_tx,
             moved: Mutex::new((0, 0)),
-            ops,
-            backups,
             config,
         });
         let rt = Self { inner };
@@ -405,19 +397,11 @@ impl Runtime {
             return Attempt::Retry(format!("owner {owner} is not a live member"));
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let answer: Result<OpResponse, batch::BatchError> =
-            if req.op.len() <= batch::MAX_BATCHED_BYTES {
-                self.inner
-                    .ops
-                    .call(member.addr, req.clone(), remaining)
-                    .await
-            } else {
-                self.inner
-                    .transport
-                    .request_typed(member.addr, routes::OP, req, remaining)
-                    .await
-                    .map_err(batch::BatchError::from)
-            };
+        let answer: Result<OpResponse, NetError> = self
+            .inner
+            .transport
+            .request_typed(member.addr, routes::OP, req, remaining)
+            .await;
         match answer {
             Ok(OpResponse::Ok(a)) => Attempt::Done(a),
             Ok(OpResponse::Failed(e)) => Attempt::Failed(e),
@@ -431,12 +415,14 @@ impl Runtime {
             }
             Ok(OpResponse::Frozen) => Attempt::Retry("partition is changing hands".into()),
             Ok(OpResponse::Unreplicated(e)) => Attempt::Indeterminate(e),
-            Err(batch::BatchError::Unreachable(reason)) => Attempt::Retry(reason),
-            Err(batch::BatchError::ShuttingDown) => {
-                Attempt::Failed("this member is shutting down".into())
+            Err(NetError::Unreachable { reason, .. }) => Attempt::Retry(reason),
+            Err(NetError::Refused { reason, .. }) => Attempt::Retry(reason),
+            Err(NetError::ShuttingDown) => Attempt::Failed("this member is shutting down".into()),
+            Err(e @ (NetError::ConnectionLost { .. } | NetError::Timeout { .. })) => {
+                Attempt::Indeterminate(e.to_string())
             }
-            Err(batch::BatchError::Lost(e)) => Attempt::Indeterminate(e),
-            Err(batch::BatchError::Failed(e)) => Attempt::Failed(e),
+            Err(NetError::Remote(e)) => Attempt::Failed(e),
+            Err(e) => Attempt::Failed(e.to_string()),
         }
     }
 
@@ -623,35 +609,15 @@ impl Runtime {
         let rt = self.clone();
         t.on_request_typed(routes::OP, move |_peer, req: OpRequest| {
             let rt = rt.clone();
-            async move { rt.serve_op(req).await }
-        });
-        // A batch runs its operations together; operations on one partition take its
-        // queue in batch order, so one caller's writes keep their order.
-        let rt = self.clone();
-        t.on_request_typed(routes::OP_BATCH, move |_peer, reqs: Vec<OpRequest>| {
-            let rt = rt.clone();
             async move {
-                let runs = reqs.into_iter().map(|req| {
-                    let rt = rt.clone();
-                    async move { rt.serve_op(req).await.unwrap_or_else(OpResponse::Failed) }
-                });
-                Ok(futures::future::join_all(runs).await)
+                if req.partition >= rt.inner.config.table.partitions {
+                    return Err(format!("no partition {}", req.partition));
+                }
+                Ok(rt
+                    .execute_local(&req.service, req.partition, &req.op, req.read_only)
+                    .await)
             }
         });
-        let rt = self.clone();
-        t.on_request_typed(
-            routes::BACKUP_BATCH,
-            move |_peer, reqs: Vec<messages::BackupRequest>| {
-                let rt = rt.clone();
-                async move {
-                    let runs = reqs.into_iter().map(|req| {
-                        let rt = rt.clone();
-                        async move { rt.on_backup(req).await }
-                    });
-                    Ok(futures::future::join_all(runs).await)
-                }
-            },
-        );
         let rt = self.clone();
         t.on_request_typed(
             routes::BACKUP,
@@ -725,16 +691,6 @@ impl Runtime {
                 rx.await.map_err(|_| "not the coordinator".to_string())
             }
         });
-    }
-
-    /// Runs an operation sent by another member.
-    async fn serve_op(&self, req: OpRequest) -> Result<OpResponse, String> {
-        if req.partition >= self.inner.config.table.partitions {
-            return Err(format!("no partition {}", req.partition));
-        }
-        Ok(self
-            .execute_local(&req.service, req.partition, &req.op, req.read_only)
-            .await)
     }
 
     /// Moves this member's partitions to the others before it leaves (graceful shutdown),

@@ -155,24 +155,11 @@ impl Runtime {
         };
         let timeout = self.inner.config.backup_timeout;
         for attempt in 0..2 {
-            let answer: Result<BackupResponse, String> =
-                if req.change.len() <= super::batch::MAX_BATCHED_BYTES {
-                    match self
-                        .inner
-                        .backups
-                        .call(member.addr, req.clone(), timeout)
-                        .await
-                    {
-                        Ok(r) => r,
-                        Err(e) => Err(e.to_string()),
-                    }
-                } else {
-                    self.inner
-                        .transport
-                        .request_typed(member.addr, routes::BACKUP, &req, timeout)
-                        .await
-                        .map_err(|e| e.to_string())
-                };
+            let answer: Result<BackupResponse, _> = self
+                .inner
+                .transport
+                .request_typed(member.addr, routes::BACKUP, &req, timeout)
+                .await;
             match answer {
                 Ok(BackupResponse::Applied) => return true,
                 Ok(BackupResponse::NeedSync) if attempt == 0 => {
