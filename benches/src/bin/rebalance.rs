@@ -166,6 +166,11 @@ async fn quinn_bulk_mb_per_s(total: usize) -> anyhow::Result<f64> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Members' logs on stderr when RUST_LOG asks (e.g. RUST_LOG=grid_core=warn).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     if args.kill > 0 && args.kill > args.backups as usize {
         eprintln!(
             "note: killing {} members with {} backups can lose data (that is what it measures)",

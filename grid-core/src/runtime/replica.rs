@@ -24,6 +24,9 @@ type ReplicaVersion = (String, u32, u64, u64);
 /// How long a freeze holds without the table that ends it.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a migration source waits to hear of a destination the coordinator named.
+const DESTINATION_GRACE: Duration = Duration::from_secs(3);
+
 impl Runtime {
     /// A frozen partition stays frozen until a table takes its ownership away from this
     /// member — not merely until any newer table: the coordinator may publish other
@@ -302,6 +305,18 @@ impl Runtime {
             return Err(format!("no partition {p}"));
         }
         let destination: Arc<str> = Arc::from(req.destination.as_str());
+        // The coordinator may have heard of a new member before this one did: give gossip
+        // a moment rather than failing the migration (and retrying it).
+        let known = self
+            .inner
+            .cluster
+            .wait_until(DESTINATION_GRACE, |members| {
+                members.iter().any(|m| m.id == destination)
+            })
+            .await;
+        if !known {
+            return Err(format!("{destination} is not a live member"));
+        }
         let mut total = MigrateResponse::default();
         for slot in self.slots() {
             let not_owner = |table: &PartitionTable| {
