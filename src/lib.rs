@@ -171,6 +171,13 @@ impl GridBuilder {
         self
     }
 
+    /// Asynchronous backups per partition, after the synchronous ones (default 0): they get
+    /// every change in order but nobody waits for them (Hazelcast's `async-backup-count`).
+    pub fn async_backups(mut self, backups: u8) -> Self {
+        self.config.partitions.async_backups = backups;
+        self
+    }
+
     /// Partition count (default 271), fixed for the life of the cluster.
     pub fn partitions(mut self, count: u32) -> Self {
         self.config.partitions.count = count;

@@ -351,3 +351,40 @@ async fn a_lite_member_owns_nothing_and_uses_everything() {
         g.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asynchronous_backups_catch_up_and_take_over_when_the_owner_dies() {
+    use grid_core::runtime::PartitionService;
+    let grids = common::data_cluster("p-async", 3, |b| b.backups(0).async_backups(1)).await;
+    let cache = grids[0].cache::<u32, u32>("c").await.unwrap();
+    for k in 0..200u32 {
+        cache.put(&k, &(k * 3)).await.unwrap();
+    }
+    // Nobody waited for the asynchronous copies; they arrive all the same.
+    let partitions = grids[0].runtime().table().partitions();
+    let copies = || {
+        grids
+            .iter()
+            .map(|g| {
+                (0..partitions)
+                    .map(|p| g.caches().service().partition_len(p))
+                    .sum::<usize>()
+            })
+            .sum::<usize>()
+    };
+    // 200 entries and the cache's settings record, each on its owner and its backup.
+    assert!(
+        eventually(Duration::from_secs(10), || copies() == 2 * 201).await,
+        "{} copies of 201 entries with one asynchronous backup",
+        copies()
+    );
+    let victim = owner_of(&grids, &cache, 7);
+    grids[victim].kill();
+    let survivor = grids[(victim + 1) % 3]
+        .cache::<u32, u32>("c")
+        .await
+        .unwrap();
+    for k in 0..200u32 {
+        assert_eq!(survivor.get(&k).await.unwrap(), Some(k * 3), "key {k}");
+    }
+}

@@ -22,7 +22,8 @@
 //!
 //! [partitions]
 //! count = 271                     # fixed for the life of the cluster
-//! backups = 1
+//! backups = 1                     # synchronous: the caller waits for them
+//! async_backups = 0               # asynchronous: sent every change, not waited for
 //!
 //! [attributes]
 //! zone = "eu-west-1a"
@@ -74,6 +75,10 @@ pub struct PartitionConfig {
     pub count: u32,
     /// Synchronous backups per partition, 0 to 6 (default 1).
     pub backups: u8,
+    /// Asynchronous backups per partition, after the synchronous ones (default 0): they
+    /// get every change in order, but the caller does not wait for them. Synchronous plus
+    /// asynchronous backups are at most 6.
+    pub async_backups: u8,
     /// Put the replicas of a partition on members with distinct values of this attribute
     /// (e.g. `"zone"` or `"host"`).
     pub placement_attribute: Option<String>,
@@ -94,6 +99,7 @@ impl Default for PartitionConfig {
         Self {
             count: 271,
             backups: 1,
+            async_backups: 0,
             placement_attribute: None,
             op_timeout_ms: 10_000,
             max_parallel_migrations: 8,
@@ -245,6 +251,12 @@ impl GridConfig {
                 self.partitions.backups
             )));
         }
+        if self.partitions.backups + self.partitions.async_backups.min(7) > 6 {
+            return Err(invalid(format!(
+                "partitions.backups + partitions.async_backups must be at most 6, not {} + {}",
+                self.partitions.backups, self.partitions.async_backups
+            )));
+        }
         Ok(())
     }
 
@@ -253,7 +265,7 @@ impl GridConfig {
         crate::runtime::RuntimeConfig {
             table: crate::partition::table::TableConfig {
                 partitions: self.partitions.count,
-                backups: self.partitions.backups,
+                backups: self.partitions.backups + self.partitions.async_backups,
                 placement_attribute: self.partitions.placement_attribute.clone(),
             },
             op_timeout: std::time::Duration::from_millis(self.partitions.op_timeout_ms.max(1)),
@@ -264,6 +276,7 @@ impl GridConfig {
             backup_timeout: std::time::Duration::from_millis(
                 self.partitions.backup_timeout_ms.max(1),
             ),
+            async_backups: self.partitions.async_backups,
             ..crate::runtime::RuntimeConfig::default()
         }
     }
@@ -317,5 +330,16 @@ mod tests {
         let c = GridConfig::default();
         assert_eq!(c.network.bind.port(), 5701);
         assert!(!c.multicast.enabled);
+    }
+
+    #[test]
+    fn asynchronous_backups_count_toward_the_table_and_the_limit() {
+        let mut c =
+            GridConfig::from_toml_str("[partitions]\nbackups = 1\nasync_backups = 2").unwrap();
+        assert!(c.validate().is_ok());
+        let rt = c.runtime_config();
+        assert_eq!((rt.table.backups, rt.async_backups), (3, 2));
+        c.partitions.async_backups = 6;
+        assert!(c.validate().is_err(), "1 + 6 backups is more than 6");
     }
 }

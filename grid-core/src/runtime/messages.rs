@@ -8,6 +8,7 @@ use crate::partition::table::PartitionTable;
 pub(crate) mod routes {
     pub(crate) const OP: &str = "grid.rt.op";
     pub(crate) const BACKUP: &str = "grid.rt.backup";
+    pub(crate) const BACKUP_ASYNC: &str = "grid.rt.backup.async";
     pub(crate) const SYNC: &str = "grid.rt.sync";
     pub(crate) const TABLE_PUSH: &str = "grid.rt.table.push";
     pub(crate) const TABLE_GET: &str = "grid.rt.table.get";

@@ -54,6 +54,9 @@ pub struct RuntimeConfig {
     /// Deadline of one backup acknowledgement (default 5 s); a backup that misses it is
     /// resynchronised later.
     pub backup_timeout: Duration,
+    /// Of the table's backups, how many (the last ranks) are asynchronous: sent every
+    /// change in order, not waited for (default 0).
+    pub async_backups: u8,
     /// Migrations run at once by the coordinator (default 8).
     pub max_parallel_migrations: usize,
     /// Size of the chunks partitions are copied in (default 1 MiB).
@@ -68,6 +71,7 @@ impl Default for RuntimeConfig {
             table: TableConfig::default(),
             op_timeout: Duration::from_secs(10),
             backup_timeout: Duration::from_secs(5),
+            async_backups: 0,
             max_parallel_migrations: 8,
             chunk_bytes: 1024 * 1024,
             anti_entropy_interval: Duration::from_secs(5),
@@ -93,6 +97,8 @@ struct ReplicaState {
 /// How long data copied in by a migration waits for the table that uses it before it is
 /// treated as abandoned.
 const INCOMING_GRACE: Duration = Duration::from_secs(60);
+/// Changes queued for this member as an asynchronous backup.
+const ASYNC_BACKUP_QUEUE: usize = 65_536;
 /// Bounds of an owner's change log (entries, bytes).
 const LOG_ENTRIES: usize = 16_384;
 const LOG_BYTES: usize = 16 * 1024 * 1024;
@@ -174,6 +180,8 @@ pub(crate) struct Inner {
     table_source: Mutex<Option<Arc<str>>>,
     drains: mpsc::Sender<(Arc<str>, oneshot::Sender<()>)>,
     moved: Mutex<(u64, u64)>,
+    /// Changes for this member as an asynchronous backup, applied in arrival order.
+    async_in: mpsc::Sender<messages::BackupRequest>,
 }
 
 /// A member's partition runtime. Cheap to clone.
@@ -221,6 +229,7 @@ impl Runtime {
         let me: Arc<str> = cluster.local_member().id.clone();
         let partitions = config.table.partitions;
         let (drain_tx, drain_rx) = mpsc::channel(64);
+        let (async_tx, mut async_rx) = mpsc::channel(ASYNC_BACKUP_QUEUE);
         let inner = Arc::new(Inner {
             transport,
             cluster,
@@ -232,10 +241,18 @@ impl Runtime {
             table_source: Mutex::new(None),
             drains: drain_tx,
             moved: Mutex::new((0, 0)),
+            async_in: async_tx,
             config,
         });
         let rt = Self { inner };
         rt.register_routes();
+        let weak = Arc::downgrade(&rt.inner);
+        tokio::spawn(async move {
+            while let Some(req) = async_rx.recv().await {
+                let Some(inner) = weak.upgrade() else { return };
+                Self { inner }.on_async_backup(req).await;
+            }
+        });
         tokio::spawn(driver::run(Arc::downgrade(&rt.inner), drain_rx));
         tokio::spawn(replica::anti_entropy_loop(
             Arc::downgrade(&rt.inner),
@@ -626,6 +643,22 @@ impl Runtime {
                 async move { rt.on_backup(req).await }
             },
         );
+        let weak = Arc::downgrade(&self.inner);
+        t.on_message(routes::BACKUP_ASYNC, move |peer, body| {
+            let Some(inner) = weak.upgrade() else { return };
+            match grid_net::codec::decode::<messages::BackupRequest>(&body) {
+                Ok(req) => {
+                    if inner.async_in.try_send(req).is_err() {
+                        // Anti-entropy repairs what a full queue drops.
+                        metrics::counter!("grid_async_backups_dropped_total").increment(1);
+                        debug!(peer = %peer.member_id, "asynchronous backup queue full; change dropped");
+                    }
+                }
+                Err(e) => {
+                    warn!(peer = %peer.member_id, error = %e, "undecodable asynchronous backup dropped")
+                }
+            }
+        });
         let rt = self.clone();
         t.on_bulk(routes::SYNC, move |_peer, header, chunks| {
             let rt = rt.clone();

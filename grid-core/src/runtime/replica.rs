@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use grid_net::codec;
 use grid_net::transport::BulkReceiver;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::messages::{
     routes, BackupRequest, BackupResponse, FreezeRequest, MigrateRequest, MigrateResponse,
@@ -102,7 +102,21 @@ impl Runtime {
                 return OpResponse::Failed("partition version exhausted".into());
             };
             let targets = self.change_targets(p, &table);
-            let sends = targets
+            let backups = table.replicas(p).count().saturating_sub(1);
+            let sync_backups = backups.saturating_sub(self.inner.config.async_backups as usize);
+            // Asynchronous backups (the ranks after the synchronous ones) get the change on
+            // the ordered one-way channel; synchronous backups and migration targets are
+            // waited for.
+            for t in targets.iter().take(backups).skip(sync_backups) {
+                self.send_async_backup(&slot, p, &st, version, &change, t)
+                    .await;
+            }
+            let waited: Vec<&Arc<str>> = targets
+                .iter()
+                .take(sync_backups)
+                .chain(targets.iter().skip(backups))
+                .collect();
+            let sends = waited
                 .iter()
                 .map(|t| self.replicate(&slot, p, &st, version, &change, t));
             let acked = futures::future::join_all(sends).await;
@@ -118,11 +132,10 @@ impl Runtime {
             // A backup (not a migration target) that did not confirm it breaks that promise:
             // the caller hears the outcome is unknown, and the backup is repaired by its
             // next change or by anti-entropy.
-            let backups = table.replicas(p).count().saturating_sub(1);
-            if let Some((missed, _)) = targets
+            if let Some((missed, _)) = waited
                 .iter()
                 .zip(&acked)
-                .take(backups)
+                .take(sync_backups)
                 .find(|(_, ok)| !**ok)
             {
                 return OpResponse::Unreplicated(format!(
@@ -131,6 +144,57 @@ impl Runtime {
             }
         }
         OpResponse::Ok(prepared.answer)
+    }
+
+    /// Queues one change for an asynchronous backup. Lost messages leave a gap the backup
+    /// notices (its next change does not follow) and anti-entropy repairs.
+    async fn send_async_backup(
+        &self,
+        slot: &ServiceSlot,
+        p: u32,
+        st: &ReplicaState,
+        version: u64,
+        change: &[u8],
+        target: &Arc<str>,
+    ) {
+        let Some(member) = self.inner.cluster.member(target) else {
+            return;
+        };
+        let req = BackupRequest {
+            service: slot.service.name().to_string(),
+            partition: p,
+            epoch: st.epoch,
+            version,
+            change: change.to_vec(),
+        };
+        let sent = match codec::encode(&req) {
+            Ok(body) => self
+                .inner
+                .transport
+                .send_ordered(member.addr, routes::BACKUP_ASYNC, &body)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = sent {
+            debug!(partition = p, backup = %target, error = %e, "asynchronous backup not sent");
+            metrics::counter!("grid_backup_misses_total").increment(1);
+        }
+    }
+
+    /// An asynchronous backup's side of a change (in arrival order, one at a time).
+    pub(super) async fn on_async_backup(&self, req: BackupRequest) {
+        let p = req.partition;
+        match self.on_backup(req).await {
+            Ok(BackupResponse::Applied) => {}
+            Ok(BackupResponse::NeedSync) => {
+                debug!(
+                    partition = p,
+                    "asynchronous backup behind; anti-entropy will repair it"
+                )
+            }
+            Err(e) => debug!(partition = p, error = %e, "asynchronous backup refused"),
+        }
     }
 
     /// Sends one change to one backup; a backup that fell behind gets the whole partition
