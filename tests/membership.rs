@@ -90,6 +90,14 @@ async fn a_killed_member_is_reported_failed_by_all_others_within_3s() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_shutdown_is_reported_as_left_at_once() {
     let grids = cluster("leave", 5).await;
+    // A graceful shutdown first hands the member's partitions off (its own test is in
+    // tests/partitions.rs); do that before the clock starts, so that what is timed is the
+    // departure notice alone.
+    grids[4]
+        .runtime()
+        .drain(Duration::from_secs(30))
+        .await
+        .expect("partitions handed off");
     let watchers = grids[..4].iter().map(|g| g.cluster().events()).collect();
     let leaving = grids[4].clone();
     let shutdown = tokio::spawn(async move { leaving.shutdown().await });

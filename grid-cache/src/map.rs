@@ -29,6 +29,17 @@ pub(crate) struct Meta {
     hits: AtomicU32,
 }
 
+impl Clone for Meta {
+    fn clone(&self) -> Self {
+        Self {
+            expire_at: self.expire_at,
+            touched: AtomicU64::new(self.touched.load(Ordering::Relaxed)),
+            idle_ms: self.idle_ms,
+            hits: AtomicU32::new(self.hits.load(Ordering::Relaxed)),
+        }
+    }
+}
+
 impl Meta {
     pub(crate) fn new(expire_at: u64, idle_ms: u32, now: u64) -> Self {
         Self {
@@ -148,7 +159,7 @@ fn hash(key: &[u8]) -> u64 {
 }
 
 /// One cache's entries in one partition.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct CacheMap {
     table: HashTable<Slot>,
     arena: Vec<u8>,

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use grid_core::codec;
-use grid_core::runtime::{PartitionService, Prepared};
+use grid_core::runtime::{PartitionService, Prepared, Snapshot};
 use tracing::warn;
 
 use crate::events::{EventKind, EventSink, RawEvent};
@@ -469,6 +469,47 @@ fn check_room(map: Option<&CacheMap>, key: &[u8], value: &[u8]) -> Result<(), St
     }
 }
 
+/// Chunks of groups: the cache name (bin), the entry count, then per entry the key and value
+/// (bin), the expiry (u64), the idle time (u32) and whether accesses are tracked (bool).
+/// Written straight from the maps: this is the bulk of a migration's work.
+fn encode_chunks(maps: &[(Arc<str>, CacheMap)], chunk_bytes: usize) -> Vec<Vec<u8>> {
+    let mut chunks = Vec::new();
+    let mut buf = Vec::with_capacity(chunk_bytes.min(8 << 20) + 1024);
+    let mut group = Vec::new();
+    for (cache, map) in maps {
+        let mut n = 0u32;
+        let flush = |buf: &mut Vec<u8>, group: &mut Vec<u8>, n: &mut u32| {
+            if *n > 0 {
+                let _ = rmp::encode::write_bin(buf, cache.as_bytes());
+                let _ = rmp::encode::write_u32(buf, *n);
+                buf.append(group);
+                *n = 0;
+            }
+        };
+        for e in map.iter() {
+            // Writing to a Vec cannot fail.
+            let _ = rmp::encode::write_bin(&mut group, e.key);
+            let _ = rmp::encode::write_bin(&mut group, e.value);
+            let _ = rmp::encode::write_u64(&mut group, e.expire_at());
+            let _ = rmp::encode::write_u32(&mut group, e.idle_ms());
+            let _ = rmp::encode::write_bool(&mut group, e.tracked());
+            n += 1;
+            if buf.len() + group.len() >= chunk_bytes {
+                flush(&mut buf, &mut group, &mut n);
+                chunks.push(std::mem::replace(
+                    &mut buf,
+                    Vec::with_capacity(chunk_bytes.min(8 << 20) + 1024),
+                ));
+            }
+        }
+        flush(&mut buf, &mut group, &mut n);
+    }
+    if !buf.is_empty() {
+        chunks.push(buf);
+    }
+    chunks
+}
+
 fn set(cache: &str, key: Blob, value: Vec<u8>, params: &WriteParams, now: u64) -> CacheChange {
     CacheChange::Set {
         cache: cache.to_string(),
@@ -612,49 +653,22 @@ impl PartitionService for CacheService {
         self.apply_change(p, change, primary)
     }
 
-    /// Chunks of groups: the cache name (bin), the entry count, then per entry the key
-    /// and value (bin), the expiry (u64), the idle time (u32) and whether accesses are
-    /// tracked (bool). Written straight from
-    /// the maps: this is the bulk of a migration's work.
-    fn snapshot(&self, p: u32, chunk_bytes: usize) -> Vec<Vec<u8>> {
-        let Some(part) = self.read(p) else {
-            return Vec::new();
+    /// A copy of the partition's maps, taken under its read lock (two memory copies per
+    /// cache: arena and table), encoded into chunks only when the runtime asks for the
+    /// first one — by then outside the partition's lock, so writes wait only for the copy.
+    fn snapshot(&self, p: u32, chunk_bytes: usize) -> Snapshot {
+        let maps: Vec<(Arc<str>, CacheMap)> = match self.read(p) {
+            Some(part) => part.iter().map(|(c, m)| (c.clone(), m.clone())).collect(),
+            None => Vec::new(),
         };
-        let mut chunks = Vec::new();
-        let mut buf = Vec::with_capacity(chunk_bytes.min(8 << 20) + 1024);
-        let mut group = Vec::new();
-        for (cache, map) in part.iter() {
-            let mut n = 0u32;
-            let flush = |buf: &mut Vec<u8>, group: &mut Vec<u8>, n: &mut u32| {
-                if *n > 0 {
-                    let _ = rmp::encode::write_bin(buf, cache.as_bytes());
-                    let _ = rmp::encode::write_u32(buf, *n);
-                    buf.append(group);
-                    *n = 0;
-                }
-            };
-            for e in map.iter() {
-                // Writing to a Vec cannot fail.
-                let _ = rmp::encode::write_bin(&mut group, e.key);
-                let _ = rmp::encode::write_bin(&mut group, e.value);
-                let _ = rmp::encode::write_u64(&mut group, e.expire_at());
-                let _ = rmp::encode::write_u32(&mut group, e.idle_ms());
-                let _ = rmp::encode::write_bool(&mut group, e.tracked());
-                n += 1;
-                if buf.len() + group.len() >= chunk_bytes {
-                    flush(&mut buf, &mut group, &mut n);
-                    chunks.push(std::mem::replace(
-                        &mut buf,
-                        Vec::with_capacity(chunk_bytes.min(8 << 20) + 1024),
-                    ));
-                }
+        let mut maps = Some(maps);
+        let mut chunks = Vec::new().into_iter();
+        Box::new(std::iter::from_fn(move || {
+            if let Some(maps) = maps.take() {
+                chunks = encode_chunks(&maps, chunk_bytes).into_iter();
             }
-            flush(&mut buf, &mut group, &mut n);
-        }
-        if !buf.is_empty() {
-            chunks.push(buf);
-        }
-        chunks
+            chunks.next()
+        }))
     }
 
     fn restore(&self, p: u32, chunks: Vec<bytes::Bytes>) -> Result<(), String> {
@@ -749,7 +763,7 @@ mod tests {
                 ),
             );
         }
-        let chunks: Vec<bytes::Bytes> = s.snapshot(0, 4096).into_iter().map(Into::into).collect();
+        let chunks: Vec<bytes::Bytes> = s.snapshot(0, 4096).map(Into::into).collect();
         assert!(chunks.len() > 10);
         let t = CacheService::new(1);
         t.restore(0, chunks).unwrap();

@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 pub use coordinator::MigrationStats;
-pub use service::{PartitionService, Prepared};
+pub use service::{PartitionService, Prepared, Snapshot};
 
 use crate::partition::table::{Candidate, PartitionTable, TableConfig};
 use crate::GridError;

@@ -270,7 +270,7 @@ impl Runtime {
         epoch: u64,
         version: u64,
         entries: u64,
-        chunks: Vec<Vec<u8>>,
+        chunks: super::Snapshot,
         target: &Arc<str>,
     ) -> Result<(u64, u64), String> {
         let member = self

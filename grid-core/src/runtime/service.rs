@@ -10,6 +10,9 @@
 //! [`PartitionService::apply`] on the owner. A change is therefore visible (even to lock-free
 //! reads) only once every live backup has it.
 
+/// A partition's state, produced as chunks on demand (see [`PartitionService::snapshot`]).
+pub type Snapshot = Box<dyn Iterator<Item = Vec<u8>> + Send>;
+
 /// What [`PartitionService::prepare`] decided.
 #[derive(Debug, Clone, Default)]
 pub struct Prepared {
@@ -34,8 +37,11 @@ pub trait PartitionService: Send + Sync + 'static {
     /// effects to the outside (events, notifications), so that each happens once.
     fn apply(&self, partition: u32, change: &[u8], primary: bool) -> Result<(), String>;
 
-    /// The partition's whole state, as chunks of at most about `chunk_bytes` each.
-    fn snapshot(&self, partition: u32, chunk_bytes: usize) -> Vec<Vec<u8>>;
+    /// The partition's whole state at this moment, as chunks of at most about
+    /// `chunk_bytes` each. Called under the partition's lock; the chunks are taken after it
+    /// is released (during a migration), so a service should copy what it must here and
+    /// encode lazily.
+    fn snapshot(&self, partition: u32, chunk_bytes: usize) -> Snapshot;
 
     /// Replaces the partition's state with the one `chunks` (from `snapshot`) describe.
     /// The chunks come from the network: malformed ones are an error, never a panic.
