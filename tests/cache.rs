@@ -304,6 +304,15 @@ async fn replicated_cache_converges_after_puts_a_join_and_a_leave() {
         .await;
         assert!(ok, "a replica did not converge after the leave");
     }
+    // remove_all clears each partition through its owner; every copy ends empty.
+    joined.remove_all().await.unwrap();
+    for c in stayers {
+        let ok = eventually_async(Duration::from_secs(5), || async {
+            c.len().await.unwrap() == 0
+        })
+        .await;
+        assert!(ok, "a replica kept entries after remove_all");
+    }
     for g in [&grids[0], &third] {
         g.shutdown().await;
     }
@@ -504,6 +513,25 @@ async fn map_operations_statistics_and_settings() {
     fixed.put(&1, &1).await.unwrap();
     assert_eq!(fixed.get(&1).await.unwrap(), Some(1));
     assert_eq!(fixed.statistics().hits, 0, "statistics off");
+
+    // A loader that panics is an error for its callers, and does not poison the key.
+    let panicky = grids[1]
+        .cache::<u32, u32>("panicky")
+        .loader(|k: u32| async move {
+            if k == 1 {
+                panic!("loader bug");
+            }
+            Ok::<_, String>(Some(k))
+        })
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        assert!(matches!(
+            panicky.get(&1).await,
+            Err(GridError::Loader { .. })
+        ));
+    }
+    assert_eq!(panicky.get(&2).await.unwrap(), Some(2));
 
     // Same name, other settings: refused on any member.
     let clash = grids[1]

@@ -26,7 +26,7 @@ use crate::ops::{Blob, CacheOp, PutIf};
 use crate::processor::{erase, ProcessorEntry};
 use crate::settings::{CacheSettings, Expiry, WriteParams};
 use crate::stats::CacheStatistics;
-use crate::store::{now_ms, SERVICE};
+use crate::store::SERVICE;
 
 /// Callers running at once in `get_all`, `put_all`, `execute_on_keys` and `remove_all`.
 const FAN_OUT: usize = 64;
@@ -260,22 +260,13 @@ pub(crate) async fn lookup(
     }))
 }
 
-/// Keeps this member's copies in step with a write it made (`Some`: the key now holds the
-/// value; `None`: it is gone). The owners' events follow; this makes the writer read its
-/// own write at once.
-pub(crate) fn after_write(shared: &Shared, key: &[u8], value: Option<&[u8]>) {
+/// Drops this member's near copy of a key it just changed (the owner's invalidation
+/// follows; this makes the writer read its own write at once). Replicated copies are left to
+/// the owner's events, which carry every change in the owner's order: applying a write here
+/// too could put an older value over a newer one that arrived first.
+pub(crate) fn invalidate_near(shared: &Shared, key: &[u8]) {
     if let Some(near) = &shared.near {
         near.invalidate(key);
-    }
-    if let Some(copy) = &shared.replicated {
-        match value {
-            Some(v) => {
-                let p = shared.params;
-                let expire_at = if p.ttl_ms > 0 { now_ms() + p.ttl_ms } else { 0 };
-                copy.set(key, v.to_vec(), expire_at, p.idle_ms);
-            }
-            None => copy.remove(key),
-        }
     }
 }
 
@@ -331,8 +322,8 @@ where
             None => Ok(None),
         };
         self.shared.counters.miss(started.elapsed());
-        if let Ok(Some(v)) = &loaded {
-            after_write(&self.shared, &key, Some(v));
+        if let Ok(Some(_)) = &loaded {
+            invalidate_near(&self.shared, &key);
         }
         decode_opt(loaded?)
     }
@@ -413,7 +404,7 @@ where
         let op = self.put_op(key.clone(), value.clone(), PutIf::Set, self.shared.params);
         self.run(&key, &op, OpKind::IdempotentWrite).await?;
         self.shared.counters.put(1);
-        after_write(&self.shared, &key, Some(&value));
+        invalidate_near(&self.shared, &key);
         Ok(())
     }
 
@@ -435,7 +426,7 @@ where
         // Setting the same value twice leaves the same state: safe to retry.
         let old = decode_old(&self.run(&key, &op, OpKind::IdempotentWrite).await?)?;
         self.shared.counters.put(1);
-        after_write(&self.shared, &key, Some(&value));
+        invalidate_near(&self.shared, &key);
         Ok(old)
     }
 
@@ -467,7 +458,7 @@ where
         let existing: Option<V> = decode_old(&self.run(&key, &op, OpKind::Write).await?)?;
         if existing.is_none() {
             self.shared.counters.put(1);
-            after_write(&self.shared, &key, Some(&value));
+            invalidate_near(&self.shared, &key);
         }
         Ok(existing)
     }
@@ -485,7 +476,7 @@ where
         let old: Option<V> = decode_old(&self.run(&key, &op, OpKind::IdempotentWrite).await?)?;
         if old.is_some() {
             self.shared.counters.put(1);
-            after_write(&self.shared, &key, Some(&value));
+            invalidate_near(&self.shared, &key);
         }
         Ok(old)
     }
@@ -502,7 +493,7 @@ where
         let done: bool = codec::decode(&self.run(&key, &op, OpKind::Write).await?)?;
         if done {
             self.shared.counters.put(1);
-            after_write(&self.shared, &key, Some(&new));
+            invalidate_near(&self.shared, &key);
         }
         Ok(done)
     }
@@ -519,7 +510,7 @@ where
         if old.is_some() {
             self.shared.counters.remove(1);
         }
-        after_write(&self.shared, &key, None);
+        invalidate_near(&self.shared, &key);
         Ok(old)
     }
 
@@ -534,7 +525,7 @@ where
         let done: bool = codec::decode(&self.run(&key, &op, OpKind::Write).await?)?;
         if done {
             self.shared.counters.remove(1);
-            after_write(&self.shared, &key, None);
+            invalidate_near(&self.shared, &key);
         }
         Ok(done)
     }
@@ -609,9 +600,6 @@ where
         }
         if let Some(near) = &self.shared.near {
             near.clear();
-        }
-        if let Some(copy) = &self.shared.replicated {
-            copy.clear();
         }
         Ok(())
     }

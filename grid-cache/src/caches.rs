@@ -14,6 +14,7 @@ use grid_core::runtime::{OpKind, Runtime};
 use grid_core::GridError;
 use grid_net::membership::Cluster;
 use grid_net::transport::Transport;
+use grid_net::NetError;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
@@ -217,7 +218,7 @@ impl Caches {
                 near = Some(copy);
             }
             CacheMode::Replicated => {
-                let copy = Arc::new(ReplicatedCopy::default());
+                let copy = Arc::new(ReplicatedCopy::new(inner.runtime.config().table.partitions));
                 copy.begin_fill();
                 let c = copy.clone();
                 guards.push(
@@ -435,7 +436,18 @@ impl Caches {
                             })
                         }
                         Ok(LoadAnswer::NoLoader) => {}
-                        Err(e) => debug!(error = %e, "owner could not load; loading here"),
+                        // Only an owner that was never reached leaves the loading to us; one
+                        // that is slow may be loading still (loading here too would run the
+                        // loader twice).
+                        Err(e @ (NetError::Unreachable { .. } | NetError::Refused { .. })) => {
+                            debug!(error = %e, "owner unreachable; loading here")
+                        }
+                        Err(e) => {
+                            return Err(GridError::Loader {
+                                cache: shared.name.to_string(),
+                                message: format!("the key's owner did not answer: {e}"),
+                            })
+                        }
                     }
                 }
             }
@@ -508,7 +520,11 @@ async fn load_and_store(
         return Ok(Some(v));
     }
     let started = Instant::now();
-    let loaded = loader(key.clone()).await;
+    // A panicking loader is an error for its waiters, not a poisoned flight.
+    let loaded = std::panic::AssertUnwindSafe(loader(key.clone()))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err("the loader panicked".to_string()));
     shared.counters.load(loaded.is_ok(), started.elapsed());
     let Some(value) = loaded? else {
         return Ok(None);
@@ -530,7 +546,7 @@ async fn load_and_store(
         };
     shared.counters.put(existing.is_none() as u64);
     let value = existing.map(|b| b.0).unwrap_or(value);
-    crate::cache::after_write(shared, &key, Some(&value));
+    crate::cache::invalidate_near(shared, &key);
     Ok(Some(value))
 }
 
@@ -571,32 +587,29 @@ fn local_statistics(inner: &Inner, cache: &str) -> CacheStatistics {
             (
                 svc.count(cache, 0..1) as u64,
                 svc.heap_estimate(cache, 0..1),
-                svc.counters(cache),
+                svc.counters_if_any(cache),
             )
         }
         (None, Some(copy)) => (
             copy.len() as u64,
             copy.heap(),
-            inner.service.counters(cache),
+            inner.service.counters_if_any(cache),
         ),
         (None, None) => {
             let owned = owned_partitions(inner);
             (
                 inner.service.count(cache, owned.iter().copied()) as u64,
                 inner.service.heap_estimate(cache, owned.into_iter()),
-                inner.service.counters(cache),
+                inner.service.counters_if_any(cache),
             )
         }
     };
     stats.size = size;
     stats.heap_size = heap;
-    if shared.as_ref().is_none_or(|s| s.counters.enabled) {
-        stats.evictions = store_counters
-            .evictions
-            .load(std::sync::atomic::Ordering::Relaxed);
-        stats.expirations = store_counters
-            .expirations
-            .load(std::sync::atomic::Ordering::Relaxed);
+    // Looked up, not created: any member may ask about any name.
+    if let Some(c) = store_counters.filter(|_| shared.as_ref().is_none_or(|s| s.counters.enabled)) {
+        stats.evictions = c.evictions.load(std::sync::atomic::Ordering::Relaxed);
+        stats.expirations = c.expirations.load(std::sync::atomic::Ordering::Relaxed);
     }
     stats
 }

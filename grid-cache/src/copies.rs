@@ -114,13 +114,23 @@ impl NearCopy {
     }
 }
 
-/// Every entry of a replicated cache.
+/// Changes seen while a replicated copy is first filled.
 #[derive(Default)]
+struct Filling {
+    /// Keys set or removed by events.
+    keys: HashSet<Box<[u8]>>,
+    /// Partitions cleared by events.
+    cleared: HashSet<u32>,
+}
+
+/// Every entry of a replicated cache.
 pub(crate) struct ReplicatedCopy {
+    /// The cluster's partition count (to tell which keys a `Cleared` event covers).
+    partitions: u32,
     map: RwLock<Map>,
-    /// While the copy is first filled: keys changed by events since, which the fill must
-    /// not overwrite with its older values.
-    filling: Mutex<Option<HashSet<Box<[u8]>>>>,
+    /// While the copy is first filled: what changed since, which the fill's older values
+    /// must not overwrite.
+    filling: Mutex<Option<Filling>>,
 }
 
 impl std::fmt::Debug for ReplicatedCopy {
@@ -130,6 +140,14 @@ impl std::fmt::Debug for ReplicatedCopy {
 }
 
 impl ReplicatedCopy {
+    pub(crate) fn new(partitions: u32) -> Self {
+        Self {
+            partitions,
+            map: RwLock::new(Map::new()),
+            filling: Mutex::new(None),
+        }
+    }
+
     pub(crate) fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());
         let now = now_ms();
@@ -162,7 +180,7 @@ impl ReplicatedCopy {
             .unwrap_or_else(|e| e.into_inner())
             .as_mut()
         {
-            changed.insert(key.into());
+            changed.keys.insert(key.into());
         }
     }
 
@@ -172,9 +190,21 @@ impl ReplicatedCopy {
                 self.set(&ev.key, v.to_vec(), ev.expire_at, ev.idle_ms)
             }
             (EventKind::Cleared, _) => {
-                // A partition of the cache was cleared: only `remove_all` does that, which
-                // clears every partition.
-                self.map.write().unwrap_or_else(|e| e.into_inner()).clear();
+                // One partition was cleared (`remove_all` clears each through its owner,
+                // in its own order): only that partition's keys go.
+                let partitions = self.partitions;
+                let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+                map.retain(|k, _| {
+                    grid_core::partition::partition_of(k, partitions) != ev.partition
+                });
+                if let Some(f) = self
+                    .filling
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_mut()
+                {
+                    f.cleared.insert(ev.partition);
+                }
             }
             _ => self.remove(&ev.key),
         }
@@ -182,7 +212,7 @@ impl ReplicatedCopy {
 
     /// Starts the first fill: events from now on win over the fill's values.
     pub(crate) fn begin_fill(&self) {
-        *self.filling.lock().unwrap_or_else(|e| e.into_inner()) = Some(HashSet::new());
+        *self.filling.lock().unwrap_or_else(|e| e.into_inner()) = Some(Filling::default());
     }
 
     /// Adds the fill's entries (key, value, expire_at, idle) except those changed since
@@ -192,7 +222,11 @@ impl ReplicatedCopy {
         let filling = self.filling.lock().unwrap_or_else(|e| e.into_inner());
         let now = now_ms();
         for (k, v, expire_at, idle) in entries {
-            if filling.as_ref().is_some_and(|c| c.contains(&k[..])) {
+            if filling.as_ref().is_some_and(|f| {
+                f.keys.contains(&k[..])
+                    || f.cleared
+                        .contains(&grid_core::partition::partition_of(&k, self.partitions))
+            }) {
                 continue;
             }
             map.entry(k.into_boxed_slice())
@@ -202,10 +236,6 @@ impl ReplicatedCopy {
 
     pub(crate) fn end_fill(&self) {
         *self.filling.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    }
-
-    pub(crate) fn clear(&self) {
-        self.map.write().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Live (key, value) pairs.

@@ -40,6 +40,8 @@ pub enum EventKind {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct RawEvent {
     pub(crate) cache: Arc<str>,
+    /// The key's partition (for `Cleared`, the partition cleared).
+    pub(crate) partition: u32,
     pub(crate) kind: EventKind,
     #[serde(with = "grid_core::codec::bin")]
     pub(crate) key: Vec<u8>,

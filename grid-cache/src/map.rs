@@ -325,9 +325,16 @@ impl CacheMap {
 
     /// Up to `n` victims, each the lowest-ranked of `EVICTION_SAMPLE` entries taken from a
     /// pseudo-random place in the table; expired entries go first.
-    pub(crate) fn victims(&self, n: usize, policy: Eviction, now: u64, seed: u64) -> Vec<Vec<u8>> {
+    /// Each victim comes with whether it was still live.
+    pub(crate) fn victims(
+        &self,
+        n: usize,
+        policy: Eviction,
+        now: u64,
+        seed: u64,
+    ) -> Vec<(Vec<u8>, bool)> {
         let len = self.table.len();
-        let mut chosen: Vec<Vec<u8>> = Vec::new();
+        let mut chosen: Vec<(Vec<u8>, bool)> = Vec::new();
         let mut seed = seed | 1;
         for _ in 0..n {
             seed ^= seed << 13;
@@ -339,10 +346,10 @@ impl CacheMap {
                 .skip(start)
                 .chain(self.iter())
                 .take(EVICTION_SAMPLE.min(len))
-                .filter(|e| !chosen.iter().any(|c| c[..] == *e.key))
+                .filter(|e| !chosen.iter().any(|(c, _)| c[..] == *e.key))
                 .min_by_key(|e| (e.is_live(now), e.eviction_rank(policy)));
             match best {
-                Some(e) => chosen.push(e.key.to_vec()),
+                Some(e) => chosen.push((e.key.to_vec(), e.is_live(now))),
                 None => break,
             }
         }

@@ -112,6 +112,15 @@ impl CacheService {
             .insert((cache.to_string(), name.to_string()), f);
     }
 
+    /// The counters of `cache`, if it ever counted anything here.
+    pub(crate) fn counters_if_any(&self, cache: &str) -> Option<Arc<StoreCounters>> {
+        self.counters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(cache)
+            .cloned()
+    }
+
     pub(crate) fn counters(&self, cache: &str) -> Arc<StoreCounters> {
         if let Some(c) = self
             .counters
@@ -410,7 +419,7 @@ impl CacheService {
         key: &[u8],
         params: &WriteParams,
         now: u64,
-    ) -> Vec<Vec<u8>> {
+    ) -> Vec<(Vec<u8>, bool)> {
         let Some(map) = map else { return Vec::new() };
         if params.max_entries == 0 || map.contains(key) {
             return Vec::new();
@@ -440,7 +449,7 @@ impl CacheService {
         let mut part = self.part(p)?.write().unwrap_or_else(|e| e.into_inner());
         let now = now_ms();
         let mut events = Vec::new();
-        apply_to(&mut part, change, now, sink, &mut events);
+        apply_to(&mut part, p, change, now, sink, &mut events);
         drop(part);
         for ev in events.into_iter().filter(|_| primary) {
             if ev.kind == EventKind::Evicted {
@@ -452,7 +461,9 @@ impl CacheService {
                     .expirations
                     .fetch_add(1, Ordering::Relaxed);
             }
-            if let Some(sink) = sink {
+            // Expired and evicted entries are counted whoever listens, reported only if
+            // someone does.
+            if let Some(sink) = sink.filter(|s| s.wants(&ev.cache)) {
                 sink.emit(ev);
             }
         }
@@ -525,16 +536,21 @@ fn set(cache: &str, key: Blob, value: Vec<u8>, params: &WriteParams, now: u64) -
     }
 }
 
-fn with_evictions(cache: &str, evict: Vec<Vec<u8>>, change: CacheChange) -> CacheChange {
+fn with_evictions(cache: &str, evict: Vec<(Vec<u8>, bool)>, change: CacheChange) -> CacheChange {
     if evict.is_empty() {
         return change;
     }
     let mut all: Vec<CacheChange> = evict
         .into_iter()
-        .map(|k| CacheChange::Delete {
+        .map(|(k, live)| CacheChange::Delete {
             cache: cache.to_string(),
             key: Blob(k),
-            why: Removal::Evicted,
+            // A victim that had expired is reported (and counted) as expired.
+            why: if live {
+                Removal::Evicted
+            } else {
+                Removal::Expired
+            },
         })
         .collect();
     all.push(change);
@@ -544,6 +560,7 @@ fn with_evictions(cache: &str, evict: Vec<Vec<u8>>, change: CacheChange) -> Cach
 /// Applies `change`, collecting events when `sink` wants them.
 fn apply_to(
     part: &mut Partition,
+    p: u32,
     change: CacheChange,
     now: u64,
     sink: Option<&Arc<dyn EventSink>>,
@@ -576,6 +593,7 @@ fn apply_to(
                 let old = old.filter(|o| o.live);
                 events.push(RawEvent {
                     cache: cache.as_str().into(),
+                    partition: p,
                     kind: if old.is_some() {
                         EventKind::Updated
                     } else {
@@ -603,6 +621,7 @@ fn apply_to(
                 if counted && (why != Removal::Removed || wants) {
                     events.push(RawEvent {
                         cache: cache.as_str().into(),
+                        partition: p,
                         kind: match why {
                             Removal::Removed => EventKind::Removed,
                             Removal::Expired => EventKind::Expired,
@@ -621,6 +640,7 @@ fn apply_to(
             if part.remove(cache.as_str()).is_some() && sink.is_some_and(|s| s.wants(&cache)) {
                 events.push(RawEvent {
                     cache: cache.as_str().into(),
+                    partition: p,
                     kind: EventKind::Cleared,
                     key: Vec::new(),
                     old: None,
@@ -632,7 +652,7 @@ fn apply_to(
         }
         CacheChange::Many(all) => {
             for c in all {
-                apply_to(part, c, now, sink, events);
+                apply_to(part, p, c, now, sink, events);
             }
         }
     }
