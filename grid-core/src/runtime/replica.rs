@@ -27,6 +27,23 @@ const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a migration source waits to hear of a destination the coordinator named.
 const DESTINATION_GRACE: Duration = Duration::from_secs(3);
 
+/// The message that carries one change of partition `p` to a backup.
+fn backup_request(
+    slot: &ServiceSlot,
+    p: u32,
+    st: &ReplicaState,
+    version: u64,
+    change: &[u8],
+) -> BackupRequest {
+    BackupRequest {
+        service: slot.service.name().to_string(),
+        partition: p,
+        epoch: st.epoch,
+        version,
+        change: change.to_vec(),
+    }
+}
+
 impl Runtime {
     /// A frozen partition stays frozen until a table takes its ownership away from this
     /// member — not merely until any newer table: the coordinator may publish other
@@ -160,13 +177,7 @@ impl Runtime {
         let Some(member) = self.inner.cluster.member(target) else {
             return;
         };
-        let req = BackupRequest {
-            service: slot.service.name().to_string(),
-            partition: p,
-            epoch: st.epoch,
-            version,
-            change: change.to_vec(),
-        };
+        let req = backup_request(slot, p, st, version, change);
         let sent = match codec::encode(&req) {
             Ok(body) => self
                 .inner
@@ -213,13 +224,7 @@ impl Runtime {
             // No longer a live member: the next table drops it; nothing to wait for.
             return true;
         };
-        let req = BackupRequest {
-            service: slot.service.name().to_string(),
-            partition: p,
-            epoch: st.epoch,
-            version,
-            change: change.to_vec(),
-        };
+        let req = backup_request(slot, p, st, version, change);
         let timeout = self.inner.config.backup_timeout;
         for attempt in 0..2 {
             let answer: Result<BackupResponse, _> = self
