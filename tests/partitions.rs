@@ -360,23 +360,27 @@ async fn asynchronous_backups_catch_up_and_take_over_when_the_owner_dies() {
     for k in 0..200u32 {
         cache.put(&k, &(k * 3)).await.unwrap();
     }
-    // Nobody waited for the asynchronous copies; they arrive all the same.
-    let partitions = grids[0].runtime().table().partitions();
-    let copies = || {
+    // Nobody waited for the asynchronous copies; they arrive all the same: every replica
+    // of every partition (by the table) holds what its owner holds.
+    let by_id = |id: &str| {
         grids
             .iter()
-            .map(|g| {
-                (0..partitions)
-                    .map(|p| g.caches().service().partition_len(p))
-                    .sum::<usize>()
-            })
-            .sum::<usize>()
+            .find(|g| &*g.cluster().local_member().id == id)
+            .expect("a member of ours")
     };
-    // 200 entries and the cache's settings record, each on its owner and its backup.
+    let caught_up = || {
+        let table = grids[0].runtime().table();
+        (0..table.partitions()).all(|p| {
+            let lens: Vec<usize> = table
+                .replicas(p)
+                .map(|m| by_id(m).caches().service().partition_len(p))
+                .collect();
+            lens.len() == 2 && lens[0] == lens[1]
+        })
+    };
     assert!(
-        eventually(Duration::from_secs(10), || copies() == 2 * 201).await,
-        "{} copies of 201 entries with one asynchronous backup",
-        copies()
+        eventually(Duration::from_secs(10), caught_up).await,
+        "asynchronous backups did not catch up"
     );
     let victim = owner_of(&grids, &cache, 7);
     grids[victim].kill();
