@@ -104,6 +104,10 @@ struct Slot {
     meta: u32,
 }
 
+/// Where an entry sits in its map (see [`CacheMap::places`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Place(Slot);
+
 /// An entry as the map lends it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct EntryRef<'a> {
@@ -172,6 +176,17 @@ pub(crate) struct CacheMap {
 }
 
 impl CacheMap {
+    /// An empty map with room for `entries` entries of `bytes` key and value bytes in all,
+    /// `metas` of them with bookkeeping (a restored partition: no growth while filling).
+    pub(crate) fn with_capacity(entries: usize, bytes: usize, metas: usize) -> Self {
+        Self {
+            table: HashTable::with_capacity(entries),
+            arena: Vec::with_capacity(bytes.min(MAX_ARENA)),
+            metas: Vec::with_capacity(metas),
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.table.len()
     }
@@ -218,6 +233,16 @@ impl CacheMap {
     /// Every entry, live or not.
     pub(crate) fn iter(&self) -> impl Iterator<Item = EntryRef<'_>> {
         self.table.iter().map(|s| self.entry_of(s))
+    }
+
+    /// Where every entry is, for walking the map a piece at a time (see [`Self::at`]).
+    pub(crate) fn places(&self) -> Vec<Place> {
+        self.table.iter().map(|s| Place(*s)).collect()
+    }
+
+    /// The entry at `place`, taken from this map by [`Self::places`] with no change since.
+    pub(crate) fn at(&self, place: Place) -> EntryRef<'_> {
+        self.entry_of(&place.0)
     }
 
     /// Whether adding `extra` bytes of key and value fits the arena (after compaction).
@@ -310,16 +335,36 @@ impl CacheMap {
         Some(removed)
     }
 
-    /// Rewrites the arena with only the bytes slots refer to.
+    /// Moves the bytes slots refer to to the front of the arena, in place: a fresh arena
+    /// of exactly the live size would be outgrown by the next write, and growing it copies
+    /// the whole arena again into freshly faulted pages (a fifth of a member's CPU under
+    /// steady overwrites). The capacity stays; it is given back when it is four times what
+    /// is left.
     fn compact(&mut self) {
-        let mut fresh = Vec::with_capacity(self.arena.len() - self.garbage);
-        for s in self.table.iter_mut() {
-            let start = s.offset as usize;
-            let end = start + (s.key_len + s.value_len) as usize;
-            s.offset = fresh.len() as u32;
-            fresh.extend_from_slice(&self.arena[start..end]);
+        let mut spans: Vec<(u32, u32)> = self
+            .table
+            .iter()
+            .map(|s| (s.offset, s.key_len + s.value_len))
+            .collect();
+        spans.sort_unstable();
+        let mut moved_to = Vec::with_capacity(spans.len());
+        let mut cursor = 0usize;
+        for &(offset, len) in &spans {
+            let (start, len) = (offset as usize, len as usize);
+            // Spans do not overlap and are visited in order, so `cursor <= start`.
+            self.arena.copy_within(start..start + len, cursor);
+            moved_to.push(cursor as u32);
+            cursor += len;
         }
-        self.arena = fresh;
+        for s in self.table.iter_mut() {
+            if let Ok(i) = spans.binary_search_by_key(&s.offset, |&(offset, _)| offset) {
+                s.offset = moved_to[i];
+            }
+        }
+        self.arena.truncate(cursor);
+        if self.arena.capacity() > 4 * cursor + MIN_GARBAGE {
+            self.arena.shrink_to(2 * cursor);
+        }
         self.garbage = 0;
     }
 

@@ -12,7 +12,7 @@ use grid_core::runtime::{PartitionService, Prepared, Snapshot};
 use tracing::warn;
 
 use crate::events::{EventKind, EventSink, RawEvent};
-use crate::map::{CacheMap, Meta};
+use crate::map::{CacheMap, Meta, Place};
 use crate::ops::{Blob, CacheChange, CacheOp, Outcome, PutIf, Removal};
 use crate::processor::ErasedProcessor;
 use crate::settings::WriteParams;
@@ -480,45 +480,113 @@ fn check_room(map: Option<&CacheMap>, key: &[u8], value: &[u8]) -> Result<(), St
     }
 }
 
-/// Chunks of groups: the cache name (bin), the entry count, then per entry the key and value
-/// (bin), the expiry (u64), the idle time (u32) and whether accesses are tracked (bool).
-/// Written straight from the maps: this is the bulk of a migration's work.
-fn encode_chunks(maps: &[(Arc<str>, CacheMap)], chunk_bytes: usize) -> Vec<Vec<u8>> {
-    let mut chunks = Vec::new();
-    let mut buf = Vec::with_capacity(chunk_bytes.min(8 << 20) + 1024);
-    let mut group = Vec::new();
-    for (cache, map) in maps {
-        let mut n = 0u32;
-        let flush = |buf: &mut Vec<u8>, group: &mut Vec<u8>, n: &mut u32| {
-            if *n > 0 {
-                let _ = rmp::encode::write_bin(buf, cache.as_bytes());
-                let _ = rmp::encode::write_u32(buf, *n);
-                buf.append(group);
-                *n = 0;
-            }
-        };
-        for e in map.iter() {
-            // Writing to a Vec cannot fail.
-            let _ = rmp::encode::write_bin(&mut group, e.key);
-            let _ = rmp::encode::write_bin(&mut group, e.value);
-            let _ = rmp::encode::write_u64(&mut group, e.expire_at());
-            let _ = rmp::encode::write_u32(&mut group, e.idle_ms());
-            let _ = rmp::encode::write_bool(&mut group, e.tracked());
-            n += 1;
-            if buf.len() + group.len() >= chunk_bytes {
-                flush(&mut buf, &mut group, &mut n);
-                chunks.push(std::mem::replace(
-                    &mut buf,
-                    Vec::with_capacity(chunk_bytes.min(8 << 20) + 1024),
-                ));
-            }
+/// A snapshot's chunks, encoded one at a time as they are asked for (a 1 MiB chunk is a
+/// fraction of a millisecond of work; the whole partition at once held up its task for
+/// several). Chunks hold groups: the cache name (bin), the entry count (always a 5-byte u32,
+/// patched when the group ends), then per entry the key and value (bin), the expiry (u64),
+/// the idle time (u32) and whether accesses are tracked (bool).
+struct SnapshotChunks {
+    maps: Vec<(Arc<str>, CacheMap)>,
+    chunk_bytes: usize,
+    /// The map being encoded, its entries' places and the next one to encode.
+    map: usize,
+    places: Vec<Place>,
+    next: usize,
+}
+
+impl SnapshotChunks {
+    fn new(maps: Vec<(Arc<str>, CacheMap)>, chunk_bytes: usize) -> Self {
+        let places = maps.first().map(|(_, m)| m.places()).unwrap_or_default();
+        Self {
+            maps,
+            chunk_bytes: chunk_bytes.max(1),
+            map: 0,
+            places,
+            next: 0,
         }
-        flush(&mut buf, &mut group, &mut n);
     }
-    if !buf.is_empty() {
-        chunks.push(buf);
+}
+
+impl Iterator for SnapshotChunks {
+    type Item = Vec<u8>;
+
+    fn next(&mut self) -> Option<Vec<u8>> {
+        let mut buf = Vec::with_capacity(self.chunk_bytes.min(8 << 20) + 1024);
+        while let Some((cache, map)) = self.maps.get(self.map) {
+            if self.next < self.places.len() {
+                // Writing to a Vec cannot fail.
+                let _ = rmp::encode::write_bin(&mut buf, cache.as_bytes());
+                let at = buf.len();
+                let _ = rmp::encode::write_u32(&mut buf, 0);
+                let mut n = 0u32;
+                // At least one entry per group, then until the chunk is full.
+                while let Some(&place) = self.places.get(self.next) {
+                    if n > 0 && buf.len() >= self.chunk_bytes {
+                        break;
+                    }
+                    let e = map.at(place);
+                    let _ = rmp::encode::write_bin(&mut buf, e.key);
+                    let _ = rmp::encode::write_bin(&mut buf, e.value);
+                    let _ = rmp::encode::write_u64(&mut buf, e.expire_at());
+                    let _ = rmp::encode::write_u32(&mut buf, e.idle_ms());
+                    let _ = rmp::encode::write_bool(&mut buf, e.tracked());
+                    n += 1;
+                    self.next += 1;
+                }
+                patch_count(&mut buf, at, n);
+                if buf.len() >= self.chunk_bytes {
+                    return Some(buf);
+                }
+            }
+            self.map += 1;
+            self.next = 0;
+            self.places = self
+                .maps
+                .get(self.map)
+                .map(|(_, m)| m.places())
+                .unwrap_or_default();
+        }
+        (!buf.is_empty()).then_some(buf)
     }
-    chunks
+}
+
+/// Writes `n` into the u32 (marker byte, then 4 bytes big-endian) at `at`.
+fn patch_count(buf: &mut [u8], at: usize, n: u32) {
+    buf[at + 1..at + 5].copy_from_slice(&n.to_be_bytes());
+}
+
+/// Calls `each(cache, key, value, meta)` for every entry of one snapshot chunk (see
+/// [`SnapshotChunks`]); `meta` is the expiry and idle time of an entry with bookkeeping.
+fn read_snapshot<'a>(
+    chunk: &'a [u8],
+    mut each: impl FnMut(&'a str, &'a [u8], &'a [u8], Option<(u64, u32)>) -> Result<(), String>,
+) -> Result<(), String> {
+    let bad = |e: &dyn std::fmt::Display| format!("bad snapshot: {e}");
+    fn bin<'a>(rd: &mut &'a [u8]) -> Result<&'a [u8], String> {
+        let len = rmp::decode::read_bin_len(rd).map_err(|e| format!("bad snapshot: {e}"))? as usize;
+        match (rd.get(..len), rd.get(len..)) {
+            (Some(d), Some(r)) => {
+                *rd = r;
+                Ok(d)
+            }
+            _ => Err("bad snapshot: truncated entry".to_string()),
+        }
+    }
+    let mut rd = chunk;
+    while !rd.is_empty() {
+        let cache = std::str::from_utf8(bin(&mut rd)?).map_err(|e| bad(&e))?;
+        let n: u32 = rmp::decode::read_int(&mut rd).map_err(|e| bad(&e))?;
+        for _ in 0..n {
+            let k = bin(&mut rd)?;
+            let v = bin(&mut rd)?;
+            let expire_at: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad(&e))?;
+            let idle_ms: u32 = rmp::decode::read_int(&mut rd).map_err(|e| bad(&e))?;
+            let tracked = rmp::decode::read_bool(&mut rd).map_err(|e| bad(&e))?;
+            let meta = (expire_at != 0 || idle_ms != 0 || tracked).then_some((expire_at, idle_ms));
+            each(cache, k, v, meta)?;
+        }
+    }
+    Ok(())
 }
 
 fn set(cache: &str, key: Blob, value: Vec<u8>, params: &WriteParams, now: u64) -> CacheChange {
@@ -674,55 +742,46 @@ impl PartitionService for CacheService {
     }
 
     /// A copy of the partition's maps, taken under its read lock (two memory copies per
-    /// cache: arena and table), encoded into chunks only when the runtime asks for the
-    /// first one — by then outside the partition's lock, so writes wait only for the copy.
+    /// cache: arena and table), encoded into chunks one at a time as the runtime asks for
+    /// them — by then outside the partition's lock, so writes wait only for the copy.
     fn snapshot(&self, p: u32, chunk_bytes: usize) -> Snapshot {
         let maps: Vec<(Arc<str>, CacheMap)> = match self.read(p) {
             Some(part) => part.iter().map(|(c, m)| (c.clone(), m.clone())).collect(),
             None => Vec::new(),
         };
-        let mut maps = Some(maps);
-        let mut chunks = Vec::new().into_iter();
-        Box::new(std::iter::from_fn(move || {
-            if let Some(maps) = maps.take() {
-                chunks = encode_chunks(&maps, chunk_bytes).into_iter();
-            }
-            chunks.next()
-        }))
+        Box::new(SnapshotChunks::new(maps, chunk_bytes))
     }
 
     fn restore(&self, p: u32, chunks: Vec<bytes::Bytes>) -> Result<(), String> {
-        let bad = |e: &dyn std::fmt::Display| format!("bad snapshot: {e}");
-        fn bin<'a>(rd: &mut &'a [u8]) -> Result<&'a [u8], String> {
-            let len =
-                rmp::decode::read_bin_len(rd).map_err(|e| format!("bad snapshot: {e}"))? as usize;
-            match (rd.get(..len), rd.get(len..)) {
-                (Some(d), Some(r)) => {
-                    *rd = r;
-                    Ok(d)
-                }
-                _ => Err("bad snapshot: truncated entry".to_string()),
-            }
+        // Two passes: the first checks the structure and sizes every cache's map, so the
+        // second copies each key and value once into arenas that do not grow meanwhile.
+        let mut sizes: HashMap<&str, (usize, usize, usize)> = HashMap::new();
+        for chunk in &chunks {
+            read_snapshot(chunk, |cache, k, v, meta| {
+                let (n, bytes, metas) = sizes.entry(cache).or_default();
+                *n += 1;
+                *bytes += k.len() + v.len();
+                *metas += meta.is_some() as usize;
+                Ok(())
+            })?;
         }
         let now = now_ms();
         let mut fresh = Partition::new();
-        for chunk in chunks {
-            let mut rd: &[u8] = &chunk;
-            while !rd.is_empty() {
-                let cache = std::str::from_utf8(bin(&mut rd)?).map_err(|e| bad(&e))?;
-                let n: u32 = rmp::decode::read_int(&mut rd).map_err(|e| bad(&e))?;
-                let map = fresh.entry(Arc::from(cache)).or_default();
-                for _ in 0..n {
-                    let k = bin(&mut rd)?;
-                    let v = bin(&mut rd)?;
-                    let expire_at: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad(&e))?;
-                    let idle_ms: u32 = rmp::decode::read_int(&mut rd).map_err(|e| bad(&e))?;
-                    let tracked = rmp::decode::read_bool(&mut rd).map_err(|e| bad(&e))?;
-                    let meta = (expire_at != 0 || idle_ms != 0 || tracked)
-                        .then(|| Meta::new(expire_at, idle_ms, now));
-                    map.insert(k, v, meta, now, false)?;
-                }
-            }
+        for (cache, (n, bytes, metas)) in &sizes {
+            // Room to double, as a map that grew by itself would have: the partition keeps
+            // taking writes, and an exactly full arena would be copied whole by the first
+            // (untouched room costs address space, not memory).
+            let map = CacheMap::with_capacity(*n, bytes.saturating_mul(2), *metas);
+            fresh.insert(Arc::from(*cache), map);
+        }
+        for chunk in &chunks {
+            read_snapshot(chunk, |cache, k, v, meta| {
+                let map = fresh
+                    .get_mut(cache)
+                    .ok_or("bad snapshot: a cache changed between passes")?;
+                let meta = meta.map(|(expire_at, idle_ms)| Meta::new(expire_at, idle_ms, now));
+                map.insert(k, v, meta, now, false).map(drop)
+            })?;
         }
         *self.part(p)?.write().unwrap_or_else(|e| e.into_inner()) = fresh;
         Ok(())

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use futures::StreamExt;
 use grid::Grid;
 use grid_bench::{percentile, settled};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -57,6 +58,11 @@ struct Args {
     /// Concurrent load-generator tasks during the change.
     #[arg(long, default_value_t = 16)]
     load_tasks: usize,
+    /// Operations per second of the whole load generator, spread evenly over its tasks
+    /// (0: every task runs its next operation as soon as the last one ends, which on a small
+    /// machine takes all the CPU the copies do not).
+    #[arg(long, default_value_t = 0)]
+    load_rate: u64,
     /// Partition copies at once.
     #[arg(long, default_value_t = 8)]
     parallel: usize,
@@ -87,7 +93,13 @@ struct Report {
     p99_us_during: f64,
     max_primaries_per_member: usize,
     min_primaries_per_member: usize,
+    /// The first partition copy's start to the last one's end.
+    copying_ms: f64,
+    /// Bytes moved over `copying_ms`: the migration data rate.
     migration_mb_per_s: f64,
+    /// Bytes moved over `rebalance_ms` (which also counts finding the new member and
+    /// settling the table).
+    rebalance_mb_per_s: f64,
     quinn_bulk_mb_per_s: f64,
     seed: u64,
 }
@@ -199,6 +211,7 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let next = Arc::new(AtomicU64::new(0));
+    let loading = Instant::now();
     let mut loaders = Vec::new();
     for t in 0..64 {
         let cache = grids[t % grids.len()].cache::<u64, ByteBuf>("data").await?;
@@ -209,7 +222,7 @@ async fn main() -> anyhow::Result<()> {
                 if k >= entries {
                     return anyhow::Ok(());
                 }
-                cache.put(&k, &value_for(k, size)).await?;
+                cache.set(&k, &value_for(k, size)).await?;
                 bar.inc(1);
             }
         }));
@@ -218,6 +231,11 @@ async fn main() -> anyhow::Result<()> {
         l.await??;
     }
     bar.finish_and_clear();
+    eprintln!(
+        "loaded {} entries in {:.1} s",
+        args.entries,
+        loading.elapsed().as_secs_f64()
+    );
 
     // Load generator: reads and rewrites (with the same value, so that every key's final
     // value is known) random keys; latencies go to the phase they started in.
@@ -242,8 +260,18 @@ async fn main() -> anyhow::Result<()> {
         );
         let (entries, size) = (args.entries, args.value_size);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(t as u64));
+        // Paced: this task's share of the rate, on a fixed schedule (a late operation does
+        // not push the later ones back), started at a random offset.
+        let interval = (args.load_rate > 0)
+            .then(|| Duration::from_secs_f64(args.load_tasks as f64 / args.load_rate as f64));
+        let mut next_at = tokio::time::Instant::now()
+            + interval.map_or(Duration::ZERO, |i| i.mul_f64(rng.gen::<f64>()));
         load.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
+                if let Some(i) = interval {
+                    tokio::time::sleep_until(next_at).await;
+                    next_at += i;
+                }
                 let k = rng.gen_range(0..entries);
                 let phase_during = during.load(Ordering::Relaxed);
                 let t0 = Instant::now();
@@ -293,6 +321,10 @@ async fn main() -> anyhow::Result<()> {
         let gone = (args.kill + args.shutdown) as u64;
         args.entries * replicas * gone / args.members as u64
     };
+    for g in &grids {
+        g.runtime().reset_copy_window();
+    }
+    eprintln!("changing the membership");
     during.store(true, Ordering::Relaxed);
     let spinner = ProgressBar::new_spinner().with_message("rebalancing");
     spinner.enable_steady_tick(Duration::from_millis(100));
@@ -332,13 +364,20 @@ async fn main() -> anyhow::Result<()> {
 
     // Read everything back.
     let reader = grids[0].cache::<u64, ByteBuf>("data").await?;
-    let mut lost = 0u64;
-    for k in 0..args.entries {
-        match reader.get(&k).await {
-            Ok(Some(v)) if v == value_for(k, args.value_size) => {}
-            _ => lost += 1,
-        }
-    }
+    let size = args.value_size;
+    let lost = futures::stream::iter(0..args.entries)
+        .map(|k| {
+            let reader = &reader;
+            async move {
+                match reader.get(&k).await {
+                    Ok(Some(v)) if v == value_for(k, size) => 0u64,
+                    _ => 1,
+                }
+            }
+        })
+        .buffer_unordered(64)
+        .fold(0u64, |lost, l| async move { lost + l })
+        .await;
 
     let moved: u64 = grids
         .iter()
@@ -352,6 +391,19 @@ async fn main() -> anyhow::Result<()> {
         .map(|g| g.runtime().moved().1)
         .sum::<u64>()
         - bytes_before;
+    // Copying window: the first copy's start to the last one's end, over all members.
+    let windows: Vec<_> = grids
+        .iter()
+        .chain(departed.iter())
+        .map(|g| g.runtime().copy_window())
+        .collect();
+    let copying = match (
+        windows.iter().filter_map(|w| w.0).min(),
+        windows.iter().filter_map(|w| w.1).max(),
+    ) {
+        (Some(first), Some(last)) if last > first => last - first,
+        _ => rebalance,
+    };
     let coordinator = grids
         .iter()
         .find(|g| g.runtime().coordinator_status().active)
@@ -398,7 +450,9 @@ async fn main() -> anyhow::Result<()> {
         p99_us_during: us(percentile(&mut dl, 99.0)),
         max_primaries_per_member: primaries.values().copied().max().unwrap_or(0),
         min_primaries_per_member: primaries.values().copied().min().unwrap_or(0),
-        migration_mb_per_s: bytes as f64 / rebalance.as_secs_f64() / 1e6,
+        copying_ms: copying.as_secs_f64() * 1e3,
+        migration_mb_per_s: bytes as f64 / copying.as_secs_f64() / 1e6,
+        rebalance_mb_per_s: bytes as f64 / rebalance.as_secs_f64() / 1e6,
         quinn_bulk_mb_per_s: quinn,
         seed,
     };
@@ -425,8 +479,12 @@ async fn main() -> anyhow::Result<()> {
         report.entries_moved as f64 / report.entries_moved_ideal.max(1) as f64
     );
     println!(
-        "  bytes moved          {:>10} ({:.1} MB/s; raw quinn stream {:.1} MB/s)",
-        report.bytes_moved, report.migration_mb_per_s, report.quinn_bulk_mb_per_s
+        "  bytes moved          {:>10} ({:.1} MB/s over {:.0} ms of copying, {:.1} MB/s over the rebalance; raw quinn stream {:.1} MB/s)",
+        report.bytes_moved,
+        report.migration_mb_per_s,
+        report.copying_ms,
+        report.rebalance_mb_per_s,
+        report.quinn_bulk_mb_per_s
     );
     println!(
         "  operations           {:>10} ok, {} failed",

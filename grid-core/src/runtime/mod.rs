@@ -179,9 +179,20 @@ pub(crate) struct Inner {
     /// Who published the table we apply (a newly joined member adopts its coordinator's).
     table_source: Mutex<Option<Arc<str>>>,
     drains: mpsc::Sender<(Arc<str>, oneshot::Sender<()>)>,
-    moved: Mutex<(u64, u64)>,
+    moved: Mutex<Copies>,
     /// Changes for this member as an asynchronous backup, applied in arrival order.
     async_in: mpsc::Sender<messages::BackupRequest>,
+}
+
+/// What a member copied out (migrations and syncs), and when.
+#[derive(Debug, Default)]
+struct Copies {
+    entries: u64,
+    bytes: u64,
+    /// When the first copy started.
+    first_start: Option<Instant>,
+    /// When the last copy ended (successfully or not).
+    last_end: Option<Instant>,
 }
 
 /// A member's partition runtime. Cheap to clone.
@@ -240,7 +251,7 @@ impl Runtime {
             status: watch::Sender::new(CoordinatorStatus::default()),
             table_source: Mutex::new(None),
             drains: drain_tx,
-            moved: Mutex::new((0, 0)),
+            moved: Mutex::new(Copies::default()),
             async_in: async_tx,
             config,
         });
@@ -327,7 +338,24 @@ impl Runtime {
 
     /// Entries and bytes this member copied out in migrations and syncs.
     pub fn moved(&self) -> (u64, u64) {
-        *self.inner.moved.lock().unwrap_or_else(|e| e.into_inner())
+        let c = self.inner.moved.lock().unwrap_or_else(|e| e.into_inner());
+        (c.entries, c.bytes)
+    }
+
+    /// When this member started its first partition copy (migration or sync) and ended its
+    /// last: a rebalance's copying window is the earliest start to the latest end over the
+    /// members, the denominator of its data rate (finding a joining member before it and
+    /// settling the table after it are not copying).
+    pub fn copy_window(&self) -> (Option<Instant>, Option<Instant>) {
+        let c = self.inner.moved.lock().unwrap_or_else(|e| e.into_inner());
+        (c.first_start, c.last_end)
+    }
+
+    /// Forgets the copying window (a harness measuring one rebalance calls this first).
+    pub fn reset_copy_window(&self) {
+        let mut c = self.inner.moved.lock().unwrap_or_else(|e| e.into_inner());
+        c.first_start = None;
+        c.last_end = None;
     }
 
     /// Runs `op` of `service` on `partition`'s owner and returns the service's answer.

@@ -283,6 +283,7 @@ impl Runtime {
             .cluster
             .member(target)
             .ok_or_else(|| format!("{target} is not a live member"))?;
+        let _copying = CopyUnderWay::new(&self.inner.moved);
         let header = codec::encode(&SyncHeader {
             service: slot.service.name().to_string(),
             partition: p,
@@ -302,13 +303,17 @@ impl Runtime {
             bulk.send_bytes(Bytes::from(chunk))
                 .await
                 .map_err(|e| e.to_string())?;
+            // Encoding the next chunk is CPU work: let waiting operations go first.
+            tokio::task::yield_now().await;
         }
         bulk.finish(Duration::from_secs(60))
             .await
             .map_err(|e| e.to_string())?;
-        let mut moved = self.inner.moved.lock().unwrap_or_else(|e| e.into_inner());
-        moved.0 += entries;
-        moved.1 += bytes;
+        {
+            let mut moved = self.inner.moved.lock().unwrap_or_else(|e| e.into_inner());
+            moved.entries += entries;
+            moved.bytes += bytes;
+        }
         metrics::counter!("grid_partition_sync_bytes_total").increment(bytes);
         Ok((entries, bytes))
     }
@@ -355,7 +360,12 @@ impl Runtime {
         }
         let mut st = replica.lock().await;
         tracing::debug!(member = %self.inner.me, partition = header.partition, epoch = header.epoch, version = header.version, chunks = received.len(), "partition synced in");
-        slot.service.restore(header.partition, received)?;
+        // Rebuilding a partition takes milliseconds: on a thread of its own, so that the
+        // runtime's workers go on serving operations meanwhile.
+        let (service, p) = (slot.service.clone(), header.partition);
+        tokio::task::spawn_blocking(move || service.restore(p, received))
+            .await
+            .map_err(|e| format!("restoring partition {p} failed: {e}"))??;
         st.epoch = header.epoch;
         st.version = header.version;
         // Possibly for a table still to come (a migration): kept until a table confirms it,
@@ -369,6 +379,9 @@ impl Runtime {
     /// made meanwhile from the change log — after which the destination gets every change,
     /// like a backup, until the table makes it a replica.
     pub(super) async fn on_migrate(&self, req: MigrateRequest) -> Result<MigrateResponse, String> {
+        // Go to a task of its own: the transport runs a handler's first poll on the task
+        // reading the connection's requests, and a snapshot would hold those up.
+        tokio::task::yield_now().await;
         let p = req.partition;
         if p >= self.inner.config.table.partitions {
             return Err(format!("no partition {p}"));
@@ -471,6 +484,8 @@ impl Runtime {
     /// Stops operations on a partition before its ownership changes hands. Returns once
     /// every operation that started before is fully replicated.
     pub(super) async fn on_freeze(&self, req: FreezeRequest) -> Result<(), String> {
+        // A task of its own (see `on_migrate`): it may wait, or copy the partition.
+        tokio::task::yield_now().await;
         let p = req.partition;
         let ctl = self
             .inner
@@ -603,5 +618,25 @@ pub(super) async fn anti_entropy_loop(weak: std::sync::Weak<super::Inner>, inter
         tick.tick().await;
         let Some(inner) = weak.upgrade() else { return };
         Runtime { inner }.anti_entropy_pass().await;
+    }
+}
+
+/// Records when partition copies start and end (see `Runtime::copy_window`).
+struct CopyUnderWay<'a>(&'a std::sync::Mutex<super::Copies>);
+
+impl<'a> CopyUnderWay<'a> {
+    fn new(copies: &'a std::sync::Mutex<super::Copies>) -> Self {
+        copies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first_start
+            .get_or_insert_with(Instant::now);
+        Self(copies)
+    }
+}
+
+impl Drop for CopyUnderWay<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).last_end = Some(Instant::now());
     }
 }
