@@ -462,6 +462,39 @@ mod tests {
         assert!(map.garbage * 2 <= map.arena.len() || map.garbage <= MIN_GARBAGE);
     }
 
+    /// Overwrites compact the arena in place: once it has grown to twice the live bytes it
+    /// is never reallocated again (a fresh, exactly full arena after each compaction was
+    /// regrown by the very next write), and every value survives the moves.
+    #[test]
+    fn steady_overwrites_do_not_regrow_the_arena() {
+        let mut map = CacheMap::default();
+        let value = |k: u32, round: u32| {
+            let mut v = vec![(k ^ round) as u8; 1000];
+            v[..4].copy_from_slice(&k.to_le_bytes());
+            v[4..8].copy_from_slice(&round.to_le_bytes());
+            v
+        };
+        for k in 0..500u32 {
+            map.insert(&k.to_le_bytes(), &value(k, 0), None, 1, false)
+                .unwrap();
+        }
+        let mut capacities = std::collections::BTreeSet::new();
+        for round in 1..40u32 {
+            for k in 0..500u32 {
+                map.insert(&k.to_le_bytes(), &value(k, round), None, 1, false)
+                    .unwrap();
+                if round >= 4 {
+                    capacities.insert(map.arena.capacity());
+                }
+            }
+            for k in 0..500u32 {
+                assert_eq!(map.get(&k.to_le_bytes()).unwrap().value, value(k, round));
+            }
+        }
+        assert_eq!(capacities.len(), 1, "the arena was reallocated: {capacities:?}");
+        assert!(map.arena.capacity() <= 4 * 500 * 1004 + MIN_GARBAGE);
+    }
+
     #[test]
     fn expiry_and_idle_follow_the_meta() {
         let mut map = CacheMap::default();
