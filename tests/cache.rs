@@ -600,3 +600,75 @@ async fn local_cache_never_leaves_the_member() {
         g.shutdown().await;
     }
 }
+
+/// Events lost on the way (a failed send) are noticed by the batch numbering: the near copy
+/// that missed an invalidation empties itself, the replicated copy fills again, and a
+/// listener hears `Lost` — rather than serving the old value until something else changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_events_empty_near_copies_refill_replicated_ones_and_reach_listeners() {
+    let grids = data_cluster("c-lost", 2, |b| b).await;
+    let near = open::<String>(
+        &grids,
+        "lost-near",
+        &CacheSettings::builder().near().build(),
+    )
+    .await;
+    let repl = open::<String>(
+        &grids,
+        "lost-repl",
+        &CacheSettings::builder().mode(CacheMode::Replicated).build(),
+    )
+    .await;
+    let mut listener = repl[1].listen().await;
+    // A key member 0 owns: its events reach member 1 only over the network.
+    let me0 = grids[0].cluster().local_member().id.clone();
+    let key = (0..1000u32)
+        .find(|k| {
+            let p = grids[0]
+                .runtime()
+                .partition_of(&grid::codec::encode(k).unwrap());
+            grids[0].runtime().table().owner(p) == Some(&me0)
+        })
+        .expect("member 0 owns some key");
+    near[0].put(&key, &"old".into()).await.unwrap();
+    repl[0].put(&key, &"old".into()).await.unwrap();
+    let ok = eventually_async(Duration::from_secs(5), || async {
+        near[1].get(&key).await.unwrap() == Some("old".into())
+            && repl[1].get(&key).await.unwrap() == Some("old".into())
+    })
+    .await;
+    assert!(ok, "member 1 never saw the first value");
+    // Drain the listener's events so far.
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await
+    {
+    }
+
+    // Member 0's next batches to member 1 fail: the changes' events never arrive.
+    grids[0].caches().fail_next_event_batches(2);
+    near[0].put(&key, &"new".into()).await.unwrap();
+    repl[0].put(&key, &"new".into()).await.unwrap();
+    // No other change follows: the gap must still be noticed (an empty batch shows it).
+    let ok = eventually_async(Duration::from_secs(3), || async {
+        near[1].get(&key).await.unwrap() == Some("new".into())
+            && repl[1].get(&key).await.unwrap() == Some("new".into())
+    })
+    .await;
+    assert!(
+        ok,
+        "member 1 kept serving the value a lost event had changed"
+    );
+    let mut heard_lost = false;
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(2), listener.recv()).await {
+        if matches!(ev, CacheEvent::Lost) {
+            heard_lost = true;
+            break;
+        }
+    }
+    assert!(
+        heard_lost,
+        "the listener was not told that events were lost"
+    );
+    for g in grids {
+        g.shutdown().await;
+    }
+}

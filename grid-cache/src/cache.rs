@@ -788,6 +788,11 @@ pub enum CacheEvent<K, V> {
     },
     /// Entries were removed by `remove_all` (one event per partition that had some).
     Cleared,
+    /// Events from another member were lost on the way to this one (its event queue was
+    /// full, or the connection failed): entries may have changed without an event
+    /// (Hazelcast's `EventLostEvent`). Near and replicated copies repair themselves;
+    /// a listener that mirrors the cache should read again what it needs.
+    Lost,
 }
 
 /// Receives a cache's entry events (see [`Cache::listen`]). Dropping it unregisters.
@@ -855,5 +860,6 @@ fn decode_event<K: DeserializeOwned, V: DeserializeOwned>(
             old: val(&raw.old)?,
         },
         EventKind::Cleared => CacheEvent::Cleared,
+        EventKind::Lost => CacheEvent::Lost,
     })
 }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use crate::copies::{NearCopy, ReplicatedCopy};
-use crate::events::{EventHub, HandlerGuard, LocalSink, Want};
+use crate::events::{EventHub, EventKind, HandlerGuard, LocalSink, RawEvent, Want};
 use crate::ops::{Blob, CacheChange, CacheOp, PutIf};
 use crate::settings::{CacheMode, CacheSettings, WriteParams};
 use crate::stats::{CacheStatistics, Counters};
@@ -220,18 +220,31 @@ impl Caches {
             CacheMode::Replicated => {
                 let copy = Arc::new(ReplicatedCopy::new(inner.runtime.config().table.partitions));
                 copy.begin_fill();
-                let c = copy.clone();
+                let (c, weak, cache) =
+                    (copy.clone(), Arc::downgrade(inner), Arc::<str>::from(name));
+                let handler = move |ev: &RawEvent| {
+                    // Lost events: fill the copy again from the owners.
+                    if ev.kind == EventKind::Lost {
+                        if c.lost() {
+                            tokio::spawn(refill(weak.clone(), cache.clone(), c.clone()));
+                        }
+                    } else {
+                        c.on_event(ev)
+                    }
+                };
                 guards.push(
                     inner
                         .hub
-                        .add_handler(name, Want::Values, Arc::new(move |ev| c.on_event(ev)))
+                        .add_handler(name, Want::Values, Arc::new(handler))
                         .await,
                 );
                 // Every member now sends this one the changes; fetch what is already
                 // there (changes that arrive meanwhile win over the fetched values).
                 let entries = self.all_entries(name, true).await?;
                 copy.fill(entries);
-                copy.end_fill();
+                if copy.end_fill() && copy.lost() {
+                    tokio::spawn(refill(Arc::downgrade(inner), name.into(), copy.clone()));
+                }
                 replicated = Some(copy);
             }
             CacheMode::Local => {
@@ -314,6 +327,13 @@ impl Caches {
 
     /// Every live entry of `cache`, read from each partition's owner (keys only unless
     /// `values`): (key, value, expire_at, idle_ms). One bounded answer per partition.
+    /// Fault injection for tests: the next `n` batches of cache events this member sends
+    /// to other members fail, as a broken connection would make them.
+    #[doc(hidden)]
+    pub fn fail_next_event_batches(&self, n: u64) {
+        self.inner.hub.fail_next_batches(n);
+    }
+
     pub(crate) async fn all_entries(
         &self,
         cache: &str,
@@ -706,5 +726,29 @@ async fn sweep(inner: std::sync::Weak<Inner>) {
             }
         }
         drop(inner);
+    }
+}
+
+/// Fills a replicated copy again after events were lost (its fill is begun), until a fill
+/// completes with no loss meanwhile; a failed read of the owners is retried.
+async fn refill(inner: std::sync::Weak<Inner>, cache: Arc<str>, copy: Arc<ReplicatedCopy>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(inner) = inner.upgrade() else { return };
+        let caches = Caches { inner };
+        match caches.all_entries(&cache, true).await {
+            Ok(entries) => {
+                copy.fill(entries);
+                if !(copy.end_fill() && copy.lost()) {
+                    return;
+                }
+            }
+            Err(e) => {
+                warn!(%cache, error = %e, "replicated copy not refilled; retrying");
+                drop(caches);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
     }
 }

@@ -108,19 +108,21 @@ impl NearCopy {
 
     pub(crate) fn on_event(&self, ev: &RawEvent) {
         match ev.kind {
-            EventKind::Cleared => self.clear(),
+            EventKind::Cleared | EventKind::Lost => self.clear(),
             _ => self.invalidate(&ev.key),
         }
     }
 }
 
-/// Changes seen while a replicated copy is first filled.
+/// Changes seen while a replicated copy is filled (first, or again after lost events).
 #[derive(Default)]
 struct Filling {
     /// Keys set or removed by events.
     keys: HashSet<Box<[u8]>>,
     /// Partitions cleared by events.
     cleared: HashSet<u32>,
+    /// Events were lost during the fill: fill again.
+    lost: bool,
 }
 
 /// Every entry of a replicated cache.
@@ -206,6 +208,8 @@ impl ReplicatedCopy {
                     f.cleared.insert(ev.partition);
                 }
             }
+            // Handled by whoever fills the copy (see `lost`).
+            (EventKind::Lost, _) => {}
             _ => self.remove(&ev.key),
         }
     }
@@ -215,12 +219,14 @@ impl ReplicatedCopy {
         *self.filling.lock().unwrap_or_else(|e| e.into_inner()) = Some(Filling::default());
     }
 
-    /// Adds the fill's entries (key, value, expire_at, idle) except those changed since
-    /// [`ReplicatedCopy::begin_fill`].
+    /// Replaces the copy by the fill's entries (key, value, expire_at, idle), except where
+    /// events changed it since [`ReplicatedCopy::begin_fill`]: those keys keep what the
+    /// events made of them.
     pub(crate) fn fill(&self, entries: Vec<(Vec<u8>, Vec<u8>, u64, u32)>) {
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         let filling = self.filling.lock().unwrap_or_else(|e| e.into_inner());
         let now = now_ms();
+        let mut fresh = Map::with_capacity(entries.len());
         for (k, v, expire_at, idle) in entries {
             if filling.as_ref().is_some_and(|f| {
                 f.keys.contains(&k[..])
@@ -229,13 +235,41 @@ impl ReplicatedCopy {
             }) {
                 continue;
             }
-            map.entry(k.into_boxed_slice())
-                .or_insert_with(|| Entry::new(v, expire_at, idle, now));
+            fresh.insert(k.into_boxed_slice(), Entry::new(v, expire_at, idle, now));
         }
+        if let Some(f) = filling.as_ref() {
+            for k in &f.keys {
+                if let Some(e) = map.remove(k) {
+                    fresh.insert(k.clone(), e);
+                }
+            }
+        }
+        *map = fresh;
     }
 
-    pub(crate) fn end_fill(&self) {
-        *self.filling.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    /// Ends a fill; returns whether events were lost meanwhile (then fill again).
+    pub(crate) fn end_fill(&self) -> bool {
+        self.filling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .is_some_and(|f| f.lost)
+    }
+
+    /// Events were lost: returns whether the caller must start a fill (none is under way;
+    /// one is begun), or notes the loss for the fill under way.
+    pub(crate) fn lost(&self) -> bool {
+        let mut filling = self.filling.lock().unwrap_or_else(|e| e.into_inner());
+        match filling.as_mut() {
+            Some(f) => {
+                f.lost = true;
+                false
+            }
+            None => {
+                *filling = Some(Filling::default());
+                true
+            }
+        }
     }
 
     /// Live (key, value) pairs.

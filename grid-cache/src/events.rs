@@ -5,6 +5,11 @@
 //! member that joins later. An owner sends a cache's events only to the members interested
 //! in it, on the ordered one-way channel, so the events of one key (one partition, one
 //! owner applying one change at a time) arrive in the order they happened.
+//!
+//! Each member numbers the batches it sends to each other member (and skips a number when
+//! its outbox had to drop events), so a receiver notices any loss: its handlers then get a
+//! `Lost` event — near copies empty themselves, replicated copies fill again, listeners
+//! hear it — instead of serving what a lost event would have changed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +39,9 @@ pub enum EventKind {
     Evicted,
     /// Every entry of a partition was removed (`remove_all`).
     Cleared,
+    /// Events from a member were lost on the way here (its queue was full, or a send
+    /// failed): entries may have changed without an event.
+    Lost,
 }
 
 /// An event as the owner reports it: encoded keys and values.
@@ -100,6 +108,38 @@ struct Interest {
     seq: u64,
 }
 
+/// A numbered batch of events from one member to another.
+#[derive(Debug, Serialize, Deserialize)]
+struct EventBatch {
+    /// The sender's start generation: numbering restarts with it.
+    incarnation: u64,
+    /// This batch's number in the sender's stream to the receiver (from 1).
+    seq: u64,
+    events: Vec<RawEvent>,
+}
+
+/// What a receiver expects next from each sender: (incarnation, next batch number).
+#[derive(Debug, Default)]
+pub(crate) struct Expected(HashMap<Arc<str>, (u64, u64)>);
+
+impl Expected {
+    /// Records a batch from `sender`; returns whether batches were lost before it.
+    pub(crate) fn arrived(&mut self, sender: &Arc<str>, incarnation: u64, seq: u64) -> bool {
+        let next = match self.0.get(sender) {
+            Some(&(inc, next)) if inc == incarnation => next,
+            // A sender (or an incarnation of it) not heard from before starts at 1.
+            _ => 1,
+        };
+        self.0
+            .insert(sender.clone(), (incarnation, seq.saturating_add(1)));
+        seq != next
+    }
+
+    fn forget(&mut self, sender: &str) {
+        self.0.remove(sender);
+    }
+}
+
 /// Who wants a cache's events: member → (what, sequence of the announcement).
 type Interested = BTreeMap<Arc<str>, (Option<Want>, u64)>;
 
@@ -117,6 +157,14 @@ pub(crate) struct EventHub {
     next_id: AtomicU64,
     outbox: mpsc::Sender<RawEvent>,
     dropped: AtomicU64,
+    /// This member's start generation, which numbers its batches (see [`EventBatch`]).
+    incarnation: u64,
+    /// What this hub expects from each sender.
+    expected: std::sync::Mutex<Expected>,
+    /// Batches lost on the way here, as noticed by the numbering.
+    lost: AtomicU64,
+    /// Fault injection: this many of the next outgoing batches fail.
+    fail_batches: AtomicU64,
 }
 
 impl std::fmt::Debug for EventHub {
@@ -144,6 +192,7 @@ impl Drop for HandlerGuard {
 impl EventHub {
     pub(crate) fn start(transport: Transport, cluster: Cluster) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(OUTBOX);
+        let cluster_generation = cluster.local_member().generation;
         let hub = Arc::new(Self {
             me: cluster.local_member().id.clone(),
             transport,
@@ -154,13 +203,30 @@ impl EventHub {
             next_id: AtomicU64::new(1),
             outbox: tx,
             dropped: AtomicU64::new(0),
+            incarnation: cluster_generation,
+            expected: std::sync::Mutex::new(Expected::default()),
+            lost: AtomicU64::new(0),
+            fail_batches: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&hub);
         hub.transport.on_message(routes::EVENTS, move |peer, body: Bytes| {
             let Some(hub) = weak.upgrade() else { return };
-            match codec::decode::<Vec<RawEvent>>(&body) {
-                Ok(events) => events.iter().for_each(|e| hub.deliver_local(e)),
-                Err(e) => warn!(peer = %peer.member_id, error = %e, "undecodable cache events dropped"),
+            match codec::decode::<EventBatch>(&body) {
+                Ok(batch) => {
+                    let gap = hub
+                        .expected
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .arrived(&peer.member_id, batch.incarnation, batch.seq);
+                    if gap {
+                        hub.on_lost(&peer.member_id);
+                    }
+                    batch.events.iter().for_each(|e| hub.deliver_local(e));
+                }
+                Err(e) => {
+                    warn!(peer = %peer.member_id, error = %e, "undecodable cache events dropped");
+                    hub.on_lost(&peer.member_id);
+                }
             }
         });
         let weak = Arc::downgrade(&hub);
@@ -316,6 +382,41 @@ impl EventHub {
     pub(crate) fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
+
+    /// Fault injection for tests: the next `n` batches this member sends fail as a broken
+    /// connection would make them.
+    pub(crate) fn fail_next_batches(&self, n: u64) {
+        self.fail_batches.store(n, Ordering::Relaxed);
+    }
+
+    /// Events from `sender` were lost: every handler hears `Lost` (which caches the lost
+    /// events were of is unknown).
+    fn on_lost(&self, sender: &Arc<str>) {
+        let n = self.lost.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("grid_cache_event_batches_lost_total").increment(1);
+        if n.is_power_of_two() {
+            warn!(%sender, lost = n + 1, "cache events from a member were lost; copies refill");
+        }
+        let caches: Vec<Arc<str>> = self
+            .handlers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for cache in caches {
+            self.deliver_local(&RawEvent {
+                cache,
+                partition: 0,
+                kind: EventKind::Lost,
+                key: Vec::new(),
+                old: None,
+                value: None,
+                expire_at: 0,
+                idle_ms: 0,
+            });
+        }
+    }
 }
 
 impl EventSink for EventHub {
@@ -352,11 +453,39 @@ impl EventSink for LocalSink {
     }
 }
 
+/// How soon a member that may have missed events hears of it when no other events follow.
+const GAP_PROBE: Duration = Duration::from_millis(250);
+
 /// Sends queued events to the members that want them, in batches, in order.
 async fn dispatch(hub: Weak<EventHub>, mut rx: mpsc::Receiver<RawEvent>) {
     let mut batch = Vec::with_capacity(BATCH);
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
+    let mut out = Outgoing::default();
+    let mut dropped_seen = 0;
+    let mut probe = tokio::time::interval(GAP_PROBE);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let got = tokio::select! {
+            n = rx.recv_many(&mut batch, BATCH) => if n == 0 { return } else { true },
+            _ = probe.tick() => false,
+        };
         let Some(hub) = hub.upgrade() else { return };
+        out.forget_departed(&hub.cluster);
+        let dropped = hub.dropped();
+        if dropped != dropped_seen {
+            // Events were dropped before they had a destination: skip a number for every
+            // member that may have wanted them, so that each notices.
+            dropped_seen = dropped;
+            for m in hub.cluster.members().iter().filter(|m| m.id != hub.me) {
+                out.skip((m.id.clone(), m.generation));
+            }
+        }
+        if !got {
+            // Members owed news of a gap get an empty batch (which shows it).
+            for key in std::mem::take(&mut out.owed) {
+                out.send(&hub, key, Vec::new()).await;
+            }
+            continue;
+        }
         // Members that want keys only get events without values: less to copy and send.
         let mut per_member: HashMap<Arc<str>, Vec<RawEvent>> = HashMap::new();
         for ev in &batch {
@@ -382,20 +511,73 @@ async fn dispatch(hub: Weak<EventHub>, mut rx: mpsc::Receiver<RawEvent>) {
             let Some(m) = hub.cluster.member(&member) else {
                 continue;
             };
-            match codec::encode(&events) {
-                Ok(body) => {
-                    if let Err(e) = hub
-                        .transport
-                        .send_ordered(m.addr, routes::EVENTS, &body)
-                        .await
-                    {
-                        debug!(member = %member, error = %e, "cache events not sent");
-                    }
-                }
-                Err(e) => warn!(error = %e, "cache events not encodable"),
-            }
+            out.owed.remove(&(member.clone(), m.generation));
+            out.send(&hub, (member, m.generation), events).await;
         }
         batch.clear();
+    }
+}
+
+/// The dispatcher's numbering of its batches to each member (by id and start generation:
+/// a restarted member expects 1 again).
+#[derive(Default)]
+struct Outgoing {
+    next_seq: HashMap<(Arc<str>, u64), u64>,
+    /// Members whose stream has a gap they have not been sent a batch after yet.
+    owed: std::collections::HashSet<(Arc<str>, u64)>,
+}
+
+impl Outgoing {
+    fn forget_departed(&mut self, cluster: &Cluster) {
+        let live = |(id, generation): &(Arc<str>, u64)| {
+            cluster
+                .member(id)
+                .is_some_and(|m| m.generation == *generation)
+        };
+        self.next_seq.retain(|k, _| live(k));
+        self.owed.retain(live);
+    }
+
+    /// Leaves a gap in `member`'s numbering.
+    fn skip(&mut self, member: (Arc<str>, u64)) {
+        *self.next_seq.entry(member.clone()).or_insert(1) += 1;
+        self.owed.insert(member);
+    }
+
+    async fn send(&mut self, hub: &EventHub, member: (Arc<str>, u64), events: Vec<RawEvent>) {
+        let Some(m) = hub.cluster.member(&member.0) else {
+            return;
+        };
+        let seq = self.next_seq.entry(member.clone()).or_insert(1);
+        let batch = EventBatch {
+            incarnation: hub.incarnation,
+            seq: *seq,
+            events,
+        };
+        // Taken even if the send fails: the member notices the gap.
+        *seq += 1;
+        if hub.fail_batches.load(Ordering::Relaxed) > 0 {
+            hub.fail_batches.fetch_sub(1, Ordering::Relaxed);
+            debug!(member = %member.0, "cache events not sent (injected failure)");
+            self.owed.insert(member);
+            return;
+        }
+        match codec::encode(&batch) {
+            Ok(body) => {
+                if let Err(e) = hub
+                    .transport
+                    .send_ordered(m.addr, routes::EVENTS, &body)
+                    .await
+                {
+                    debug!(member = %member.0, error = %e, "cache events not sent");
+                    self.owed.insert(member);
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cache events not encodable");
+                self.owed.insert(member);
+            }
+        }
     }
 }
 
@@ -426,6 +608,10 @@ async fn follow_members(hub: Weak<EventHub>, cluster: Cluster) {
                 });
             }
             MemberEvent::Left(m) | MemberEvent::Failed(m) => {
+                hub.expected
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .forget(&m.id);
                 let mut interest = hub.interest.write().unwrap_or_else(|e| e.into_inner());
                 for members in interest.values_mut() {
                     members.remove(&m.id);
@@ -433,5 +619,30 @@ async fn follow_members(hub: Weak<EventHub>, cluster: Cluster) {
                 interest.retain(|_, s| s.values().any(|(w, _)| w.is_some()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbering_notices_every_gap() {
+        let mut e = Expected::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        assert!(!e.arrived(&a, 7, 1));
+        assert!(!e.arrived(&a, 7, 2));
+        assert!(e.arrived(&a, 7, 4), "batch 3 was lost");
+        assert!(!e.arrived(&a, 7, 5));
+        // Another sender, heard first after its first batch was lost.
+        assert!(e.arrived(&b, 1, 2));
+        // A restarted sender numbers from 1 again.
+        assert!(!e.arrived(&a, 8, 1));
+        assert!(
+            e.arrived(&a, 7, 6),
+            "an old incarnation after a new one is a new stream"
+        );
+        e.forget("a");
+        assert!(!e.arrived(&a, 9, 1));
     }
 }

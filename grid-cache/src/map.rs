@@ -491,7 +491,11 @@ mod tests {
                 assert_eq!(map.get(&k.to_le_bytes()).unwrap().value, value(k, round));
             }
         }
-        assert_eq!(capacities.len(), 1, "the arena was reallocated: {capacities:?}");
+        assert_eq!(
+            capacities.len(),
+            1,
+            "the arena was reallocated: {capacities:?}"
+        );
         assert!(map.arena.capacity() <= 4 * 500 * 1004 + MIN_GARBAGE);
     }
 
