@@ -27,6 +27,10 @@ pub struct NetworkConfig {
     pub seeds: Vec<String>,
     /// Largest frame accepted or sent, in bytes (default 16 MiB).
     pub max_frame_size: usize,
+    /// Largest UDP payload QUIC's path MTU discovery may grow packets to (default 8952,
+    /// jumbo Ethernet; 1200 to 65527). Packets start at 1200 bytes and only grow as far as
+    /// the path carries them, so a high value is safe on any network.
+    pub max_udp_payload: u16,
 }
 
 impl Default for NetworkConfig {
@@ -37,6 +41,7 @@ impl Default for NetworkConfig {
             advertise: None,
             seeds: (5701..=5703).map(|p| format!("127.0.0.1:{p}")).collect(),
             max_frame_size: 16 * 1024 * 1024,
+            max_udp_payload: 8952,
         }
     }
 }

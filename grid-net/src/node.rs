@@ -153,6 +153,7 @@ impl Node {
             },
             TransportConfig {
                 max_frame_size: config.network.max_frame_size,
+                max_udp_payload: config.network.max_udp_payload,
                 ..TransportConfig::default()
             },
         )?;

@@ -67,7 +67,7 @@ pub struct TransportConfig {
     /// Ethernet frames). Packets start at 1200 bytes; QUIC's path MTU discovery then finds
     /// what the path carries, up to this, and on a 1500-byte network simply stays at 1452.
     /// Bigger packets cut the per-packet work (encryption, acknowledgements, system calls)
-    /// of bulk copies; on loopback they triple a migration's data rate (BENCHMARKS.md).
+    /// of bulk copies and large values (measurements in BENCHMARKS.md).
     pub max_udp_payload: u16,
 }
 
