@@ -672,3 +672,48 @@ async fn lost_events_empty_near_copies_refill_replicated_ones_and_reach_listener
         g.shutdown().await;
     }
 }
+
+/// An interest announcement that did not arrive leaves the owner not sending events, which no
+/// numbering can show; the announcement is repeated, and when it gets through the near copy
+/// empties itself (it may hold what changed meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_interest_announcement_is_repeated_and_the_copy_repaired() {
+    let grids = data_cluster("c-interest", 2, |b| b).await;
+    let settings = CacheSettings::builder().near().build();
+    let owner = grids[0]
+        .cache::<u32, String>("i-near")
+        .settings(settings.clone())
+        .await
+        .unwrap();
+    // Member 1's announcement (to member 0, its only peer) is lost.
+    grids[1].caches().fail_next_interest_announcements(1);
+    let reader = grids[1]
+        .cache::<u32, String>("i-near")
+        .settings(settings)
+        .await
+        .unwrap();
+    let me0 = grids[0].cluster().local_member().id.clone();
+    let key = (0..1000u32)
+        .find(|k| {
+            let p = grids[0]
+                .runtime()
+                .partition_of(&grid::codec::encode(k).unwrap());
+            grids[0].runtime().table().owner(p) == Some(&me0)
+        })
+        .expect("member 0 owns some key");
+    owner.put(&key, &"old".into()).await.unwrap();
+    assert_eq!(reader.get(&key).await.unwrap(), Some("old".into()));
+    owner.put(&key, &"new".into()).await.unwrap();
+    // Announcements are repeated every 5 s.
+    let ok = eventually_async(Duration::from_secs(12), || async {
+        reader.get(&key).await.unwrap() == Some("new".into())
+    })
+    .await;
+    assert!(
+        ok,
+        "member 1 kept serving a value changed while its interest was unknown"
+    );
+    for g in grids {
+        g.shutdown().await;
+    }
+}

@@ -334,6 +334,13 @@ impl Caches {
         self.inner.hub.fail_next_batches(n);
     }
 
+    /// Fault injection for tests: the next `n` announcements of this member's interest in a
+    /// cache's events do not reach the member they are sent to.
+    #[doc(hidden)]
+    pub fn fail_next_interest_announcements(&self, n: u64) {
+        self.inner.hub.fail_next_announcements(n);
+    }
+
     pub(crate) async fn all_entries(
         &self,
         cache: &str,

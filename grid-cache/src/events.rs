@@ -61,6 +61,20 @@ pub(crate) struct RawEvent {
 }
 
 impl RawEvent {
+    /// A `Lost` event for `cache`'s handlers.
+    pub(crate) fn lost(cache: Arc<str>) -> Self {
+        Self {
+            cache,
+            partition: 0,
+            kind: EventKind::Lost,
+            key: Vec::new(),
+            old: None,
+            value: None,
+            expire_at: 0,
+            idle_ms: 0,
+        }
+    }
+
     pub(crate) fn value_bytes(&self) -> Option<&[u8]> {
         self.value.as_ref().map(|b| &b.0[..])
     }
@@ -165,6 +179,10 @@ pub(crate) struct EventHub {
     lost: AtomicU64,
     /// Fault injection: this many of the next outgoing batches fail.
     fail_batches: AtomicU64,
+    /// Fault injection: this many of the next interest announcements count as failed.
+    fail_interest: AtomicU64,
+    /// (cache, member) whose last interest announcement did not arrive.
+    unconfirmed: std::sync::Mutex<std::collections::HashSet<(Arc<str>, Arc<str>)>>,
 }
 
 impl std::fmt::Debug for EventHub {
@@ -207,6 +225,8 @@ impl EventHub {
             expected: std::sync::Mutex::new(Expected::default()),
             lost: AtomicU64::new(0),
             fail_batches: AtomicU64::new(0),
+            fail_interest: AtomicU64::new(0),
+            unconfirmed: std::sync::Mutex::new(std::collections::HashSet::new()),
         });
         let weak = Arc::downgrade(&hub);
         hub.transport.on_message(routes::EVENTS, move |peer, body: Bytes| {
@@ -242,6 +262,7 @@ impl EventHub {
             });
         tokio::spawn(dispatch(Arc::downgrade(&hub), rx));
         tokio::spawn(follow_members(Arc::downgrade(&hub), hub.cluster.clone()));
+        tokio::spawn(reannounce(Arc::downgrade(&hub)));
         hub
     }
 
@@ -327,23 +348,45 @@ impl EventHub {
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
         };
         self.set_interest(cache, &self.me, want, req.seq);
-        let sends = self
-            .cluster
-            .members()
+        let members = self.cluster.members();
+        let sends = members
             .iter()
             .filter(|m| m.id != self.me)
-            .map(|m| self.tell(m.addr, &req))
+            .map(|m| self.tell(m, &req))
             .collect::<Vec<_>>();
         futures::future::join_all(sends).await;
     }
 
-    async fn tell(&self, addr: std::net::SocketAddr, req: &Interest) {
-        let r: Result<(), _> = self
-            .transport
-            .request_typed(addr, routes::INTEREST, req, Duration::from_secs(5))
-            .await;
-        if let Err(e) = r {
-            debug!(%addr, error = %e, "interest not delivered");
+    /// Sends an interest announcement to `member`. One that fails leaves `member` not
+    /// sending this cache's events, unseen by any numbering: once an announcement to it
+    /// gets through again (they are repeated), the cache's handlers hear `Lost`, since
+    /// copies made meanwhile may have missed changes.
+    async fn tell(&self, member: &grid_net::membership::Member, req: &Interest) {
+        let injected = self
+            .fail_interest
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        let r: Result<(), _> = if injected {
+            Err(grid_net::NetError::Protocol("injected failure".into()))
+        } else {
+            self.transport
+                .request_typed(member.addr, routes::INTEREST, req, Duration::from_secs(5))
+                .await
+        };
+        let key: (Arc<str>, Arc<str>) = (req.cache.as_str().into(), member.id.clone());
+        let mut unconfirmed = self.unconfirmed.lock().unwrap_or_else(|e| e.into_inner());
+        match r {
+            Err(e) => {
+                debug!(member = %member.id, error = %e, "interest not delivered");
+                unconfirmed.insert(key);
+            }
+            Ok(()) => {
+                if unconfirmed.remove(&key) {
+                    drop(unconfirmed);
+                    debug!(member = %member.id, cache = %req.cache, "interest delivered late");
+                    self.deliver_local(&RawEvent::lost(key.0));
+                }
+            }
         }
     }
 
@@ -389,6 +432,12 @@ impl EventHub {
         self.fail_batches.store(n, Ordering::Relaxed);
     }
 
+    /// Fault injection for tests: the next `n` interest announcements count as failed (the
+    /// member does not learn of them).
+    pub(crate) fn fail_next_announcements(&self, n: u64) {
+        self.fail_interest.store(n, Ordering::Relaxed);
+    }
+
     /// Events from `sender` were lost: every handler hears `Lost` (which caches the lost
     /// events were of is unknown).
     fn on_lost(&self, sender: &Arc<str>) {
@@ -405,16 +454,7 @@ impl EventHub {
             .cloned()
             .collect();
         for cache in caches {
-            self.deliver_local(&RawEvent {
-                cache,
-                partition: 0,
-                kind: EventKind::Lost,
-                key: Vec::new(),
-                old: None,
-                value: None,
-                expire_at: 0,
-                idle_ms: 0,
-            });
+            self.deliver_local(&RawEvent::lost(cache));
         }
     }
 }
@@ -581,6 +621,43 @@ impl Outgoing {
     }
 }
 
+/// How often a member repeats what it wants to every member: an announcement that did not
+/// arrive would otherwise leave an owner not sending events that nobody misses.
+const REANNOUNCE: Duration = Duration::from_secs(5);
+
+/// Repeats this member's interests to every member, every [`REANNOUNCE`].
+async fn reannounce(hub: Weak<EventHub>) {
+    let mut tick = tokio::time::interval(REANNOUNCE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(hub) = hub.upgrade() else { return };
+        // What each cache wants and the announcement's number, read together under the
+        // handlers' lock: a handler added or removed meanwhile announces with a later number,
+        // which wins.
+        let reqs: Vec<Interest> = {
+            let handlers = hub.handlers.read().unwrap_or_else(|e| e.into_inner());
+            handlers
+                .iter()
+                .map(|(cache, list)| Interest {
+                    cache: cache.to_string(),
+                    want: list.iter().map(|(_, w, _)| *w).max(),
+                    seq: hub.seq.fetch_add(1, Ordering::Relaxed),
+                })
+                .collect()
+        };
+        let members = hub.cluster.members();
+        for req in &reqs {
+            let sends = members
+                .iter()
+                .filter(|m| m.id != hub.me)
+                .map(|m| hub.tell(m, req));
+            futures::future::join_all(sends).await;
+        }
+    }
+}
+
 /// Tells joining members what this member wants; forgets what departed members wanted.
 async fn follow_members(hub: Weak<EventHub>, cluster: Cluster) {
     let mut events = cluster.events();
@@ -603,7 +680,7 @@ async fn follow_members(hub: Weak<EventHub>, cluster: Cluster) {
                             want: hub.local_want(&cache),
                             seq: hub.seq.fetch_add(1, Ordering::Relaxed),
                         };
-                        hub.tell(m.addr, &req).await;
+                        hub.tell(&m, &req).await;
                     }
                 });
             }

@@ -63,6 +63,9 @@ struct Args {
     /// machine takes all the CPU the copies do not).
     #[arg(long, default_value_t = 0)]
     load_rate: u64,
+    /// Largest UDP payload QUIC may grow packets to (the member's `network.max_udp_payload`).
+    #[arg(long, default_value_t = 8952)]
+    max_udp_payload: u16,
     /// Partition copies at once.
     #[arg(long, default_value_t = 8)]
     parallel: usize,
@@ -129,6 +132,7 @@ async fn start_member(
         .op_timeout(Duration::from_secs(30));
     let mut config = b.build_config().clone();
     config.partitions.max_parallel_migrations = args.parallel;
+    config.network.max_udp_payload = args.max_udp_payload;
     b = b.config(config);
     b = match seed {
         Some(s) => b.seed(s),
