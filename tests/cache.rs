@@ -12,6 +12,19 @@ use grid::{Cache, CacheEvent, CacheMode, CacheSettings, Expiry, Grid, GridError}
 
 use common::{data_cluster, eventually_async, member};
 
+/// A `u32` key whose partition `grid` owns.
+fn key_owned_by(grid: &Grid) -> u32 {
+    let me = grid.cluster().local_member().id.clone();
+    (0..1000u32)
+        .find(|k| {
+            let p = grid
+                .runtime()
+                .partition_of(&grid::codec::encode(k).unwrap());
+            grid.runtime().table().owner(p) == Some(&me)
+        })
+        .expect("the member owns some key")
+}
+
 async fn open<V>(grids: &[Grid], name: &str, settings: &CacheSettings) -> Vec<Cache<u32, V>>
 where
     V: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
@@ -621,15 +634,7 @@ async fn lost_events_empty_near_copies_refill_replicated_ones_and_reach_listener
     .await;
     let mut listener = repl[1].listen().await;
     // A key member 0 owns: its events reach member 1 only over the network.
-    let me0 = grids[0].cluster().local_member().id.clone();
-    let key = (0..1000u32)
-        .find(|k| {
-            let p = grids[0]
-                .runtime()
-                .partition_of(&grid::codec::encode(k).unwrap());
-            grids[0].runtime().table().owner(p) == Some(&me0)
-        })
-        .expect("member 0 owns some key");
+    let key = key_owned_by(&grids[0]);
     near[0].put(&key, &"old".into()).await.unwrap();
     repl[0].put(&key, &"old".into()).await.unwrap();
     let ok = eventually_async(Duration::from_secs(5), || async {
@@ -692,15 +697,7 @@ async fn a_lost_interest_announcement_is_repeated_and_the_copy_repaired() {
         .settings(settings)
         .await
         .unwrap();
-    let me0 = grids[0].cluster().local_member().id.clone();
-    let key = (0..1000u32)
-        .find(|k| {
-            let p = grids[0]
-                .runtime()
-                .partition_of(&grid::codec::encode(k).unwrap());
-            grids[0].runtime().table().owner(p) == Some(&me0)
-        })
-        .expect("member 0 owns some key");
+    let key = key_owned_by(&grids[0]);
     owner.put(&key, &"old".into()).await.unwrap();
     assert_eq!(reader.get(&key).await.unwrap(), Some("old".into()));
     owner.put(&key, &"new".into()).await.unwrap();

@@ -325,8 +325,6 @@ impl Caches {
         Ok(())
     }
 
-    /// Every live entry of `cache`, read from each partition's owner (keys only unless
-    /// `values`): (key, value, expire_at, idle_ms). One bounded answer per partition.
     /// Fault injection for tests: the next `n` batches of cache events this member sends
     /// to other members fail, as a broken connection would make them.
     #[doc(hidden)]
@@ -341,6 +339,8 @@ impl Caches {
         self.inner.hub.fail_next_announcements(n);
     }
 
+    /// Every live entry of `cache`, read from each partition's owner (keys only unless
+    /// `values`): (key, value, expire_at, idle_ms). One bounded answer per partition.
     pub(crate) async fn all_entries(
         &self,
         cache: &str,

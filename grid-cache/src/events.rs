@@ -446,16 +446,19 @@ impl EventHub {
         if n.is_power_of_two() {
             warn!(%sender, lost = n + 1, "cache events from a member were lost; copies refill");
         }
-        let caches: Vec<Arc<str>> = self
-            .handlers
+        for cache in self.handled_caches() {
+            self.deliver_local(&RawEvent::lost(cache));
+        }
+    }
+
+    /// The caches this member has handlers of.
+    fn handled_caches(&self) -> Vec<Arc<str>> {
+        self.handlers
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .keys()
             .cloned()
-            .collect();
-        for cache in caches {
-            self.deliver_local(&RawEvent::lost(cache));
-        }
+            .collect()
     }
 }
 
@@ -665,13 +668,7 @@ async fn follow_members(hub: Weak<EventHub>, cluster: Cluster) {
         let Some(hub) = hub.upgrade() else { return };
         match ev {
             MemberEvent::Joined(m) => {
-                let caches: Vec<Arc<str>> = hub
-                    .handlers
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .keys()
-                    .cloned()
-                    .collect();
+                let caches = hub.handled_caches();
                 let hub = hub.clone();
                 tokio::spawn(async move {
                     for cache in caches {

@@ -3,8 +3,8 @@
 //! The length is checked against the limit before anything is buffered, and the body's
 //! buffer is allocated only once its first bytes arrive, so a peer that announces a large
 //! frame and sends nothing costs nothing. The body is copied once into a buffer of its full
-//! size (growing one by doubling copied a 1 MiB migration chunk three times over fresh
-//! pages). It is always copied: a piece quinn hands out shares the allocation of a whole
+//! size, up to 4 MiB (growing one by doubling from 64 KiB copied a 1 MiB migration chunk
+//! several times over fresh pages). It is always copied: a piece quinn hands out shares the allocation of a whole
 //! receive batch, which a small frame kept in a queue would otherwise hold on to.
 
 use bytes::{Bytes, BytesMut};
@@ -55,7 +55,9 @@ pub(crate) async fn read_frame(
         match recv.read_chunk(size - body.len(), true).await {
             Ok(Some(chunk)) => {
                 if body.capacity() == 0 {
-                    body.reserve(size);
+                    // Up to 4 MiB at once (a migration chunk is 1 MiB); a larger frame
+                    // grows as it arrives, so what is allocated follows what was sent.
+                    body.reserve(size.min(4 << 20));
                 }
                 body.extend_from_slice(&chunk.bytes)
             }
