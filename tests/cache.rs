@@ -637,12 +637,18 @@ async fn lost_events_empty_near_copies_refill_replicated_ones_and_reach_listener
     let key = key_owned_by(&grids[0]);
     near[0].put(&key, &"old".into()).await.unwrap();
     repl[0].put(&key, &"old".into()).await.unwrap();
-    let ok = eventually_async(Duration::from_secs(5), || async {
-        near[1].get(&key).await.unwrap() == Some("old".into())
-            && repl[1].get(&key).await.unwrap() == Some("old".into())
-    })
-    .await;
-    assert!(ok, "member 1 never saw the first value");
+    // Whether member 1's near and replicated caches both give `value` for `key` in time.
+    let member1_sees = |value: &'static str, within: Duration| {
+        let (near, repl) = (&near[1], &repl[1]);
+        eventually_async(within, move || async move {
+            near.get(&key).await.unwrap().as_deref() == Some(value)
+                && repl.get(&key).await.unwrap().as_deref() == Some(value)
+        })
+    };
+    assert!(
+        member1_sees("old", Duration::from_secs(5)).await,
+        "member 1 never saw the first value"
+    );
     // Drain the listener's events so far.
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await
     {
@@ -653,13 +659,8 @@ async fn lost_events_empty_near_copies_refill_replicated_ones_and_reach_listener
     near[0].put(&key, &"new".into()).await.unwrap();
     repl[0].put(&key, &"new".into()).await.unwrap();
     // No other change follows: the gap must still be noticed (an empty batch shows it).
-    let ok = eventually_async(Duration::from_secs(3), || async {
-        near[1].get(&key).await.unwrap() == Some("new".into())
-            && repl[1].get(&key).await.unwrap() == Some("new".into())
-    })
-    .await;
     assert!(
-        ok,
+        member1_sees("new", Duration::from_secs(3)).await,
         "member 1 kept serving the value a lost event had changed"
     );
     let mut heard_lost = false;

@@ -488,20 +488,20 @@ fn check_room(map: Option<&CacheMap>, key: &[u8], value: &[u8]) -> Result<(), St
 struct SnapshotChunks {
     maps: Vec<(Arc<str>, CacheMap)>,
     chunk_bytes: usize,
-    /// The map being encoded, its entries' places and the next one to encode.
+    /// The map being encoded, its entries' places (listed when its encoding starts, outside
+    /// the partition's lock) and the next one to encode.
     map: usize,
-    places: Vec<Place>,
+    places: Option<Vec<Place>>,
     next: usize,
 }
 
 impl SnapshotChunks {
     fn new(maps: Vec<(Arc<str>, CacheMap)>, chunk_bytes: usize) -> Self {
-        let places = maps.first().map(|(_, m)| m.places()).unwrap_or_default();
         Self {
             maps,
             chunk_bytes: chunk_bytes.max(1),
             map: 0,
-            places,
+            places: None,
             next: 0,
         }
     }
@@ -513,14 +513,15 @@ impl Iterator for SnapshotChunks {
     fn next(&mut self) -> Option<Vec<u8>> {
         let mut buf = Vec::with_capacity(self.chunk_bytes.min(8 << 20) + 1024);
         while let Some((cache, map)) = self.maps.get(self.map) {
-            if self.next < self.places.len() {
+            let places = self.places.get_or_insert_with(|| map.places());
+            if self.next < places.len() {
                 // Writing to a Vec cannot fail.
                 let _ = rmp::encode::write_bin(&mut buf, cache.as_bytes());
                 let at = buf.len();
                 let _ = rmp::encode::write_u32(&mut buf, 0);
                 let mut n = 0u32;
                 // At least one entry per group, then until the chunk is full.
-                while let Some(&place) = self.places.get(self.next) {
+                while let Some(&place) = places.get(self.next) {
                     if n > 0 && buf.len() >= self.chunk_bytes {
                         break;
                     }
@@ -540,11 +541,7 @@ impl Iterator for SnapshotChunks {
             }
             self.map += 1;
             self.next = 0;
-            self.places = self
-                .maps
-                .get(self.map)
-                .map(|(_, m)| m.places())
-                .unwrap_or_default();
+            self.places = None;
         }
         (!buf.is_empty()).then_some(buf)
     }
