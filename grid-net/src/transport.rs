@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::codec;
 use crate::frame::{read_frame, FrameError};
-use crate::mux::{self, MuxClient, MuxError, MUX_MAX_PAYLOAD};
+use crate::mux::{self, MuxClient, MuxError, Outgoing, MUX_MAX_PAYLOAD};
 use crate::socket::{FaultSwitch, FaultySocket};
 use crate::tls::{explain_handshake_error, Identity, SERVER_NAME};
 use crate::wire::{
@@ -981,7 +981,8 @@ impl Transport {
         errors: &AtomicU32,
     ) {
         let limit = self.inner.config.max_frame_size;
-        let send = Arc::new(tokio::sync::Mutex::new(send));
+        // The peer's callers learn of unanswered requests when the lane closes.
+        let out = mux::lane_writer(send, |_, _| {});
         // Handlers still running on this lane; past the bound the lane stops reading, which
         // pushes back on the peer through QUIC flow control.
         let running = Arc::new(Semaphore::new(MAX_LANE_TASKS));
@@ -992,26 +993,15 @@ impl Transport {
                 Ok(Some(f)) => f,
                 Ok(None) | Err(FrameError::Stream(_)) => return,
                 Err(e) => {
-                    self.bad_input(
-                        live,
-                        errors,
-                        e.kind(),
-                        &e,
-                        send.try_lock().ok().as_deref_mut(),
-                        &mut recv,
-                    );
+                    self.bad_input(live, errors, e.kind(), &e, None, &mut recv);
+                    let _ = out.send(Outgoing::Reset(codes::STREAM_BAD_INPUT)).await;
                     return;
                 }
             };
             let Some((id, route, body)) = mux::parse_request(&frame) else {
-                self.bad_input(
-                    live,
-                    errors,
-                    "undecodable",
-                    &"malformed lane request",
-                    send.try_lock().ok().as_deref_mut(),
-                    &mut recv,
-                );
+                let why = &"malformed lane request";
+                self.bad_input(live, errors, "undecodable", why, None, &mut recv);
+                let _ = out.send(Outgoing::Reset(codes::STREAM_BAD_INPUT)).await;
                 return;
             };
             let handler = match self.find_route(route) {
@@ -1026,7 +1016,7 @@ impl Transport {
             // and save a task. The others get a task, so one slow handler holds up nobody.
             if let Some(result) = (&mut call).now_or_never() {
                 let frame = mux::response_frame(id, &result, limit);
-                if send.lock().await.write_chunk(frame).await.is_err() {
+                if out.send(Outgoing::Frame { id, frame }).await.is_err() {
                     return;
                 }
                 continue;
@@ -1034,11 +1024,11 @@ impl Transport {
             let Ok(permit) = running.clone().acquire_owned().await else {
                 return;
             };
-            let send = send.clone();
+            let out = out.clone();
             tokio::spawn(async move {
                 let result = call.await;
                 let frame = mux::response_frame(id, &result, limit);
-                let _ = send.lock().await.write_chunk(frame).await;
+                let _ = out.send(Outgoing::Frame { id, frame }).await;
                 drop(permit);
             });
         }
