@@ -1,4 +1,4 @@
-//! Requests multiplexed on a few long-lived streams ("lanes") per connection.
+//! Requests multiplexed on a long-lived stream (a "lane") per connection and direction.
 //!
 //! Measured on loopback (BENCHMARKS.md), a stream per request costs quinn about twice the
 //! work of a frame on a stream that already exists, so small requests travel on lanes: the
@@ -16,7 +16,7 @@
 //! - response: `[u64 id][u8 status][body]`
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -28,10 +28,6 @@ use crate::frame::{read_frame, FrameError};
 use crate::wire::{codes, StreamKind, RESPONSE_ERR, RESPONSE_OK};
 use crate::NetError;
 
-/// Lanes per connection and direction. One: a lane's writer sends together what is queued
-/// on it, and two lanes halved the frames per packet (2.8 against 5.5 under the `ops`
-/// bench's load) for no measurable relief from head-of-line blocking behind a large answer.
-pub(crate) const LANES: usize = 1;
 /// Requests with a body larger than this take a stream of their own.
 pub(crate) const MUX_MAX_PAYLOAD: usize = 64 * 1024;
 /// Frames queued for one lane's writer; past it, senders wait.
@@ -177,20 +173,22 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-/// The calling side of one connection's lanes.
+/// The calling side of one connection's lane.
+///
+/// One lane per connection and direction: its writer sends together what is queued on it,
+/// and two lanes halved the frames per packet (2.8 against 5.5 under the `ops` bench's
+/// load) for no measurable relief from head-of-line blocking behind a large answer.
 #[derive(Default)]
 pub(crate) struct MuxClient {
-    lanes: Mutex<[Option<Arc<Lane>>; LANES]>,
-    next_lane: AtomicUsize,
+    lane: Mutex<Option<Arc<Lane>>>,
     next_id: AtomicU64,
 }
 
 impl MuxClient {
     async fn lane(&self, conn: &Connection, limit: usize) -> Result<Arc<Lane>, String> {
-        let i = self.next_lane.fetch_add(1, Ordering::Relaxed) % LANES;
         {
-            let lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(lane) = lanes[i].as_ref().filter(|l| !l.is_dead()) {
+            let lane = self.lane.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(lane) = lane.as_ref().filter(|l| !l.is_dead()) {
                 return Ok(lane.clone());
             }
         }
@@ -221,12 +219,12 @@ impl MuxClient {
             outbox: lane_writer(send, unsent),
             pending,
         });
-        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(existing) = lanes[i].as_ref().filter(|l| !l.is_dead()) {
+        let mut slot = self.lane.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(existing) = slot.as_ref().filter(|l| !l.is_dead()) {
             // Another caller opened it meanwhile; ours is dropped (its stream finishes).
             return Ok(existing.clone());
         }
-        lanes[i] = Some(lane.clone());
+        *slot = Some(lane.clone());
         tokio::spawn(read_responses(lane.clone(), recv, limit));
         Ok(lane)
     }
