@@ -34,6 +34,9 @@ pub(crate) const MUX_MAX_PAYLOAD: usize = 64 * 1024;
 const LANE_QUEUE: usize = 512;
 /// Frames a writer takes from its queue at once.
 const WRITE_BATCH: usize = 64;
+/// quinn sends the data of higher-priority streams first: lanes go ahead of bulk streams
+/// (priority 0), so that an operation's frames do not queue behind a partition copy.
+const LANE_PRIORITY: i32 = 1;
 
 type Reply = Result<Bytes, NetError>;
 /// What a caller waiting on a lane gets: the answer, or why its request was never sent.
@@ -54,6 +57,7 @@ pub(crate) fn lane_writer(
     unsent: impl FnOnce(Vec<u64>, &str) + Send + 'static,
 ) -> mpsc::Sender<Outgoing> {
     let (tx, rx) = mpsc::channel(LANE_QUEUE);
+    let _ = send.set_priority(LANE_PRIORITY);
     tokio::spawn(write_lane(send, rx, unsent));
     tx
 }

@@ -29,6 +29,12 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_bytes::ByteBuf;
 
+/// The allocator of the `ops` bench (see there): glibc's malloc serialises the members'
+/// tasks on its arena locks.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 struct Args {
     /// Members at the start.

@@ -9,6 +9,7 @@
 //! - `driver`: the coordinator's IO — runs on the oldest data member.
 //! - `replica`: the owner's and the backups' side of an operation; full syncs; migrations.
 //! - `messages`: what the runtime sends between members.
+//! - `background`: the lower-priority threads that encode and rebuild partition copies.
 //!
 //! # Guarantees
 //! - An operation on one partition runs alone on its owner; a change is applied on the owner
@@ -21,6 +22,7 @@
 //! - Reads right after an ownership change may briefly go to the old owner, which answers
 //!   from its (complete) copy until the new table reaches it.
 
+mod background;
 pub(crate) mod coordinator;
 mod driver;
 pub(crate) mod messages;
@@ -182,6 +184,8 @@ pub(crate) struct Inner {
     moved: Mutex<Copies>,
     /// Changes for this member as an asynchronous backup, applied in arrival order.
     async_in: mpsc::Sender<messages::BackupRequest>,
+    /// Where copies are encoded and rebuilt.
+    background: background::Background,
 }
 
 /// What a member copied out (migrations and syncs), and when.
@@ -244,7 +248,7 @@ impl Runtime {
         let inner = Arc::new(Inner {
             transport,
             cluster,
-            me,
+            me: me.clone(),
             table: watch::Sender::new(Arc::new(PartitionTable::empty(partitions))),
             services: RwLock::new(HashMap::new()),
             partitions: (0..partitions).map(|_| PartitionCtl::default()).collect(),
@@ -253,6 +257,10 @@ impl Runtime {
             drains: drain_tx,
             moved: Mutex::new(Copies::default()),
             async_in: async_tx,
+            background: background::Background::start(
+                &me,
+                std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            ),
             config,
         });
         let rt = Self { inner };

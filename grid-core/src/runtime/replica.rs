@@ -298,13 +298,23 @@ impl Runtime {
             .await
             .map_err(|e| e.to_string())?;
         let mut bytes = 0u64;
-        for chunk in chunks {
+        let mut chunks = chunks;
+        loop {
+            // Encoding a chunk is bulk CPU work: on a copy thread, below the operations.
+            let (rest, next) = self
+                .inner
+                .background
+                .run(move || {
+                    let next = chunks.next();
+                    (chunks, next)
+                })
+                .await?;
+            chunks = rest;
+            let Some(chunk) = next else { break };
             bytes += chunk.len() as u64;
             bulk.send_bytes(Bytes::from(chunk))
                 .await
                 .map_err(|e| e.to_string())?;
-            // Encoding the next chunk is CPU work: let waiting operations go first.
-            tokio::task::yield_now().await;
         }
         bulk.finish(Duration::from_secs(60))
             .await
@@ -360,10 +370,12 @@ impl Runtime {
         }
         let mut st = replica.lock().await;
         tracing::debug!(member = %self.inner.me, partition = header.partition, epoch = header.epoch, version = header.version, chunks = received.len(), "partition synced in");
-        // Rebuilding a partition takes milliseconds: on a thread of its own, so that the
-        // runtime's workers go on serving operations meanwhile.
+        // Rebuilding a partition takes milliseconds: on a copy thread, below the operations
+        // the runtime's workers go on serving meanwhile.
         let (service, p) = (slot.service.clone(), header.partition);
-        tokio::task::spawn_blocking(move || service.restore(p, received))
+        self.inner
+            .background
+            .run(move || service.restore(p, received))
             .await
             .map_err(|e| format!("restoring partition {p} failed: {e}"))??;
         st.epoch = header.epoch;

@@ -1,0 +1,116 @@
+//! Copy work — encoding a partition's snapshot, rebuilding a partition that arrived — on a
+//! few threads of lower scheduling priority than the runtime's workers.
+//!
+//! A copy is bulk CPU work; the operations it overlaps with are short and latency-bound.
+//! On the runtime's workers (or tokio's blocking threads, which the OS treats like them) a
+//! copy takes its full share of the cores while operations wait behind it. On threads with
+//! a higher nice value the kernel runs an operation's worker first whenever it is ready, and
+//! gives the copy whatever CPU is left: a migration goes as fast as the spare CPU allows and
+//! operation latency stays close to what it was (BENCHMARKS.md, issue 3).
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+/// Nice value of the copy threads (the runtime's workers keep theirs, normally 0). At 10 the
+/// kernel weighs a copy thread about a tenth of a worker when both want a core.
+const COPY_NICE: i32 = 10;
+/// Jobs waiting for a copy thread; past it, callers wait.
+const QUEUE: usize = 256;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The copy threads of one runtime. The threads end when the last handle is dropped.
+pub(crate) struct Background {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Background {
+    /// Starts `threads` copy threads (at least one) named after `member`. A thread the OS
+    /// refuses is logged; with none, every copy fails with a clear error.
+    pub(crate) fn start(member: &str, threads: usize) -> Self {
+        let (tx, rx) = mpsc::channel::<Job>(QUEUE);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("grid-copy-{member}-{i}"))
+                .spawn(move || {
+                    lower_priority();
+                    loop {
+                        // One thread waits for the next job at a time; the others wait for
+                        // the lock. Jobs are milliseconds long, so this is not contended.
+                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).blocking_recv();
+                        match job {
+                            Some(job) => job(),
+                            None => return,
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                warn!(error = %e, "no copy thread started");
+            }
+        }
+        Self { jobs: tx }
+    }
+
+    /// Runs `f` on a copy thread and returns what it returned.
+    pub(crate) async fn run<T, F>(&self, f: F) -> Result<T, String>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            // A panic ends the job, not the thread; the caller sees the sender dropped.
+            if let Ok(value) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+                let _ = tx.send(value);
+            }
+        });
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| "the copy threads have stopped".to_string())?;
+        rx.await.map_err(|_| "a copy job failed".to_string())
+    }
+}
+
+/// Raises the calling thread's nice value (on Linux the value is per thread).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(None, COPY_NICE) {
+        debug!(error = %e, "copy thread keeps the normal priority");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn jobs_run_on_lower_priority_threads_and_answer() {
+        let bg = Background::start("m1", 2);
+        let (name, nice) = bg
+            .run(|| {
+                let name = std::thread::current().name().map(str::to_string);
+                #[cfg(target_os = "linux")]
+                let nice = rustix::process::getpriority_process(None).ok();
+                #[cfg(not(target_os = "linux"))]
+                let nice = Some(COPY_NICE);
+                (name, nice)
+            })
+            .await
+            .unwrap();
+        assert!(name.unwrap().starts_with("grid-copy-m1-"));
+        assert_eq!(nice, Some(COPY_NICE));
+        let sums = futures::future::join_all((0..20u64).map(|i| bg.run(move || i * 2))).await;
+        let sums: Vec<u64> = sums.into_iter().map(Result::unwrap).collect();
+        assert_eq!(sums, (0..20u64).map(|i| i * 2).collect::<Vec<_>>());
+        let failed = bg.run(|| -> u32 { panic!("job panics") }).await;
+        assert!(failed.is_err());
+        // Both threads still answer.
+        let after = futures::future::join_all((0..4).map(|i| bg.run(move || i))).await;
+        assert_eq!(after, vec![Ok(0), Ok(1), Ok(2), Ok(3)]);
+    }
+}
