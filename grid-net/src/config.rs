@@ -31,6 +31,13 @@ pub struct NetworkConfig {
     /// jumbo Ethernet; 1200 to 65527). Packets start at 1200 bytes and only grow as far as
     /// the path carries them, so a high value is safe on any network.
     pub max_udp_payload: u16,
+    /// Partition copies travel on a second QUIC port whose work runs at lower priority than
+    /// operations, so that a rebalance slows operations less (default true; measurements in
+    /// BENCHMARKS.md). Off, copies share the member's one port.
+    pub bulk_endpoint: bool,
+    /// UDP port of that second endpoint, on the bind address (default 0: any free port;
+    /// set one when a firewall must let it through). Members learn it from each other.
+    pub bulk_port: u16,
 }
 
 impl Default for NetworkConfig {
@@ -42,6 +49,8 @@ impl Default for NetworkConfig {
             seeds: (5701..=5703).map(|p| format!("127.0.0.1:{p}")).collect(),
             max_frame_size: 16 * 1024 * 1024,
             max_udp_payload: 8952,
+            bulk_endpoint: true,
+            bulk_port: 0,
         }
     }
 }

@@ -11,10 +11,12 @@
 //! - [`node`]: starts all of the above for one member ([`node::Node`]).
 //! - [`codec`]: MessagePack encoding of values.
 //! - `socket`: the UDP socket with a fault-injection switch ([`FaultSwitch`]).
+//! - [`bulk_runtime`]: the lower-priority runtime that carries bulk streams.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod bulk_runtime;
 pub mod codec;
 pub mod config;
 mod error;

@@ -154,6 +154,8 @@ impl Node {
             TransportConfig {
                 max_frame_size: config.network.max_frame_size,
                 max_udp_payload: config.network.max_udp_payload,
+                bulk_endpoint: config.network.bulk_endpoint,
+                bulk_port: config.network.bulk_port,
                 ..TransportConfig::default()
             },
         )?;

@@ -20,6 +20,7 @@ use futures::FutureExt;
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
 
@@ -36,6 +37,8 @@ use crate::NetError;
 
 /// Requests a lane runs at once (per lane, per connection).
 const MAX_LANE_TASKS: usize = 1024;
+/// The route on which a member tells where its bulk endpoint listens.
+const BULK_ADDR_ROUTE: &str = "grid.net.bulk_addr";
 
 /// Largest gossip message: chitchat's own datagram limit. Gossip is compressed, so this
 /// also bounds what one message can decompress to.
@@ -69,6 +72,14 @@ pub struct TransportConfig {
     /// Bigger packets cut the per-packet work (encryption, acknowledgements, system calls)
     /// of bulk copies and large values (measurements in BENCHMARKS.md).
     pub max_udp_payload: u16,
+    /// Bulk streams (partition copies) travel on a second QUIC endpoint whose tasks run
+    /// at lower priority ([`crate::bulk_runtime`]), so that copies do not slow operations
+    /// (default on). Its UDP port is [`TransportConfig::bulk_port`]; peers learn it by
+    /// asking. Off, bulk streams share the member's one endpoint.
+    pub bulk_endpoint: bool,
+    /// UDP port of the bulk endpoint, on the member's bind address (default 0: any free
+    /// port — set one when a firewall must let it through).
+    pub bulk_port: u16,
 }
 
 impl Default for TransportConfig {
@@ -84,6 +95,8 @@ impl Default for TransportConfig {
             max_protocol_errors: 16,
             max_gossip_in_flight: 256,
             max_udp_payload: 8952,
+            bulk_endpoint: true,
+            bulk_port: 0,
         }
     }
 }
@@ -174,6 +187,13 @@ struct Inner {
     gossip_permits: Arc<Semaphore>,
     faults: Arc<FaultSwitch>,
     closing: AtomicBool,
+    /// The runtime this transport's tasks run on.
+    spawner: Handle,
+    /// The endpoint for bulk streams, if separate.
+    bulk: Option<Transport>,
+    /// Peers' bulk endpoint addresses, by their main address (the main address itself for
+    /// a peer without one).
+    bulk_addrs: Mutex<HashMap<SocketAddr, SocketAddr>>,
 }
 
 /// The member's QUIC endpoint and everything that moves bytes through it. Cheap to clone.
@@ -278,6 +298,64 @@ impl Transport {
         local: LocalMember,
         config: TransportConfig,
     ) -> Result<Self, NetError> {
+        let spawner = Handle::try_current()
+            .map_err(|_| NetError::Tls("no tokio runtime: start the member inside one".into()))?;
+        let faults = Arc::new(FaultSwitch::default());
+        let bulk = match (config.bulk_endpoint, crate::bulk_runtime::handle()) {
+            (true, Some(on)) => {
+                let ip = socket
+                    .local_addr()
+                    .map_err(|source| NetError::Bind {
+                        addr: "0.0.0.0:0".parse().expect("literal address"),
+                        source,
+                    })?
+                    .ip();
+                let addr = SocketAddr::new(ip, config.bulk_port);
+                let bulk_socket = std::net::UdpSocket::bind(addr)
+                    .map_err(|source| NetError::Bind { addr, source })?;
+                let bulk_advertise = advertise.map(|a| {
+                    let port = bulk_socket.local_addr().map_or(0, |b| b.port());
+                    SocketAddr::new(a.ip(), port)
+                });
+                // Everything of the bulk endpoint runs on the bulk runtime: its accept loop
+                // and connections (spawned inside `build`) and quinn's drivers.
+                let _on = on.enter();
+                Some(Self::build(
+                    bulk_socket,
+                    bulk_advertise,
+                    identity,
+                    local.clone(),
+                    config.clone(),
+                    faults.clone(),
+                    on.clone(),
+                    None,
+                )?)
+            }
+            _ => None,
+        };
+        let transport = Self::build(
+            socket, advertise, identity, local, config, faults, spawner, bulk,
+        )?;
+        if let Some(bulk) = &transport.inner.bulk {
+            let addr = bulk.advertise_addr();
+            transport.on_request(BULK_ADDR_ROUTE, move |_peer, _body| async move {
+                Ok(Bytes::from(addr.to_string()))
+            });
+        }
+        Ok(transport)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        socket: std::net::UdpSocket,
+        advertise: Option<SocketAddr>,
+        identity: &Identity,
+        local: LocalMember,
+        config: TransportConfig,
+        faults: Arc<FaultSwitch>,
+        spawner: Handle,
+        bulk: Option<Self>,
+    ) -> Result<Self, NetError> {
         let bound = socket.local_addr().map_err(|source| NetError::Bind {
             addr: "0.0.0.0:0".parse().expect("literal address"),
             source,
@@ -311,9 +389,8 @@ impl Transport {
         let mut client_config = quinn::ClientConfig::new(Arc::new(client_crypto));
         client_config.transport_config(transport);
 
-        let runtime = quinn::default_runtime()
-            .ok_or_else(|| NetError::Tls("no tokio runtime: start the member inside one".into()))?;
-        let faults = Arc::new(FaultSwitch::default());
+        let runtime: Arc<dyn quinn::Runtime> =
+            Arc::new(crate::bulk_runtime::OnRuntime(spawner.clone()));
         let udp = runtime
             .wrap_udp_socket(socket)
             .map_err(|source| NetError::Bind {
@@ -347,16 +424,29 @@ impl Transport {
             gossip_sink: OnceLock::new(),
             faults,
             closing: AtomicBool::new(false),
+            spawner,
+            bulk,
+            bulk_addrs: Mutex::new(HashMap::new()),
         });
         let accept = Arc::downgrade(&inner);
         let endpoint = inner.endpoint.clone();
-        tokio::spawn(async move {
+        inner.spawner.spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let Some(inner) = accept.upgrade() else { break };
-                tokio::spawn(Self { inner }.handle_incoming(incoming));
+                let this = Self { inner };
+                this.spawn(this.clone().handle_incoming(incoming));
             }
         });
         Ok(Self { inner })
+    }
+
+    /// Starts a task on this transport's runtime (the bulk endpoint's run on the bulk
+    /// runtime, whoever calls).
+    fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.inner.spawner.spawn(task);
     }
 
     /// The address the socket is bound to.
@@ -464,10 +554,11 @@ impl Transport {
         F: Fn(PeerInfo, Bytes, BulkReceiver) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
     {
-        self.route(
-            route,
-            Route::Bulk(Arc::new(move |p, h, r| Box::pin(handler(p, h, r)))),
-        );
+        let handler: Arc<BulkFn> = Arc::new(move |p, h, r| Box::pin(handler(p, h, r)));
+        if let Some(bulk) = &self.inner.bulk {
+            bulk.route(route, Route::Bulk(handler.clone()));
+        }
+        self.route(route, Route::Bulk(handler));
     }
 
     fn find_route(&self, route: &str) -> Option<Route> {
@@ -548,7 +639,7 @@ impl Transport {
                     st.backoff = Duration::ZERO;
                     st.retry_at = None;
                 }
-                tokio::spawn(self.clone().serve(live.clone()));
+                self.spawn(self.clone().serve(live.clone()));
                 Ok(self.install(&slot, live))
             }
             Err(e) => {
@@ -665,7 +756,7 @@ impl Transport {
                 let (winner, loser) = if new_wins { (live, cur) } else { (cur, live) };
                 let grace = self.inner.config.idle_timeout;
                 debug!(peer = %winner.peer.addr, "duplicate connection, closing one after {grace:?}");
-                tokio::spawn(async move {
+                self.spawn(async move {
                     tokio::time::sleep(grace).await;
                     loser
                         .conn
@@ -803,13 +894,13 @@ impl Transport {
             tokio::select! {
                 bi = live.conn.accept_bi() => match bi {
                     Ok((send, recv)) => {
-                        tokio::spawn(self.clone().handle_bi(live.clone(), send, recv, errors.clone()));
+                        self.spawn(self.clone().handle_bi(live.clone(), send, recv, errors.clone()));
                     }
                     Err(_) => break,
                 },
                 uni = live.conn.accept_uni() => match uni {
                     Ok(recv) => {
-                        tokio::spawn(self.clone().handle_uni(live.clone(), recv, errors.clone()));
+                        self.spawn(self.clone().handle_uni(live.clone(), recv, errors.clone()));
                     }
                     Err(_) => break,
                 },
@@ -1243,7 +1334,7 @@ impl Transport {
         }
         let (tx, rx) = mpsc::channel(self.inner.config.ordered_queue);
         st.ordered = Some(tx.clone());
-        tokio::spawn(self.clone().ordered_writer(addr, rx));
+        self.spawn(self.clone().ordered_writer(addr, rx));
         tx
     }
 
@@ -1287,8 +1378,83 @@ impl Transport {
         }
     }
 
-    /// Opens a bulk stream on `route` to `addr`, sending `header` first.
+    /// Opens a bulk stream on `route` to the member at `addr`, sending `header` first. With
+    /// a separate bulk endpoint ([`TransportConfig::bulk_endpoint`]) on both sides, the
+    /// stream goes from ours to the peer's.
     pub async fn open_bulk(
+        &self,
+        addr: SocketAddr,
+        route: &str,
+        header: &[u8],
+    ) -> Result<BulkSender, NetError> {
+        if let Some(bulk) = &self.inner.bulk {
+            let to = self.bulk_addr(addr).await?;
+            if to != addr {
+                let opened = bulk.open_bulk_here(to, route, header).await;
+                if opened.is_err() {
+                    // The peer may have restarted on another bulk port: ask again next time.
+                    self.inner
+                        .bulk_addrs
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&addr);
+                }
+                return opened;
+            }
+        }
+        self.open_bulk_here(addr, route, header).await
+    }
+
+    /// Runs `task` where this member's bulk streams are driven: on the bulk runtime when
+    /// there is a bulk endpoint (a copy's encoding and sending then run below operations
+    /// too), else in place.
+    pub async fn run_bulk<F>(&self, task: F) -> Result<F::Output, NetError>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.inner.bulk {
+            Some(bulk) => bulk
+                .inner
+                .spawner
+                .spawn(task)
+                .await
+                .map_err(|e| NetError::Protocol(format!("bulk task failed: {e}"))),
+            None => Ok(task.await),
+        }
+    }
+
+    /// Where the member at `addr` takes bulk streams: its bulk endpoint, or `addr` itself
+    /// when it has none.
+    async fn bulk_addr(&self, addr: SocketAddr) -> Result<SocketAddr, NetError> {
+        if let Some(&known) = self
+            .inner
+            .bulk_addrs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&addr)
+        {
+            return Ok(known);
+        }
+        let timeout = self.inner.config.connect_timeout;
+        let to = match self.request(addr, BULK_ADDR_ROUTE, &[], timeout).await {
+            Ok(reply) => std::str::from_utf8(&reply)
+                .ok()
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+                .ok_or_else(|| NetError::Protocol("undecodable bulk endpoint address".into()))?,
+            // A member without a bulk endpoint has no handler for the route.
+            Err(NetError::Remote(_)) => addr,
+            Err(e) => return Err(e),
+        };
+        self.inner
+            .bulk_addrs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr, to);
+        Ok(to)
+    }
+
+    async fn open_bulk_here(
         &self,
         addr: SocketAddr,
         route: &str,
@@ -1327,7 +1493,7 @@ impl Transport {
             return;
         };
         let this = self.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             let _permit = permit;
             let sent = async {
                 let live = this.connection(addr).await?;
@@ -1360,6 +1526,17 @@ impl Transport {
     /// Drops everything cached for the peer at `addr` (its connection is closed, its queued
     /// one-way messages dropped). Called when a member is known dead or gone.
     pub fn forget(&self, addr: SocketAddr) {
+        let bulk_addr = self
+            .inner
+            .bulk_addrs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&addr);
+        if let (Some(bulk), Some(bulk_addr)) = (&self.inner.bulk, bulk_addr) {
+            if bulk_addr != addr {
+                bulk.forget(bulk_addr);
+            }
+        }
         let slot = {
             let mut peers = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
             peers.remove(&addr)
@@ -1369,7 +1546,7 @@ impl Transport {
             if let Some(live) = st.conn.take() {
                 // Not at once: the answer to a leaving member's goodbye may still be on its
                 // way over this connection.
-                tokio::spawn(async move {
+                self.spawn(async move {
                     tokio::time::sleep(Duration::from_secs(2)).await;
                     live.conn
                         .close(codes::CLOSE_FORGOTTEN, b"member left the cluster");
@@ -1384,6 +1561,9 @@ impl Transport {
     pub async fn shutdown(&self) {
         if self.inner.closing.swap(true, Ordering::SeqCst) {
             return;
+        }
+        if let Some(bulk) = &self.inner.bulk {
+            Box::pin(bulk.shutdown()).await;
         }
         self.inner
             .endpoint
@@ -1400,6 +1580,9 @@ impl Transport {
     /// Cuts the member off abruptly: from now on nothing it sends leaves the socket and
     /// nothing arrives, as if the process had been killed. For tests and demos.
     pub fn kill(&self) {
+        if let Some(bulk) = &self.inner.bulk {
+            bulk.kill();
+        }
         self.inner.faults.kill();
         self.inner.closing.store(true, Ordering::SeqCst);
         self.inner.endpoint.close(codes::CLOSE_SHUTDOWN, b"killed");

@@ -136,6 +136,51 @@ async fn bulk_streams_carry_many_chunks() {
     assert_eq!(&answer[..], b"partition-7:20:20971520");
 }
 
+/// Bulk streams go between the members' bulk endpoints, whose tasks run on the
+/// lower-priority bulk runtime; to a member without one they take its main endpoint.
+#[tokio::test]
+async fn bulk_streams_take_the_bulk_endpoint_when_both_have_one() {
+    let without = TransportConfig {
+        bulk_endpoint: false,
+        ..TransportConfig::default()
+    };
+    let a = member("a");
+    let b = member("b");
+    let c = member_at("c", 1, "127.0.0.1:0", without.clone());
+    let d = member_at("d", 1, "127.0.0.1:0", without);
+    for m in [&a, &c] {
+        m.on_bulk("where", |peer, _header, mut chunks| async move {
+            while chunks.next().await.map_err(|e| e.to_string())?.is_some() {}
+            let thread = std::thread::current().name().unwrap_or("").to_string();
+            Ok(format!("{} {thread}", peer.addr).into_bytes().into())
+        });
+    }
+    let ask = |from: &Transport, to: &Transport| {
+        let (from, to) = (from.clone(), to.clone());
+        async move {
+            let mut s = from.open_bulk(to.local_addr(), "where", b"").await.unwrap();
+            s.send(b"some bytes").await.unwrap();
+            let answer = s.finish(Duration::from_secs(10)).await.unwrap();
+            let answer = String::from_utf8(answer.to_vec()).unwrap();
+            let (addr, thread) = answer.split_once(' ').unwrap();
+            (
+                addr.parse::<std::net::SocketAddr>().unwrap(),
+                thread.to_string(),
+            )
+        }
+    };
+    // Both have one: the stream arrives from b's bulk endpoint, on a bulk thread.
+    let (from, thread) = ask(&b, &a).await;
+    assert_ne!(from, b.local_addr(), "came in over b's main endpoint");
+    assert_eq!(from.ip(), b.local_addr().ip());
+    assert_eq!(thread, "grid-bulk");
+    // Only the sender has one, or neither: main endpoints, and the stream still arrives.
+    assert_eq!(ask(&b, &c).await.0, b.local_addr());
+    assert_eq!(ask(&d, &c).await.0, d.local_addr());
+    // Only the receiver has one: the sender has no bulk endpoint to send from.
+    assert_eq!(ask(&d, &a).await.0, d.local_addr());
+}
+
 #[tokio::test]
 async fn ordered_messages_arrive_in_order() {
     let a = member("a");

@@ -29,12 +29,6 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_bytes::ByteBuf;
 
-/// The allocator of the `ops` bench (see there): glibc's malloc serialises the members'
-/// tasks on its arena locks.
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser, Debug)]
 struct Args {
     /// Members at the start.
@@ -72,6 +66,10 @@ struct Args {
     /// Largest UDP payload QUIC may grow packets to (the member's `network.max_udp_payload`).
     #[arg(long, default_value_t = 8952)]
     max_udp_payload: u16,
+    /// Copies share the members' one QUIC port instead of a lower-priority second one
+    /// (the member's `network.bulk_endpoint = false`).
+    #[arg(long)]
+    no_bulk_endpoint: bool,
     /// Partition copies at once.
     #[arg(long, default_value_t = 8)]
     parallel: usize,
@@ -139,6 +137,7 @@ async fn start_member(
     let mut config = b.build_config().clone();
     config.partitions.max_parallel_migrations = args.parallel;
     config.network.max_udp_payload = args.max_udp_payload;
+    config.network.bulk_endpoint = !args.no_bulk_endpoint;
     b = b.config(config);
     b = match seed {
         Some(s) => b.seed(s),

@@ -11,11 +11,8 @@
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::warn;
 
-/// Nice value of the copy threads (the runtime's workers keep theirs, normally 0). At 10 the
-/// kernel weighs a copy thread about a tenth of a worker when both want a core.
-const COPY_NICE: i32 = 10;
 /// Jobs waiting for a copy thread; past it, callers wait.
 const QUEUE: usize = 256;
 
@@ -37,7 +34,7 @@ impl Background {
             let spawned = std::thread::Builder::new()
                 .name(format!("grid-copy-{member}-{i}"))
                 .spawn(move || {
-                    lower_priority();
+                    grid_net::bulk_runtime::lower_thread_priority();
                     loop {
                         // One thread waits for the next job at a time; the others wait for
                         // the lock. Jobs are milliseconds long, so this is not contended.
@@ -76,14 +73,6 @@ impl Background {
     }
 }
 
-/// Raises the calling thread's nice value (on Linux the value is per thread).
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::setpriority_process(None, COPY_NICE) {
-        debug!(error = %e, "copy thread keeps the normal priority");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,16 +83,14 @@ mod tests {
         let (name, nice) = bg
             .run(|| {
                 let name = std::thread::current().name().map(str::to_string);
-                #[cfg(target_os = "linux")]
-                let nice = rustix::process::getpriority_process(None).ok();
-                #[cfg(not(target_os = "linux"))]
-                let nice = Some(COPY_NICE);
-                (name, nice)
+                (name, grid_net::bulk_runtime::thread_nice())
             })
             .await
             .unwrap();
         assert!(name.unwrap().starts_with("grid-copy-m1-"));
-        assert_eq!(nice, Some(COPY_NICE));
+        if cfg!(target_os = "linux") {
+            assert_eq!(nice, Some(grid_net::bulk_runtime::BULK_NICE));
+        }
         let sums = futures::future::join_all((0..20u64).map(|i| bg.run(move || i * 2))).await;
         let sums: Vec<u64> = sums.into_iter().map(Result::unwrap).collect();
         assert_eq!(sums, (0..20u64).map(|i| i * 2).collect::<Vec<_>>());

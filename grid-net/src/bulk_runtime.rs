@@ -1,0 +1,109 @@
+//! Where bulk copies run: a tokio runtime of its own, on threads with a lower scheduling
+//! priority than the application's.
+//!
+//! A partition copy moves hundreds of megabytes through QUIC: encryption, packets, system
+//! calls. On the runtime that also carries operations, its connection drivers fill the
+//! worker queues and every operation waits its turn behind them at each hop (measured with
+//! the `rebalance` harness: p99 latency 7–9× its usual value while a million entries move,
+//! spread evenly over all partitions — not waits for a lock, but for a worker). Bulk streams
+//! therefore travel on a second QUIC endpoint whose tasks run here: the kernel runs an
+//! operation's worker first whenever it is ready, and the copy gets the CPU that is left.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use quinn::{AsyncTimer, AsyncUdpSocket, Runtime};
+use tokio::runtime::Handle;
+use tracing::{debug, warn};
+
+/// Nice value of bulk threads (the application's keep theirs, normally 0). At 10 the kernel
+/// weighs a bulk thread about a tenth of a normal one when both want a core.
+pub const BULK_NICE: i32 = 10;
+
+/// Lowers the calling thread's scheduling priority to [`BULK_NICE`] (Linux: the nice value
+/// is per thread). Elsewhere, or when refused, the thread keeps its priority.
+pub fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(None, BULK_NICE) {
+        debug!(error = %e, "bulk thread keeps the normal priority");
+    }
+}
+
+/// The calling thread's nice value, where the platform has one per thread.
+pub fn thread_nice() -> Option<i32> {
+    #[cfg(target_os = "linux")]
+    return rustix::process::getpriority_process(None).ok();
+    #[cfg(not(target_os = "linux"))]
+    None
+}
+
+/// The shared bulk runtime, started on first use; `None` if it could not be started.
+pub(crate) fn handle() -> Option<Handle> {
+    static RUNTIME: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("grid-bulk")
+                .on_thread_start(lower_thread_priority)
+                .enable_all()
+                .build()
+                .map_err(|e| warn!(error = %e, "no bulk runtime; copies share the application's"))
+                .ok()
+        })
+        .as_ref()
+        .map(|rt| rt.handle().clone())
+}
+
+/// quinn's tokio runtime, spawning on a given runtime instead of the caller's: a bulk
+/// endpoint's connection drivers are started by whoever dials, but must run on the bulk
+/// runtime.
+pub(crate) struct OnRuntime(pub(crate) Handle);
+
+impl fmt::Debug for OnRuntime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OnRuntime")
+    }
+}
+
+impl Runtime for OnRuntime {
+    fn new_timer(&self, i: Instant) -> Pin<Box<dyn AsyncTimer>> {
+        let _on = self.0.enter();
+        quinn::TokioRuntime.new_timer(i)
+    }
+
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        self.0.spawn(future);
+    }
+
+    fn wrap_udp_socket(&self, sock: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
+        let _on = self.0.enter();
+        quinn::TokioRuntime.wrap_udp_socket(sock)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bulk_threads_run_at_lower_priority() {
+        let handle = handle().expect("bulk runtime");
+        let (name, nice) = handle
+            .spawn(async {
+                let name = std::thread::current().name().map(str::to_string);
+                (name, thread_nice())
+            })
+            .await
+            .unwrap();
+        assert_eq!(name.as_deref(), Some("grid-bulk"));
+        if cfg!(target_os = "linux") {
+            assert_eq!(nice, Some(BULK_NICE));
+        }
+    }
+}
