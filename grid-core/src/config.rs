@@ -8,6 +8,7 @@
 //! [network]
 //! bind = "10.0.0.5:5701"
 //! seeds = ["10.0.0.6:5701", "orders-2.internal:5701"]
+//! bulk_port = 5801                # partition copies; default: any free port
 //!
 //! [tls]                           # production: all three files
 //! ca = "/etc/grid/ca.pem"
@@ -31,9 +32,9 @@
 //!
 //! Environment overrides (applied by [`GridConfig::load`] and
 //! [`GridConfig::apply_env`]): `GRID_CLUSTER_NAME`, `GRID_MEMBER_ID`, `GRID_BIND`,
-//! `GRID_ADVERTISE`, `GRID_SEEDS` (comma-separated), `GRID_CLUSTER_SECRET`, `GRID_TLS_CA`,
-//! `GRID_TLS_CERT`, `GRID_TLS_KEY`, `GRID_MULTICAST_ENABLED`, `GRID_MULTICAST_GROUP`,
-//! `GRID_MULTICAST_PORT`, `GRID_ATTRIBUTES` (`k=v,k=v`).
+//! `GRID_ADVERTISE`, `GRID_BULK_PORT`, `GRID_SEEDS` (comma-separated), `GRID_CLUSTER_SECRET`,
+//! `GRID_TLS_CA`, `GRID_TLS_CERT`, `GRID_TLS_KEY`, `GRID_MULTICAST_ENABLED`,
+//! `GRID_MULTICAST_GROUP`, `GRID_MULTICAST_PORT`, `GRID_ATTRIBUTES` (`k=v,k=v`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -186,6 +187,7 @@ impl GridConfig {
                 "GRID_MEMBER_ID" => self.member_id = Some(value),
                 "GRID_BIND" => self.network.bind = parse_env(&name, &value)?,
                 "GRID_ADVERTISE" => self.network.advertise = Some(parse_env(&name, &value)?),
+                "GRID_BULK_PORT" => self.network.bulk_port = parse_env(&name, &value)?,
                 "GRID_SEEDS" => {
                     self.network.seeds = value
                         .split(',')
@@ -294,6 +296,7 @@ mod tests {
             [network]
             bind = "127.0.0.1:6000"
             seeds = ["a:1"]
+            bulk_endpoint = false
             [multicast]
             enabled = true
             [attributes]
@@ -302,11 +305,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.network.bind.port(), 6000);
+        assert!(!c.network.bulk_endpoint);
         assert!(c.multicast.enabled);
         c.apply_env([
             ("GRID_SEEDS".to_string(), "b:1, c:2".to_string()),
             ("GRID_ATTRIBUTES".to_string(), "zone=b,host=h1".to_string()),
             ("GRID_MULTICAST_ENABLED".to_string(), "false".to_string()),
+            ("GRID_BULK_PORT".to_string(), "6001".to_string()),
             ("PATH".to_string(), "/bin".to_string()),
         ])
         .unwrap();
@@ -314,6 +319,7 @@ mod tests {
         assert_eq!(c.attributes["zone"], "b");
         assert_eq!(c.attributes["host"], "h1");
         assert!(!c.multicast.enabled);
+        assert_eq!(c.network.bulk_port, 6001);
         let err = c
             .apply_env([("GRID_BIND".to_string(), "nope".to_string())])
             .unwrap_err();
