@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct NetworkConfig {
-    /// UDP address of the member's one QUIC port (default `127.0.0.1:5701`). Port 0 lets
-    /// the OS choose.
+    /// UDP address of the member's QUIC port (default `127.0.0.1:5701`). Port 0 lets the OS
+    /// choose. Partition copies use a second port on the same address (`bulk_port`).
     pub bind: SocketAddr,
     /// When the bind port is taken, try the next ones, this many (default 100; like
     /// Hazelcast's port auto-increment). Ignored for port 0.

@@ -181,7 +181,7 @@ impl Drop for PendingGuard<'_> {
 ///
 /// One lane per connection and direction: its writer sends together what is queued on it,
 /// and two lanes halved the frames per packet (2.8 against 5.5 under the `ops` bench's
-/// load) for no measurable relief from head-of-line blocking behind a large answer.
+/// load). The price: a large answer holds up the answers queued behind it on the lane.
 #[derive(Default)]
 pub(crate) struct MuxClient {
     lane: Mutex<Option<Arc<Lane>>>,

@@ -2,6 +2,12 @@
 //! peer, and the four ways bytes move between members — request/response, ordered one-way
 //! messages, gossip datagrams-on-streams and bulk streams.
 //!
+//! Bulk streams (partition copies) take a second endpoint of the same kind, on its own UDP
+//! port, whose tasks run on the lower-priority runtime of [`crate::bulk_runtime`]: the
+//! kernel then runs operations first and copies on the CPU left over. A member asks a peer
+//! for its bulk port (route `grid.net.bulk_addr`, over the main connection) and falls back
+//! to the main endpoint when the peer has none or it cannot be reached.
+//!
 //! Every stream starts with a kind byte ([`StreamKind`]); every frame is length-prefixed and
 //! checked against [`TransportConfig::max_frame_size`] before it is buffered. Bad input from a
 //! peer resets that stream with a warning; a peer that keeps sending bad input loses its
@@ -37,7 +43,7 @@ use crate::NetError;
 
 /// Requests a lane runs at once (per lane, per connection).
 const MAX_LANE_TASKS: usize = 1024;
-/// The route on which a member tells where its bulk endpoint listens.
+/// The route on which a member tells the UDP port of its bulk endpoint.
 const BULK_ADDR_ROUTE: &str = "grid.net.bulk_addr";
 
 /// Largest gossip message: chitchat's own datagram limit. Gossip is compressed, so this
@@ -192,7 +198,7 @@ struct Inner {
     /// The endpoint for bulk streams, if separate.
     bulk: Option<Transport>,
     /// Peers' bulk endpoint addresses, by their main address (the main address itself for
-    /// a peer without one).
+    /// a peer without one, or whose bulk endpoint could not be reached).
     bulk_addrs: Mutex<HashMap<SocketAddr, SocketAddr>>,
 }
 
@@ -276,7 +282,8 @@ fn framed(prefix: Option<u8>, body: &[u8]) -> Bytes {
 }
 
 impl Transport {
-    /// Binds the member's one UDP socket at `bind` and starts accepting connections.
+    /// Binds the member's UDP socket at `bind` (and, with [`TransportConfig::bulk_endpoint`],
+    /// the bulk endpoint's on the same address) and starts accepting connections.
     /// `advertise` is the address other members should dial (default: the bound address).
     pub fn bind(
         bind: SocketAddr,
@@ -337,9 +344,9 @@ impl Transport {
             socket, advertise, identity, local, config, faults, spawner, bulk,
         )?;
         if let Some(bulk) = &transport.inner.bulk {
-            let addr = bulk.advertise_addr();
+            let port = bulk.advertise_addr().port();
             transport.on_request(BULK_ADDR_ROUTE, move |_peer, _body| async move {
-                Ok(Bytes::from(addr.to_string()))
+                Ok(Bytes::copy_from_slice(&port.to_be_bytes()))
             });
         }
         Ok(transport)
@@ -455,6 +462,12 @@ impl Transport {
             .endpoint
             .local_addr()
             .unwrap_or(self.inner.advertise)
+    }
+
+    /// The address the bulk endpoint's socket is bound to, if there is one
+    /// ([`TransportConfig::bulk_endpoint`]).
+    pub fn bulk_local_addr(&self) -> Option<SocketAddr> {
+        self.inner.bulk.as_ref().map(Self::local_addr)
     }
 
     /// The address other members dial.
@@ -1390,38 +1403,22 @@ impl Transport {
         if let Some(bulk) = &self.inner.bulk {
             let to = self.bulk_addr(addr).await?;
             if to != addr {
-                let opened = bulk.open_bulk_here(to, route, header).await;
-                if opened.is_err() {
-                    // The peer may have restarted on another bulk port: ask again next time.
-                    self.inner
-                        .bulk_addrs
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&addr);
+                match bulk.open_bulk_here(to, route, header).await {
+                    Ok(sender) => return Ok(sender),
+                    // Nothing was sent yet: the main endpoint takes this stream and, until the
+                    // peer is forgotten, the next ones (a firewall may block the bulk port).
+                    Err(e) => {
+                        warn!(%addr, bulk = %to, error = %e, "peer's bulk endpoint unreachable, copies to it use its main endpoint");
+                        self.inner
+                            .bulk_addrs
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(addr, addr);
+                    }
                 }
-                return opened;
             }
         }
         self.open_bulk_here(addr, route, header).await
-    }
-
-    /// Runs `task` where this member's bulk streams are driven: on the bulk runtime when
-    /// there is a bulk endpoint (a copy's encoding and sending then run below operations
-    /// too), else in place.
-    pub async fn run_bulk<F>(&self, task: F) -> Result<F::Output, NetError>
-    where
-        F: Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        match &self.inner.bulk {
-            Some(bulk) => bulk
-                .inner
-                .spawner
-                .spawn(task)
-                .await
-                .map_err(|e| NetError::Protocol(format!("bulk task failed: {e}"))),
-            None => Ok(task.await),
-        }
     }
 
     /// Where the member at `addr` takes bulk streams: its bulk endpoint, or `addr` itself
@@ -1438,10 +1435,11 @@ impl Transport {
         }
         let timeout = self.inner.config.connect_timeout;
         let to = match self.request(addr, BULK_ADDR_ROUTE, &[], timeout).await {
-            Ok(reply) => std::str::from_utf8(&reply)
-                .ok()
-                .and_then(|a| a.parse::<SocketAddr>().ok())
-                .ok_or_else(|| NetError::Protocol("undecodable bulk endpoint address".into()))?,
+            // Only the port comes from the peer: bulk streams go to the host we already
+            // reach it at, never elsewhere.
+            Ok(reply) => <[u8; 2]>::try_from(&reply[..])
+                .map(|port| SocketAddr::new(addr.ip(), u16::from_be_bytes(port)))
+                .map_err(|_| NetError::Protocol("undecodable bulk endpoint port".into()))?,
             // A member without a bulk endpoint has no handler for the route.
             Err(NetError::Remote(_)) => addr,
             Err(e) => return Err(e),

@@ -179,6 +179,22 @@ async fn bulk_streams_take_the_bulk_endpoint_when_both_have_one() {
     assert_eq!(ask(&d, &c).await.0, d.local_addr());
     // Only the receiver has one: the sender has no bulk endpoint to send from.
     assert_eq!(ask(&d, &a).await.0, d.local_addr());
+
+    // A bulk endpoint that cannot be reached (a firewall): the main endpoint carries the
+    // stream, and the next ones without trying again.
+    let quick = TransportConfig {
+        connect_timeout: Duration::from_millis(300),
+        ..TransportConfig::default()
+    };
+    let e = member_at("e", 1, "127.0.0.1:0", quick);
+    e.faults().block(a.bulk_local_addr().unwrap());
+    assert_eq!(ask(&e, &a).await.0, e.local_addr());
+    let started = std::time::Instant::now();
+    assert_eq!(ask(&e, &a).await.0, e.local_addr());
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "tried the bulk endpoint again"
+    );
 }
 
 #[tokio::test]
