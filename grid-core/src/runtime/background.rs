@@ -6,7 +6,8 @@
 //! copy takes its full share of the cores while operations wait behind it. On threads with
 //! a higher nice value the kernel runs an operation's worker first whenever it is ready, and
 //! gives the copy whatever CPU is left: a migration goes as fast as the spare CPU allows and
-//! operation latency stays close to what it was (BENCHMARKS.md, issue 3).
+//! operations wait less behind it (BENCHMARKS.md, issue 3, with the bulk endpoint of
+//! `grid_net::bulk_runtime`, which does the same for the copy's network work).
 
 use std::sync::{Arc, Mutex};
 
