@@ -216,7 +216,7 @@ async fn demo() -> anyhow::Result<()> {
         on_m2.len().await?
     );
 
-    cache_features(&m1, &m2).await?;
+    cache_features(&m1, &m2, &m3).await?;
 
     println!("\nkilling m3 abruptly (no goodbye; its socket goes silent)...");
     let mut watchers = Vec::new();
@@ -306,8 +306,9 @@ async fn demo() -> anyhow::Result<()> {
 }
 
 /// The cache's features across two members: a near cache kept coherent, listeners, an
-/// entry processor run atomically on the owner, a loader that runs once.
-async fn cache_features(m1: &Grid, m2: &Grid) -> anyhow::Result<()> {
+/// entry processor run atomically on the owner, a loader that runs once. (`m3` only
+/// registers the processor: the key's owner may be any member.)
+async fn cache_features(m1: &Grid, m2: &Grid, m3: &Grid) -> anyhow::Result<()> {
     let near = CacheSettings::builder().near().build();
     let prices1 = m1
         .cache::<String, u64>("prices")
@@ -329,8 +330,9 @@ async fn cache_features(m1: &Grid, m2: &Grid) -> anyhow::Result<()> {
         prices2.get(&"apple".into()).await?
     );
 
+    // A processor runs on the key's owner: every member registers it.
     let mut counters = Vec::new();
-    for m in [m1, m2] {
+    for m in [m1, m2, m3] {
         let c = m.cache::<String, u64>("counters").await?;
         c.register_processor("incr", |entry, by: u64| {
             let next = entry.value().copied().unwrap_or(0) + by;
@@ -339,6 +341,7 @@ async fn cache_features(m1: &Grid, m2: &Grid) -> anyhow::Result<()> {
         });
         counters.push(c);
     }
+    counters.truncate(2);
     let visits = "visits".to_string();
     let runs = counters.iter().flat_map(|c| {
         let visits = &visits;
