@@ -75,7 +75,8 @@ async fn write_lane(
             return;
         }
         if batch.len() < WRITE_BATCH {
-            // Tokio runs a yielded task once its worker has nothing else ready: the tasks
+            // Tokio runs a yielded task once its worker has nothing else ready, or at its
+            // next maintenance (every 61 polls) under a load that never lets up: the tasks
             // that are ready queue their frames first, and all of them leave together.
             tokio::task::yield_now().await;
             while batch.len() < WRITE_BATCH {
