@@ -362,11 +362,7 @@ impl EventHub {
     /// gets through again (they are repeated), the cache's handlers hear `Lost`, since
     /// copies made meanwhile may have missed changes.
     async fn tell(&self, member: &grid_net::membership::Member, req: &Interest) {
-        let injected = self
-            .fail_interest
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok();
-        let r: Result<(), _> = if injected {
+        let r: Result<(), _> = if take_one(&self.fail_interest) {
             Err(grid_net::NetError::Protocol("injected failure".into()))
         } else {
             self.transport
@@ -496,6 +492,13 @@ impl EventSink for LocalSink {
     }
 }
 
+/// Takes one from a fault-injection countdown; whether there was one to take.
+fn take_one(countdown: &AtomicU64) -> bool {
+    countdown
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
+}
+
 /// How soon a member that may have missed events hears of it when no other events follow.
 const GAP_PROBE: Duration = Duration::from_millis(250);
 
@@ -599,8 +602,7 @@ impl Outgoing {
         };
         // Taken even if the send fails: the member notices the gap.
         *seq += 1;
-        if hub.fail_batches.load(Ordering::Relaxed) > 0 {
-            hub.fail_batches.fetch_sub(1, Ordering::Relaxed);
+        if take_one(&hub.fail_batches) {
             debug!(member = %member.0, "cache events not sent (injected failure)");
             self.owed.insert(member);
             return;

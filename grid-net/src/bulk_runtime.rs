@@ -41,14 +41,18 @@ pub fn thread_nice() -> Option<i32> {
     None
 }
 
+/// How many threads a pool of bulk work gets: one per core, at most 4.
+pub fn bulk_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
 /// The shared bulk runtime, started on first use; `None` if it could not be started.
 pub(crate) fn handle() -> Option<Handle> {
     static RUNTIME: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
     RUNTIME
         .get_or_init(|| {
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
             tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(threads)
+                .worker_threads(bulk_threads())
                 .thread_name("grid-bulk")
                 .on_thread_start(lower_thread_priority)
                 .enable_all()

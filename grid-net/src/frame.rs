@@ -4,8 +4,9 @@
 //! buffer is allocated only once its first bytes arrive, so a peer that announces a large
 //! frame and sends nothing costs nothing. The body is copied once into a buffer of its full
 //! size, up to 4 MiB (growing one by doubling from 64 KiB copied a 1 MiB migration chunk
-//! several times over fresh pages). It is always copied: a piece quinn hands out shares the allocation of a whole
-//! receive batch, which a small frame kept in a queue would otherwise hold on to.
+//! several times over fresh pages). It is always copied: a piece quinn hands out shares the
+//! allocation of a whole receive batch, which a small frame kept in a queue would otherwise
+//! hold on to.
 
 use bytes::{Bytes, BytesMut};
 use quinn::RecvStream;

@@ -257,10 +257,7 @@ impl Runtime {
             drains: drain_tx,
             moved: Mutex::new(Copies::default()),
             async_in: async_tx,
-            background: background::Background::start(
-                &me,
-                std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
-            ),
+            background: background::Background::start(&me, grid_net::bulk_runtime::bulk_threads()),
             config,
         });
         let rt = Self { inner };
