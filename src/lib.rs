@@ -48,6 +48,7 @@ pub use grid_cache::{
     CachedReference, Eviction, Expiry, ProcessorEntry,
 };
 pub use grid_core::config::PartitionConfig;
+pub use grid_core::runtime::{CoordinatorStatus, MemberStatus, MigrationStats};
 pub use grid_core::{codec, GridConfig, GridError};
 pub use grid_net::config::{MembershipConfig, MulticastConfig, NetworkConfig, TlsConfig};
 pub use grid_net::membership::{Cluster, Member, MemberEvent, MembershipEvents};

@@ -71,6 +71,8 @@ async fn node(config: Option<PathBuf>) -> anyhow::Result<()> {
         }
     }
     grid.shutdown().await;
+    // What it did, for whoever watches (the rebalancing harness reads this line).
+    println!("left: {}", serde_json::to_string(&grid.runtime().status())?);
     Ok(())
 }
 

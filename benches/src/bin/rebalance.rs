@@ -6,9 +6,17 @@
 //! abruptly (`--kill`) or shuts down gracefully (`--shutdown`) members, waits until the
 //! coordinator has no migration left, stops the load and reads every key back.
 //!
+//! With `--processes` every member is a separate `grid node` process instead (the `grid`
+//! binary next to this one, or `--grid-bin`), started from a generated configuration file;
+//! the harness then joins the cluster as a lite member that runs the load and the read-back
+//! and watches the members through their status route. A kill is `SIGKILL`, a shutdown
+//! `SIGINT` (the member hands its partitions off, then exits).
+//!
 //! ```sh
 //! cargo run --release -p grid-bench --bin rebalance -- --members 4 --add 1 --entries 10000 \
 //!     --value-size 1024 --partitions 1999 --json
+//! cargo build --release --bin grid && cargo run --release -p grid-bench --bin rebalance -- \
+//!     --processes --members 5 --kill 1 --json
 //! ```
 //!
 //! With `--json` the last line is one JSON object (fields in `Report`). The figure
@@ -22,7 +30,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use futures::StreamExt;
-use grid::Grid;
+use std::net::SocketAddr;
+
+use grid::MemberStatus;
+use grid::{Grid, GridConfig};
 use grid_bench::{percentile, settled};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
@@ -79,6 +90,14 @@ struct Args {
     /// Skip the raw quinn bulk-transfer reference.
     #[arg(long)]
     no_reference: bool,
+    /// Run every member as a separate `grid node` process (the harness joins as a lite
+    /// member for the load).
+    #[arg(long)]
+    processes: bool,
+    /// The `grid` binary for `--processes` (default: next to this one; build it with
+    /// `cargo build --release --bin grid`).
+    #[arg(long)]
+    grid_bin: Option<std::path::PathBuf>,
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -121,11 +140,8 @@ fn value_for(key: u64, size: usize) -> ByteBuf {
     ByteBuf::from(v)
 }
 
-async fn start_member(
-    args: &Args,
-    i: usize,
-    seed: Option<std::net::SocketAddr>,
-) -> anyhow::Result<Grid> {
+/// The configuration of member `i` (member `i > 0` seeded with `seed`).
+fn member_config(args: &Args, i: usize, seed: Option<SocketAddr>) -> GridConfig {
     let mut b = Grid::builder()
         .cluster_name("rebalance")
         .member_id(format!("m{i}"))
@@ -134,16 +150,277 @@ async fn start_member(
         .partitions(args.partitions)
         .backups(args.backups)
         .op_timeout(Duration::from_secs(30));
-    let mut config = b.build_config().clone();
-    config.partitions.max_parallel_migrations = args.parallel;
-    config.network.max_udp_payload = args.max_udp_payload;
-    config.network.bulk_endpoint = !args.no_bulk_endpoint;
-    b = b.config(config);
     b = match seed {
         Some(s) => b.seed(s),
         None => b.no_seeds(),
     };
-    Ok(b.start().await?)
+    let mut config = b.build_config().clone();
+    config.partitions.max_parallel_migrations = args.parallel;
+    config.network.max_udp_payload = args.max_udp_payload;
+    config.network.bulk_endpoint = !args.no_bulk_endpoint;
+    config
+}
+
+/// How `grid node` starts the line with its status as it leaves (src/main.rs).
+const LEFT_PREFIX: &str = "left: ";
+
+/// A member under test: in this process, or a `grid node` child process.
+enum Member {
+    InProcess(Grid),
+    Process {
+        id: String,
+        child: Box<tokio::process::Child>,
+        /// The status the member prints as it leaves (after a graceful shutdown).
+        last_words: tokio::sync::watch::Receiver<Option<MemberStatus>>,
+    },
+}
+
+/// The members under test, and the member this harness talks to the cluster through: the
+/// first member in-process, a lite member of its own with `--processes`.
+struct Cluster {
+    members: Vec<Member>,
+    client: Grid,
+    /// Members the client counts besides the members under test (itself, when lite).
+    extra: usize,
+    seed_addr: SocketAddr,
+}
+
+impl Cluster {
+    async fn start(args: &Args) -> anyhow::Result<Self> {
+        if !args.processes {
+            let first = Grid::start(member_config(args, 0, None)).await?;
+            let seed_addr = first.addr();
+            let mut members = vec![Member::InProcess(first.clone())];
+            for i in 1..args.members {
+                let config = member_config(args, i, Some(seed_addr));
+                members.push(Member::InProcess(Grid::start(config).await?));
+            }
+            return Ok(Self {
+                members,
+                client: first,
+                extra: 0,
+                seed_addr,
+            });
+        }
+        let (first, seed_addr) = spawn_member(args, 0, None).await?;
+        let mut members = vec![first];
+        for i in 1..args.members {
+            members.push(spawn_member(args, i, Some(seed_addr)).await?.0);
+        }
+        let mut config = member_config(args, 0, Some(seed_addr));
+        config.member_id = Some("harness".to_string());
+        config.attributes.insert("data".into(), "false".into());
+        let client = Grid::start(config).await?;
+        Ok(Self {
+            members,
+            client,
+            extra: 1,
+            seed_addr,
+        })
+    }
+
+    async fn add(&mut self, args: &Args) -> anyhow::Result<()> {
+        let i = self.members.len();
+        let member = if args.processes {
+            spawn_member(args, i, Some(self.seed_addr)).await?.0
+        } else {
+            let config = member_config(args, i, Some(self.seed_addr));
+            Member::InProcess(Grid::start(config).await?)
+        };
+        self.members.push(member);
+        Ok(())
+    }
+
+    /// The grid a load task or reader `t` uses.
+    fn grid_for(&self, t: usize, among: usize) -> &Grid {
+        match &self.members[t % among] {
+            Member::InProcess(g) => g,
+            Member::Process { .. } => &self.client,
+        }
+    }
+
+    async fn status(&self, member: &Member, reset: bool) -> anyhow::Result<MemberStatus> {
+        Ok(match member {
+            Member::InProcess(g) => {
+                let status = g.runtime().status();
+                if reset {
+                    g.runtime().reset_copy_window();
+                }
+                status
+            }
+            Member::Process { id, .. } => self.client.runtime().member_status(id, reset).await?,
+        })
+    }
+
+    /// The statuses of `members` (those that answer).
+    async fn statuses(&self, members: &[Member], reset: bool) -> Vec<MemberStatus> {
+        let mut out = Vec::new();
+        for m in members {
+            if let Ok(s) = self.status(m, reset).await {
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    /// Whether every member sees `n` members (plus the harness) and applied the
+    /// coordinator's settled table.
+    async fn settled(&self, n: usize, timeout: Duration) -> bool {
+        if !matches!(self.members.first(), Some(Member::Process { .. })) {
+            let grids: Vec<Grid> = self
+                .members
+                .iter()
+                .filter_map(|m| match m {
+                    Member::InProcess(g) => Some(g.clone()),
+                    Member::Process { .. } => None,
+                })
+                .collect();
+            return settled(&grids, n, timeout).await;
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let statuses = self.statuses(&self.members, false).await;
+            if let Some(c) = statuses.iter().find(|s| s.coordinator.active) {
+                if c.coordinator.settled
+                    && c.table_members == n
+                    && statuses.len() == n
+                    && statuses.iter().all(|s| {
+                        s.table_version == c.table_version && s.cluster_members == n + self.extra
+                    })
+                    && self.client.runtime().table().version() == c.table_version
+                {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+}
+
+impl Member {
+    /// What a departed member copied: read in-process, or the status a process printed as
+    /// it left (a killed process printed none).
+    async fn final_status(&mut self) -> Option<MemberStatus> {
+        match self {
+            Self::InProcess(g) => Some(g.runtime().status()),
+            Self::Process {
+                child, last_words, ..
+            } => {
+                // Its output is read to the end once it exited.
+                let _ = child.wait().await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), last_words.changed()).await;
+                last_words.borrow().clone()
+            }
+        }
+    }
+
+    fn kill(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::InProcess(g) => g.kill(),
+            Self::Process { child, .. } => child.start_kill()?,
+        }
+        Ok(())
+    }
+
+    async fn shutdown(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::InProcess(g) => g.shutdown().await,
+            Self::Process { id, child, .. } => {
+                let pid = child
+                    .id()
+                    .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+                    .context("the member already exited")?;
+                rustix::process::kill_process(pid, rustix::process::Signal::INT)?;
+                let status = child.wait().await?;
+                if !status.success() {
+                    bail!("member {id} exited with {status}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts member `i` as a `grid node` process; returns it and its address (from the line
+/// the node prints once it listens).
+async fn spawn_member(
+    args: &Args,
+    i: usize,
+    seed: Option<SocketAddr>,
+) -> anyhow::Result<(Member, SocketAddr)> {
+    use tokio::io::AsyncBufReadExt;
+    let bin = match &args.grid_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name("grid"),
+    };
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release --bin grid` (or pass --grid-bin)",
+            bin.display()
+        );
+    }
+    let config_file =
+        std::env::temp_dir().join(format!("grid-rebalance-{}-m{i}.toml", std::process::id()));
+    std::fs::write(
+        &config_file,
+        toml::to_string(&member_config(args, i, seed))?,
+    )?;
+    let child = tokio::process::Command::new(&bin)
+        .arg("node")
+        .arg("--config")
+        .arg(&config_file)
+        .env(
+            "GRID_LOG",
+            std::env::var("GRID_LOG").unwrap_or("warn".into()),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()));
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_file(&config_file);
+            return Err(e);
+        }
+    };
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            // "member m0 listening on 127.0.0.1:40123 (cluster …); Ctrl-C to leave"
+            if let Some(rest) = line.split(" listening on ").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
+                return Ok(addr.parse::<SocketAddr>()?);
+            }
+        }
+        bail!("member m{i} exited before listening")
+    })
+    .await
+    .context("member did not start within 30 s");
+    // The member has read its configuration (or failed).
+    let _ = std::fs::remove_file(&config_file);
+    let addr = addr??;
+    // Keep reading what it prints (so that it never blocks on a full pipe), for the status
+    // it prints as it leaves.
+    let (tx, last_words) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(json) = line.strip_prefix(LEFT_PREFIX) {
+                let _ = tx.send(serde_json::from_str(json).ok());
+            }
+        }
+    });
+    Ok((
+        Member::Process {
+            id: format!("m{i}"),
+            child: Box::new(child),
+            last_words,
+        },
+        addr,
+    ))
 }
 
 /// Raw quinn: one stream carrying `total` bytes in 1 MiB writes, in this process.
@@ -205,12 +482,8 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("seed {seed}");
 
     // Members.
-    let first = start_member(&args, 0, None).await?;
-    let mut grids = vec![first.clone()];
-    for i in 1..args.members {
-        grids.push(start_member(&args, i, Some(first.addr())).await?);
-    }
-    if !settled(&grids, args.members, Duration::from_secs(60)).await {
+    let mut cluster = Cluster::start(&args).await?;
+    if !cluster.settled(args.members, Duration::from_secs(60)).await {
         bail!("the cluster did not settle");
     }
 
@@ -223,7 +496,10 @@ async fn main() -> anyhow::Result<()> {
     let loading = Instant::now();
     let mut loaders = Vec::new();
     for t in 0..64 {
-        let cache = grids[t % grids.len()].cache::<u64, ByteBuf>("data").await?;
+        let cache = cluster
+            .grid_for(t, args.members)
+            .cache::<u64, ByteBuf>("data")
+            .await?;
         let (next, bar, size, entries) = (next.clone(), bar.clone(), args.value_size, args.entries);
         loaders.push(tokio::spawn(async move {
             loop {
@@ -258,7 +534,10 @@ async fn main() -> anyhow::Result<()> {
     let stayers = args.members - args.kill - args.shutdown;
     let mut load = Vec::new();
     for t in 0..args.load_tasks {
-        let cache = grids[t % stayers].cache::<u64, ByteBuf>("data").await?;
+        let cache = cluster
+            .grid_for(t, stayers)
+            .cache::<u64, ByteBuf>("data")
+            .await?;
         let (stop, during, bl, dl, ok, failed) = (
             stop.clone(),
             during.clone(),
@@ -311,17 +590,15 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // The change.
-    let coordinator_before = grids
+    let before = cluster.statuses(&cluster.members, true).await;
+    let coordinator_before = before
         .iter()
-        .find(|g| g.runtime().coordinator_status().active)
-        .map(|g| {
-            (
-                g.cluster().local_member().id.clone(),
-                g.runtime().coordinator_status().stats,
-            )
-        });
-    let moved_before: u64 = grids.iter().map(|g| g.runtime().moved().0).sum();
-    let bytes_before: u64 = grids.iter().map(|g| g.runtime().moved().1).sum();
+        .find(|s| s.coordinator.active)
+        .map(|s| (s.member.clone(), s.coordinator.stats.clone()));
+    let moved_before: std::collections::HashMap<String, (u64, u64)> = before
+        .iter()
+        .map(|s| (s.member.clone(), (s.moved_entries, s.moved_bytes)))
+        .collect();
     let members_after = args.members + args.add - args.kill - args.shutdown;
     let replicas = (args.backups as u64 + 1).min(members_after as u64);
     let ideal = if args.add > 0 {
@@ -330,9 +607,6 @@ async fn main() -> anyhow::Result<()> {
         let gone = (args.kill + args.shutdown) as u64;
         args.entries * replicas * gone / args.members as u64
     };
-    for g in &grids {
-        g.runtime().reset_copy_window();
-    }
     eprintln!("changing the membership");
     during.store(true, Ordering::Relaxed);
     let spinner = ProgressBar::new_spinner().with_message("rebalancing");
@@ -340,26 +614,24 @@ async fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let mut departed = Vec::new();
     for _ in 0..args.add {
-        let i = grids.len() + departed.len();
-        grids.push(start_member(&args, i, Some(first.addr())).await?);
+        cluster.add(&args).await?;
     }
     for _ in 0..args.kill {
-        let g = grids.pop().context("a member to kill")?;
-        g.kill();
-        departed.push(g);
+        let mut m = cluster.members.pop().context("a member to kill")?;
+        m.kill()?;
+        departed.push(m);
     }
     let mut shutdowns = Vec::new();
     for _ in 0..args.shutdown {
-        let g = grids.pop().context("a member to shut down")?;
-        shutdowns.push(tokio::spawn(async move {
-            g.shutdown().await;
-            g
-        }));
+        let mut m = cluster.members.pop().context("a member to shut down")?;
+        shutdowns.push(tokio::spawn(async move { m.shutdown().await.map(|()| m) }));
     }
     for s in shutdowns {
-        departed.push(s.await?);
+        departed.push(s.await??);
     }
-    let settled_ok = settled(&grids, members_after, Duration::from_secs(600)).await;
+    let settled_ok = cluster
+        .settled(members_after, Duration::from_secs(600))
+        .await;
     let rebalance = t0.elapsed();
     spinner.finish_and_clear();
     if !settled_ok {
@@ -372,7 +644,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // Read everything back.
-    let reader = grids[0].cache::<u64, ByteBuf>("data").await?;
+    let reader = cluster.grid_for(0, 1).cache::<u64, ByteBuf>("data").await?;
     let size = args.value_size;
     let lost = futures::stream::iter(0..args.entries)
         .map(|k| {
@@ -388,44 +660,38 @@ async fn main() -> anyhow::Result<()> {
         .fold(0u64, |lost, l| async move { lost + l })
         .await;
 
-    let moved: u64 = grids
-        .iter()
-        .chain(departed.iter())
-        .map(|g| g.runtime().moved().0)
-        .sum::<u64>()
-        - moved_before;
-    let bytes: u64 = grids
-        .iter()
-        .chain(departed.iter())
-        .map(|g| g.runtime().moved().1)
-        .sum::<u64>()
-        - bytes_before;
+    let mut after = cluster.statuses(&cluster.members, false).await;
+    for m in &mut departed {
+        after.extend(m.final_status().await);
+    }
+    let after = after.iter();
+    // Per member, what it copied since the change (a killed process's count is lost with
+    // it, but it copies nothing once killed).
+    let since = |s: &MemberStatus| {
+        let (e, b) = moved_before.get(&s.member).copied().unwrap_or_default();
+        (
+            s.moved_entries.saturating_sub(e),
+            s.moved_bytes.saturating_sub(b),
+        )
+    };
+    let moved: u64 = after.clone().map(|s| since(s).0).sum();
+    let bytes: u64 = after.clone().map(|s| since(s).1).sum();
     // Copying window: the first copy's start to the last one's end, over all members.
-    let windows: Vec<_> = grids
-        .iter()
-        .chain(departed.iter())
-        .map(|g| g.runtime().copy_window())
-        .collect();
     let copying = match (
-        windows.iter().filter_map(|w| w.0).min(),
-        windows.iter().filter_map(|w| w.1).max(),
+        after.clone().filter_map(|s| s.copy_window_unix_us.0).min(),
+        after.clone().filter_map(|s| s.copy_window_unix_us.1).max(),
     ) {
-        (Some(first), Some(last)) if last > first => last - first,
+        (Some(first), Some(last)) if last > first => Duration::from_micros(last - first),
         _ => rebalance,
     };
-    let coordinator = grids
-        .iter()
-        .find(|g| g.runtime().coordinator_status().active)
-        .map(|g| {
-            (
-                g.cluster().local_member().id.clone(),
-                g.runtime().coordinator_status(),
-            )
-        })
-        .map(|(id, mut status)| {
+    let coordinator = after
+        .clone()
+        .find(|s| s.coordinator.active)
+        .map(|s| {
+            let mut status = s.coordinator.clone();
             // Counters run since the member became coordinator: count this change only.
             if let Some((before_id, before)) = &coordinator_before {
-                if *before_id == id {
+                if *before_id == s.member {
                     status.stats.started -= before.started;
                     status.stats.completed -= before.completed;
                     status.stats.failed -= before.failed;
@@ -434,7 +700,7 @@ async fn main() -> anyhow::Result<()> {
             status
         })
         .unwrap_or_default();
-    let table = grids[0].runtime().table();
+    let table = cluster.client.runtime().table();
     let primaries = table.primaries_per_member();
     let mut bl = before_lat.lock().unwrap().clone();
     let mut dl = during_lat.lock().unwrap().clone();
@@ -514,8 +780,9 @@ async fn main() -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     }
-    for g in &grids {
-        g.kill();
+    for m in cluster.members.iter_mut().chain(departed.iter_mut()) {
+        let _ = m.kill();
     }
+    cluster.client.kill();
     Ok(())
 }

@@ -39,7 +39,7 @@ pub(crate) enum Effect {
 }
 
 /// Counters, for observability and the rebalancing harness.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MigrationStats {
     /// Migrations started.
     pub started: u64,

@@ -16,6 +16,7 @@ pub(crate) mod routes {
     pub(crate) const FREEZE: &str = "grid.rt.freeze";
     pub(crate) const DRAIN: &str = "grid.rt.drain";
     pub(crate) const ANTI_ENTROPY: &str = "grid.rt.anti_entropy";
+    pub(crate) const STATUS: &str = "grid.rt.status";
 }
 
 /// An operation for a partition's owner.

@@ -159,7 +159,7 @@ struct PartitionCtl {
 }
 
 /// What the coordinator is doing, as seen from its member.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CoordinatorStatus {
     /// Whether this member is the coordinator.
     pub active: bool,
@@ -186,6 +186,39 @@ pub(crate) struct Inner {
     async_in: mpsc::Sender<messages::BackupRequest>,
     /// Where copies are encoded and rebuilt.
     background: background::Background,
+}
+
+/// A member's partition runtime as it reports itself: locally with [`Runtime::status`], from
+/// any member (lite ones too) with [`Runtime::member_status`]. What a dashboard or a
+/// harness running members as separate processes watches.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemberStatus {
+    /// The member's id.
+    pub member: String,
+    /// Version of the table the member routes by.
+    pub table_version: u64,
+    /// Data members in that table.
+    pub table_members: usize,
+    /// Members (data and lite) the member sees alive, itself included.
+    pub cluster_members: usize,
+    /// Partitions the member owns in that table.
+    pub primaries: usize,
+    /// The coordinator's state, when this member is the coordinator.
+    pub coordinator: CoordinatorStatus,
+    /// Entries and bytes the member copied out in migrations and syncs.
+    pub moved_entries: u64,
+    /// See `moved_entries`.
+    pub moved_bytes: u64,
+    /// [`Runtime::copy_window`] as wall-clock microseconds since the Unix epoch (comparable
+    /// across processes on one machine).
+    pub copy_window_unix_us: (Option<u64>, Option<u64>),
+}
+
+/// `at` as wall-clock microseconds since the Unix epoch.
+fn unix_us(at: Instant) -> u64 {
+    let wall = std::time::SystemTime::now() - Instant::now().saturating_duration_since(at);
+    wall.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// What a member copied out (migrations and syncs), and when.
@@ -361,6 +394,65 @@ impl Runtime {
         let mut c = self.inner.moved.lock().unwrap_or_else(|e| e.into_inner());
         c.first_start = None;
         c.last_end = None;
+    }
+
+    /// This member's status.
+    pub fn status(&self) -> MemberStatus {
+        let table = self.table();
+        let (moved_entries, moved_bytes) = self.moved();
+        let (first, last) = self.copy_window();
+        MemberStatus {
+            member: self.inner.me.to_string(),
+            table_version: table.version(),
+            table_members: table.members().len(),
+            cluster_members: self.inner.cluster.members().len(),
+            primaries: table
+                .primaries_per_member()
+                .get(&self.inner.me)
+                .copied()
+                .unwrap_or(0),
+            coordinator: self.coordinator_status(),
+            moved_entries,
+            moved_bytes,
+            copy_window_unix_us: (first.map(unix_us), last.map(unix_us)),
+        }
+    }
+
+    /// The status of the live member `member` (this one included), asked over the network;
+    /// with `reset_copy_window` the member then forgets its copying window.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), grid_core::GridError> {
+    /// # let grid = grid::Grid::builder().bind("127.0.0.1:0").no_seeds().cluster_name("status-doc").start().await?;
+    /// let me = grid.cluster().local_member().id.to_string();
+    /// let status = grid.runtime().member_status(&me, false).await?;
+    /// assert_eq!(status.member, me);
+    /// assert!(status.coordinator.active); // a one-member cluster coordinates itself
+    /// # grid.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn member_status(
+        &self,
+        member: &str,
+        reset_copy_window: bool,
+    ) -> Result<MemberStatus, GridError> {
+        let m = self
+            .inner
+            .cluster
+            .member(member)
+            .ok_or_else(|| GridError::Service(format!("{member} is not a live member")))?;
+        Ok(self
+            .inner
+            .transport
+            .request_typed(
+                m.addr,
+                routes::STATUS,
+                &reset_copy_window,
+                Duration::from_secs(5),
+            )
+            .await?)
     }
 
     /// Runs `op` of `service` on `partition`'s owner and returns the service's answer.
@@ -744,6 +836,17 @@ impl Runtime {
                 async move { rt.on_version_check(check).await }
             },
         );
+        let rt = self.clone();
+        t.on_request_typed(routes::STATUS, move |_peer, reset_copy_window: bool| {
+            let rt = rt.clone();
+            async move {
+                let status = rt.status();
+                if reset_copy_window {
+                    rt.reset_copy_window();
+                }
+                Ok::<_, String>(status)
+            }
+        });
         let rt = self.clone();
         t.on_request_typed(routes::DRAIN, move |peer, (): ()| {
             let rt = rt.clone();

@@ -1,0 +1,138 @@
+//! Members as separate processes: two `grid node` processes form a cluster with a lite
+//! member in this test, which stores through them, asks them for their status over the
+//! network, and sees a member that is told to leave (SIGINT) hand its partitions off and
+//! report its status as it exits. (What the rebalancing harness's `--processes` mode
+//! stands on.)
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use grid::{Grid, MemberStatus};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+const CLUSTER: &str = "node-process-test";
+const SECRET: &str = "node process test";
+
+/// Starts `grid node` as member `id`; returns it, its address and the rest of its output.
+async fn node(
+    id: &str,
+    seed: Option<SocketAddr>,
+) -> (Child, SocketAddr, Lines<BufReader<ChildStdout>>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_grid"))
+        .arg("node")
+        .env("GRID_CLUSTER_NAME", CLUSTER)
+        .env("GRID_MEMBER_ID", id)
+        .env("GRID_BIND", "127.0.0.1:0")
+        .env(
+            "GRID_SEEDS",
+            seed.map(|s| s.to_string()).unwrap_or_default(),
+        )
+        .env("GRID_CLUSTER_SECRET", SECRET)
+        .env("GRID_MULTICAST_ENABLED", "false")
+        .env("GRID_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("grid node starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let line = lines.next_line().await.expect("output").expect("a line");
+            if let Some(rest) = line.split(" listening on ").nth(1) {
+                break rest
+                    .split_whitespace()
+                    .next()
+                    .expect("an address")
+                    .parse()
+                    .expect("an address");
+            }
+        }
+    })
+    .await
+    .expect("the node listens within 30 s");
+    (child, addr, lines)
+}
+
+async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, mut cond: impl FnMut() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_processes_form_a_cluster_report_status_and_hand_off_on_sigint() {
+    let (_a, a_addr, _a_out) = node("a", None).await;
+    let (mut b, _b_addr, mut b_out) = node("b", Some(a_addr)).await;
+    let lite = Grid::builder()
+        .cluster_name(CLUSTER)
+        .member_id("lite")
+        .secret(SECRET)
+        .bind("127.0.0.1:0")
+        .seed(a_addr)
+        .lite_member()
+        .start()
+        .await
+        .expect("the lite member starts");
+    let rt = lite.runtime().clone();
+    wait_for("a table of both processes", || {
+        let rt = rt.clone();
+        async move {
+            let Ok(s) = rt.member_status("a", false).await else {
+                return false;
+            };
+            s.coordinator.settled && s.table_members == 2 && rt.table().version() == s.table_version
+        }
+    })
+    .await;
+
+    let cache = lite.cache::<u32, String>("c").await.expect("a cache");
+    for k in 0..200 {
+        cache.put(&k, &format!("v{k}")).await.expect("put");
+    }
+    let a = rt.member_status("a", false).await.expect("a's status");
+    let b_status = rt.member_status("b", false).await.expect("b's status");
+    assert_eq!((a.member.as_str(), b_status.member.as_str()), ("a", "b"));
+    assert!(
+        a.coordinator.active && !b_status.coordinator.active,
+        "{a:?} {b_status:?}"
+    );
+    assert_eq!(a.primaries + b_status.primaries, 271);
+    assert_eq!(
+        a.cluster_members, 3,
+        "a sees both processes and the lite member"
+    );
+
+    // SIGINT: b hands its partitions to a, prints what it copied, and exits cleanly.
+    let pid = rustix::process::Pid::from_raw(b.id().expect("b runs") as i32).expect("a pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("signal");
+    let exit = tokio::time::timeout(Duration::from_secs(60), b.wait())
+        .await
+        .expect("b exits within 60 s")
+        .expect("b's exit status");
+    assert!(exit.success(), "b exited with {exit}");
+    let mut last: Option<MemberStatus> = None;
+    while let Ok(Some(line)) = b_out.next_line().await {
+        if let Some(json) = line.strip_prefix("left: ") {
+            last = Some(serde_json::from_str(json).expect("a status"));
+        }
+    }
+    let last = last.expect("b printed its status as it left");
+    assert_eq!(last.member, "b");
+    // It left only once the table gave its partitions away (a held backups of them all:
+    // promoted, nothing to copy).
+    assert_eq!((last.primaries, last.table_members), (0, 1), "{last:?}");
+
+    // Nothing lost (backup 1 and a graceful handoff).
+    for k in 0..200 {
+        assert_eq!(
+            cache.get(&k).await.expect("get"),
+            Some(format!("v{k}")),
+            "key {k}"
+        );
+    }
+    lite.shutdown().await;
+}
