@@ -178,21 +178,41 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-/// The calling side of one connection's lane.
+/// Which lane of a connection a request takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LaneClass {
+    /// Requests of callers.
+    Calls = 0,
+    /// Requests a handler sends while it serves another request and that it waits for (a
+    /// write's owner asking its backups). They must not queue behind the requests whose
+    /// handlers wait for them: a lane whose peer stopped reading it (every handler slot
+    /// taken) would hold them up, and two members doing that to each other would wait for
+    /// one another until the deadlines.
+    Nested = 1,
+}
+
+/// The calling side of one connection's lanes.
 ///
-/// One lane per connection and direction: its writer sends together what is queued on it,
-/// and two lanes halved the frames per packet (2.8 against 5.5 under the `ops` bench's
-/// load). The price: a large answer holds up the answers queued behind it on the lane.
+/// One lane per class, connection and direction: its writer sends together what is queued
+/// on it, and two lanes for the same traffic halved the frames per packet (2.8 against 5.5
+/// under the `ops` bench's load). The price: a large answer holds up the answers queued
+/// behind it on the lane.
 #[derive(Default)]
 pub(crate) struct MuxClient {
-    lane: Mutex<Option<Arc<Lane>>>,
+    lanes: [Mutex<Option<Arc<Lane>>>; 2],
     next_id: AtomicU64,
 }
 
 impl MuxClient {
-    async fn lane(&self, conn: &Connection, limit: usize) -> Result<Arc<Lane>, String> {
+    async fn lane(
+        &self,
+        conn: &Connection,
+        class: LaneClass,
+        limit: usize,
+    ) -> Result<Arc<Lane>, String> {
+        let slot = &self.lanes[class as usize];
         {
-            let lane = self.lane.lock().unwrap_or_else(|e| e.into_inner());
+            let lane = slot.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(lane) = lane.as_ref().filter(|l| !l.is_dead()) {
                 return Ok(lane.clone());
             }
@@ -224,7 +244,7 @@ impl MuxClient {
             outbox: lane_writer(send, unsent),
             pending,
         });
-        let mut slot = self.lane.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(existing) = slot.as_ref().filter(|l| !l.is_dead()) {
             // Another caller opened it meanwhile; ours is dropped (its stream finishes).
             return Ok(existing.clone());
@@ -239,11 +259,15 @@ impl MuxClient {
     pub(crate) async fn request(
         &self,
         conn: &Connection,
+        class: LaneClass,
         route: &str,
         body: &[u8],
         limit: usize,
     ) -> Result<Reply, MuxError> {
-        let lane = self.lane(conn, limit).await.map_err(MuxError::NotSent)?;
+        let lane = self
+            .lane(conn, class, limit)
+            .await
+            .map_err(MuxError::NotSent)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {

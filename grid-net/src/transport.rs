@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::codec;
 use crate::frame::{read_frame, FrameError};
-use crate::mux::{self, MuxClient, MuxError, Outgoing, MUX_MAX_PAYLOAD};
+use crate::mux::{self, LaneClass, MuxClient, MuxError, Outgoing, MUX_MAX_PAYLOAD};
 use crate::socket::{FaultSwitch, FaultySocket};
 use crate::tls::{explain_handshake_error, Identity, SERVER_NAME};
 use crate::wire::{
@@ -1222,10 +1222,37 @@ impl Transport {
         body: &[u8],
         timeout: Duration,
     ) -> Result<Bytes, NetError> {
+        self.request_in(LaneClass::Calls, addr, route, body, timeout)
+            .await
+    }
+
+    /// [`Transport::request`] for a handler that waits for this answer while it serves
+    /// another request (an owner asking its backups): such requests travel apart from
+    /// callers' requests, so that a peer whose handlers all wait cannot hold up what they
+    /// wait for.
+    pub async fn request_nested(
+        &self,
+        addr: SocketAddr,
+        route: &str,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<Bytes, NetError> {
+        self.request_in(LaneClass::Nested, addr, route, body, timeout)
+            .await
+    }
+
+    async fn request_in(
+        &self,
+        class: LaneClass,
+        addr: SocketAddr,
+        route: &str,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<Bytes, NetError> {
         self.check_frame(1 + route.len() + body.len())?;
         let call = async {
             if body.len() <= MUX_MAX_PAYLOAD {
-                self.request_on_lane(addr, route, body).await
+                self.request_on_lane(class, addr, route, body).await
             } else {
                 self.request_inner(addr, routed_frame(Some(StreamKind::Request), route, body))
                     .await
@@ -1238,6 +1265,7 @@ impl Transport {
 
     async fn request_on_lane(
         &self,
+        class: LaneClass,
         addr: SocketAddr,
         route: &str,
         body: &[u8],
@@ -1246,7 +1274,11 @@ impl Transport {
         let mut last = String::new();
         for _attempt in 0..2 {
             let live = self.connection(addr).await?;
-            match live.mux.request(&live.conn, route, body, limit).await {
+            match live
+                .mux
+                .request(&live.conn, class, route, body, limit)
+                .await
+            {
                 Ok(reply) => return reply,
                 Err(MuxError::NotSent(e)) => {
                     // Nothing reached the peer: drop a dead connection and try once more.
@@ -1318,6 +1350,23 @@ impl Transport {
     {
         let body = codec::encode(req)?;
         let resp = self.request(addr, route, &body, timeout).await?;
+        Ok(codec::decode(&resp)?)
+    }
+
+    /// Typed [`Transport::request_nested`].
+    pub async fn request_typed_nested<Req, Resp>(
+        &self,
+        addr: SocketAddr,
+        route: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, NetError>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
+        let body = codec::encode(req)?;
+        let resp = self.request_nested(addr, route, &body, timeout).await?;
         Ok(codec::decode(&resp)?)
     }
 

@@ -307,3 +307,61 @@ async fn a_restarted_peer_is_reached_again() {
     }
     assert_eq!(answer.as_deref(), Some(&b"new"[..]));
 }
+
+/// Two members each serve more requests at once than a lane runs handlers for (1,024), and
+/// each handler waits for a request of its own to the other member (as a write's owner
+/// waits for its backup). Sent with `request_nested`, those travel on a lane of their own
+/// and everything completes; on the callers' lane they would queue behind readers that
+/// stopped reading, on both sides, until the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_waiting_on_each_other_do_not_stall_full_lanes() {
+    const EACH_WAY: usize = 1_100;
+    let a = member("a");
+    let b = member("b");
+    for (me, other) in [(&a, &b), (&b, &a)] {
+        let (t, to) = (me.clone(), other.local_addr());
+        // Every handler waits until the lane runs as many as it will: its reader then
+        // stops (the other requests are sent by then), and the nested requests follow.
+        let running = Arc::new(tokio::sync::watch::Sender::new(0usize));
+        me.on_request_typed("op", move |_p, x: u64| {
+            let (t, running) = (t.clone(), running.clone());
+            async move {
+                running.send_modify(|n| *n += 1);
+                let _ = running.subscribe().wait_for(|n| *n >= 1_024).await;
+                // Not a synchronisation: gives the callers' remaining requests time to be
+                // queued ahead of the nested ones, which is what made the callers' lane
+                // stall (without it, the test could pass on the callers' lane by luck).
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                t.request_typed_nested::<_, u64>(to, "backup", &x, Duration::from_secs(20))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        });
+        me.on_request_typed("backup", |_p, x: u64| async move {
+            // Not done on the first poll, like a backup waiting for its partition.
+            tokio::task::yield_now().await;
+            Ok::<_, String>(x + 1)
+        });
+    }
+    let started = std::time::Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..EACH_WAY as u64 {
+        for (from, to) in [(a.clone(), b.local_addr()), (b.clone(), a.local_addr())] {
+            calls.spawn(async move {
+                let r: Result<u64, _> = from
+                    .request_typed(to, "op", &i, Duration::from_secs(20))
+                    .await;
+                (i, r)
+            });
+        }
+    }
+    while let Some(done) = calls.join_next().await {
+        let (i, r) = done.unwrap();
+        assert_eq!(r.unwrap(), i + 1);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}

@@ -568,7 +568,9 @@ impl Runtime {
         }
     }
 
-    /// Sends a typed request on `route` to the live member `member` (by id).
+    /// Sends a typed request on `route` to the live member `member` (by id), on the lane of
+    /// requests that handlers wait for (a migration's catch-up, sent while serving the
+    /// coordinator's request), apart from callers' operations.
     pub(crate) async fn ask<Req, Resp>(
         &self,
         member: &str,
@@ -587,7 +589,7 @@ impl Runtime {
             .ok_or_else(|| format!("{member} is not a live member"))?;
         self.inner
             .transport
-            .request_typed(m.addr, route, req, timeout)
+            .request_typed_nested(m.addr, route, req, timeout)
             .await
             .map_err(|e| e.to_string())
     }

@@ -230,7 +230,7 @@ impl Runtime {
             let answer: Result<BackupResponse, _> = self
                 .inner
                 .transport
-                .request_typed(member.addr, routes::BACKUP, &req, timeout)
+                .request_typed_nested(member.addr, routes::BACKUP, &req, timeout)
                 .await;
             match answer {
                 Ok(BackupResponse::Applied) => return true,
