@@ -43,7 +43,14 @@ pub(crate) enum OpResponse {
     Frozen,
     /// Applied on the owner, but a synchronous backup did not confirm it: the change may
     /// not survive the owner's death.
-    Unreplicated(String),
+    Unreplicated {
+        why: String,
+        /// The service's answer to the change that was applied (a retry that applies the
+        /// same change again answers as if after it: a put would return its own value as
+        /// the previous one).
+        #[serde(with = "grid_net::codec::bin")]
+        answer: Vec<u8>,
+    },
 }
 
 /// A change for a backup.

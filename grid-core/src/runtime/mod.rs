@@ -18,7 +18,10 @@
 //! - A caller sees the answer, a typed error, or a timeout. An answer means the change is on
 //!   the owner and every live synchronous backup; when a backup did not confirm it, or the
 //!   owner vanished mid-call, operations that are safe to repeat are retried within the
-//!   deadline and others return [`GridError::Indeterminate`].
+//!   deadline and others return [`GridError::Indeterminate`]. A retry after an unconfirmed
+//!   backup answers with the first application's answer (a put's previous value); after an
+//!   owner that vanished mid-call there is none, and the retry's answer is given (a put may
+//!   then report its own value as the previous one, as Hazelcast's retried invocations do).
 //! - Reads right after an ownership change may briefly go to the old owner, which answers
 //!   from its (complete) copy until the new table reaches it.
 
@@ -186,6 +189,8 @@ pub(crate) struct Inner {
     async_in: mpsc::Sender<messages::BackupRequest>,
     /// Where copies are encoded and rebuilt.
     background: background::Background,
+    /// Backup requests still to refuse (fault injection for tests).
+    refuse_backups: std::sync::atomic::AtomicU64,
 }
 
 /// A member's partition runtime as it reports itself: locally with [`Runtime::status`], from
@@ -268,6 +273,8 @@ enum Attempt {
     Failed(String),
     Retry(String),
     Indeterminate(String),
+    /// Applied on the owner (with this answer) but not confirmed by a backup.
+    Unreplicated(String, Vec<u8>),
 }
 
 impl Runtime {
@@ -291,6 +298,7 @@ impl Runtime {
             moved: Mutex::new(Copies::default()),
             async_in: async_tx,
             background: background::Background::start(&me, grid_net::bulk_runtime::bulk_threads()),
+            refuse_backups: Default::default(),
             config,
         });
         let rt = Self { inner };
@@ -324,6 +332,15 @@ impl Runtime {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name, Arc::new(slot));
+    }
+
+    /// Makes this member refuse the next `n` changes it gets as a backup, as a backup that
+    /// did not answer in time would. For tests of unconfirmed writes.
+    #[doc(hidden)]
+    pub fn refuse_next_backups_for_tests(&self, n: u64) {
+        self.inner
+            .refuse_backups
+            .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Throws away this member's copy of `partition` (every service) and its version, as a
@@ -467,6 +484,10 @@ impl Runtime {
         let started = Instant::now();
         let deadline = started + self.inner.config.op_timeout;
         let mut backoff = Duration::from_millis(1);
+        // The answer of an attempt that was applied but not confirmed by a backup: what the
+        // caller gets once a retry confirms it (the retry's own answer would describe the
+        // state after the first application).
+        let mut first_answer = None;
         let req = OpRequest {
             service: service.to_string(),
             partition,
@@ -474,33 +495,36 @@ impl Runtime {
             read_only: kind == OpKind::Read,
         };
         loop {
-            match self.attempt(&req, deadline).await {
+            let why = match self.attempt(&req, deadline).await {
                 Attempt::Done(answer) => {
                     metrics::histogram!("grid_op_seconds").record(started.elapsed().as_secs_f64());
-                    return Ok(answer);
+                    return Ok(first_answer.unwrap_or(answer));
                 }
                 Attempt::Failed(e) => return Err(GridError::Service(e)),
-                Attempt::Indeterminate(e) if !idempotent => {
+                Attempt::Indeterminate(e) | Attempt::Unreplicated(e, _) if !idempotent => {
                     return Err(GridError::Indeterminate(e))
                 }
-                Attempt::Indeterminate(why) | Attempt::Retry(why) => {
-                    let now = Instant::now();
-                    if now + backoff >= deadline {
-                        return Err(GridError::Timeout {
-                            after: now - started,
-                            last: why,
-                        });
-                    }
-                    debug!(partition, %why, "retrying operation");
-                    // A new table is the usual reason to try again: don't sleep past it.
-                    let mut table = self.inner.table.subscribe();
-                    tokio::select! {
-                        _ = table.changed() => {}
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_millis(50));
+                Attempt::Unreplicated(why, answer) => {
+                    first_answer.get_or_insert(answer);
+                    why
                 }
+                Attempt::Indeterminate(why) | Attempt::Retry(why) => why,
+            };
+            let now = Instant::now();
+            if now + backoff >= deadline {
+                return Err(GridError::Timeout {
+                    after: now - started,
+                    last: why,
+                });
             }
+            debug!(partition, %why, "retrying operation");
+            // A new table is the usual reason to try again: don't sleep past it.
+            let mut table = self.inner.table.subscribe();
+            tokio::select! {
+                _ = table.changed() => {}
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_millis(50));
         }
     }
 
@@ -532,7 +556,7 @@ impl Runtime {
                 OpResponse::Failed(e) => Attempt::Failed(e),
                 OpResponse::WrongOwner { .. } => Attempt::Retry("ownership moved".into()),
                 OpResponse::Frozen => Attempt::Retry("partition is changing hands".into()),
-                OpResponse::Unreplicated(e) => Attempt::Indeterminate(e),
+                OpResponse::Unreplicated { why, answer } => Attempt::Unreplicated(why, answer),
             };
         }
         let Some(member) = self.inner.cluster.member(&owner) else {
@@ -556,7 +580,7 @@ impl Runtime {
                 ))
             }
             Ok(OpResponse::Frozen) => Attempt::Retry("partition is changing hands".into()),
-            Ok(OpResponse::Unreplicated(e)) => Attempt::Indeterminate(e),
+            Ok(OpResponse::Unreplicated { why, answer }) => Attempt::Unreplicated(why, answer),
             Err(NetError::Unreachable { reason, .. }) => Attempt::Retry(reason),
             Err(NetError::Refused { reason, .. }) => Attempt::Retry(reason),
             Err(NetError::ShuttingDown) => Attempt::Failed("this member is shutting down".into()),

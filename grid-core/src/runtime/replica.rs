@@ -155,9 +155,10 @@ impl Runtime {
                 .take(sync_backups)
                 .find(|(_, ok)| !**ok)
             {
-                return OpResponse::Unreplicated(format!(
-                    "applied on the owner, but backup {missed} did not confirm it"
-                ));
+                return OpResponse::Unreplicated {
+                    why: format!("applied on the owner, but backup {missed} did not confirm it"),
+                    answer: prepared.answer,
+                };
             }
         }
         OpResponse::Ok(prepared.answer)
@@ -333,6 +334,14 @@ impl Runtime {
 
     /// A backup's side of a change.
     pub(super) async fn on_backup(&self, req: BackupRequest) -> Result<BackupResponse, String> {
+        let refuse = self.inner.refuse_backups.fetch_update(
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+            |n| n.checked_sub(1),
+        );
+        if refuse.is_ok() {
+            return Err("refused (fault injected by a test)".into());
+        }
         let slot = self
             .slot(&req.service)
             .ok_or_else(|| format!("no service {:?} on this member", req.service))?;
