@@ -371,6 +371,32 @@ async fn near_cache_stops_serving_a_value_within_100ms_of_a_put_elsewhere() {
     }
 }
 
+/// A key's owner reads its own store, not a near copy: a write acknowledged to another
+/// member is what the owner reads next, with no invalidation to wait for. (When owners kept
+/// near copies this passed too, mostly: their own invalidation usually won the race with
+/// the answer's trip to the writer. A guard of the property, not a reproduction.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_near_cache_on_the_owner_reads_a_write_made_elsewhere_at_once() {
+    let grids = data_cluster("c-near-owner", 3, |b| b).await;
+    let caches = open::<u32>(&grids, "near", &CacheSettings::builder().near().build()).await;
+    let k = key_owned_by(&grids[0]);
+    for round in 0..200u32 {
+        caches[0].get(&k).await.unwrap();
+        caches[1 + round as usize % 2]
+            .put(&k, &round)
+            .await
+            .unwrap();
+        assert_eq!(
+            caches[0].get(&k).await.unwrap(),
+            Some(round),
+            "round {round}"
+        );
+    }
+    for g in grids {
+        g.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_see_changes_from_other_members_in_order() {
     let grids = data_cluster("c-listen", 3, |b| b).await;

@@ -231,6 +231,14 @@ pub(crate) async fn lookup(
     if let Some(copy) = &shared.replicated {
         return Ok(copy.get(key));
     }
+    let runtime = &caches.inner.runtime;
+    let p = runtime.partition_of(key);
+    if runtime.owns(p) {
+        // The owner's own store: as cheap as a near copy, and never behind (an owner's near
+        // copy is invalidated only when its event goes round, after the write's answer).
+        let found = caches.inner.service.get_with_deadline(p, &shared.name, key);
+        return Ok(found.map(|(value, _)| value));
+    }
     let mark = match &shared.near {
         Some(near) => match near.get(key) {
             Some(v) => return Ok(Some(v)),
@@ -238,11 +246,7 @@ pub(crate) async fn lookup(
         },
         None => None,
     };
-    let runtime = &caches.inner.runtime;
-    let p = runtime.partition_of(key);
-    let found = if runtime.owns(p) {
-        caches.inner.service.get_with_deadline(p, &shared.name, key)
-    } else {
+    let found = {
         let op = CacheOp::Get {
             cache: shared.name.to_string(),
             key: Blob(key.to_vec()),

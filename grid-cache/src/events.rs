@@ -524,6 +524,9 @@ async fn dispatch(hub: Weak<EventHub>, mut rx: mpsc::Receiver<RawEvent>) {
             for m in hub.cluster.members().iter().filter(|m| m.id != hub.me) {
                 out.skip((m.id.clone(), m.generation));
             }
+            // This member's own copies and listeners were among those that may have wanted
+            // them (they are served by this loop too).
+            hub.on_lost(&hub.me);
         }
         if !got {
             // Members owed news of a gap get an empty batch (which shows it).
