@@ -16,7 +16,7 @@
 //! - response: `[u64 id][u8 status][body]`
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -24,7 +24,7 @@ use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
-use crate::frame::{read_frame, FrameError};
+use crate::frame::{FrameError, FrameReader};
 use crate::wire::{codes, StreamKind, RESPONSE_ERR, RESPONSE_OK};
 use crate::NetError;
 
@@ -68,6 +68,10 @@ async fn write_lane(
     unsent: impl FnOnce(Vec<u64>, &str),
 ) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let (mut frames, mut ids) = (
+        Vec::with_capacity(WRITE_BATCH),
+        Vec::with_capacity(WRITE_BATCH),
+    );
     let mut lost = Vec::new();
     let why = loop {
         if rx.recv_many(&mut batch, WRITE_BATCH).await == 0 {
@@ -86,24 +90,31 @@ async fn write_lane(
                 }
             }
         }
+        // The batch's frames go to quinn in one call (one lock of the connection, one wake
+        // of its driver) up to a reset, if any.
         let mut failed = None;
         for out in batch.drain(..) {
-            match (out, &failed) {
-                (Outgoing::Frame { id, frame }, None) => {
-                    // A frame is written whole (into quinn's buffer) or the stream is dead.
-                    if let Err(e) = send.write_chunk(frame).await {
-                        lost.push(id);
-                        failed = Some(e.to_string());
+            match out {
+                Outgoing::Frame { id, frame } => {
+                    ids.push(id);
+                    frames.push(frame);
+                }
+                Outgoing::Reset(code) => {
+                    if failed.is_none() {
+                        failed = write_frames(&mut send, &mut frames, &mut ids, &mut lost).await;
+                    }
+                    if failed.is_none() {
+                        let _ = send.reset(code);
+                        failed = Some("lane reset".to_string());
                     }
                 }
-                (Outgoing::Frame { id, .. }, Some(_)) => lost.push(id),
-                (Outgoing::Reset(code), None) => {
-                    let _ = send.reset(code);
-                    failed = Some("lane reset".to_string());
-                }
-                (Outgoing::Reset(_), Some(_)) => {}
             }
         }
+        if failed.is_none() {
+            failed = write_frames(&mut send, &mut frames, &mut ids, &mut lost).await;
+        }
+        lost.append(&mut ids);
+        frames.clear();
         if let Some(why) = failed {
             break why;
         }
@@ -117,6 +128,32 @@ async fn write_lane(
         }
     }
     unsent(lost, &why);
+}
+
+/// Writes `frames` (of the requests `ids`) whole into quinn's buffer, or fails: then the
+/// frames not written whole join `lost`, and the error is returned. Leaves both lists empty.
+async fn write_frames(
+    send: &mut SendStream,
+    frames: &mut Vec<Bytes>,
+    ids: &mut Vec<u64>,
+    lost: &mut Vec<u64>,
+) -> Option<String> {
+    let mut done = 0;
+    let mut failed = None;
+    while done < frames.len() {
+        match send.write_chunks(&mut frames[done..]).await {
+            // A partly written frame stays first, advanced past what was written.
+            Ok(written) => done += written.chunks,
+            Err(e) => {
+                lost.extend_from_slice(&ids[done..]);
+                failed = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    frames.clear();
+    ids.clear();
+    failed
 }
 
 /// Why a lane request got no answer.
@@ -134,6 +171,10 @@ struct Lane {
     outbox: mpsc::Sender<Outgoing>,
     /// `None` once the lane is dead.
     pending: Arc<Pending>,
+    /// Requests queued or sent and not answered yet, including those whose callers gave up
+    /// (their handlers still run on the peer): at least the handlers the peer runs for
+    /// this lane.
+    unanswered: AtomicUsize,
 }
 
 impl Lane {
@@ -178,25 +219,32 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
+/// Handlers a member runs at once for one lane; past it, it stops reading the lane (which
+/// pushes back on the caller through QUIC flow control).
+pub(crate) const MAX_LANE_TASKS: usize = 1024;
+
 /// Which lane of a connection a request takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LaneClass {
     /// Requests of callers.
     Calls = 0,
     /// Requests a handler sends while it serves another request and that it waits for (a
-    /// write's owner asking its backups). They must not queue behind the requests whose
-    /// handlers wait for them: a lane whose peer stopped reading it (every handler slot
-    /// taken) would hold them up, and two members doing that to each other would wait for
-    /// one another until the deadlines.
+    /// write's owner asking its backups). They must not queue behind callers' requests on
+    /// a lane whose reader stopped (every handler slot taken): two members doing that to
+    /// each other would wait for one another until the deadlines. So they take the callers'
+    /// lane only while it has too few requests in flight for its reader to stop (the peer
+    /// runs at most as many of a lane's handlers as the caller has requests waiting on it),
+    /// and a lane of their own otherwise. (Always a lane of their own cost the `ops` bench
+    /// a fifth of its throughput: fewer frames per packet on each lane.)
     Nested = 1,
 }
 
 /// The calling side of one connection's lanes.
 ///
-/// One lane per class, connection and direction: its writer sends together what is queued
-/// on it, and two lanes for the same traffic halved the frames per packet (2.8 against 5.5
-/// under the `ops` bench's load). The price: a large answer holds up the answers queued
-/// behind it on the lane.
+/// One callers' lane per connection and direction: its writer sends together what is
+/// queued on it, and two lanes for the same traffic halved the frames per packet (2.8
+/// against 5.5 under the `ops` bench's load). The price: a large answer holds up the answers
+/// queued behind it on the lane.
 #[derive(Default)]
 pub(crate) struct MuxClient {
     lanes: [Mutex<Option<Arc<Lane>>>; 2],
@@ -204,13 +252,31 @@ pub(crate) struct MuxClient {
 }
 
 impl MuxClient {
+    /// The lane a request of `class` takes now (see [`LaneClass::Nested`]).
+    fn choose(&self, class: LaneClass) -> LaneClass {
+        if class == LaneClass::Calls {
+            return class;
+        }
+        let calls = self.lanes[LaneClass::Calls as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let unanswered = calls.map_or(0, |lane| lane.unanswered.load(Ordering::Relaxed));
+        // Half the bound: a margin for requests queued meanwhile by other tasks.
+        if unanswered < MAX_LANE_TASKS / 2 {
+            LaneClass::Calls
+        } else {
+            class
+        }
+    }
+
     async fn lane(
         &self,
         conn: &Connection,
         class: LaneClass,
         limit: usize,
     ) -> Result<Arc<Lane>, String> {
-        let slot = &self.lanes[class as usize];
+        let slot = &self.lanes[self.choose(class) as usize];
         {
             let lane = slot.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(lane) = lane.as_ref().filter(|l| !l.is_dead()) {
@@ -243,6 +309,7 @@ impl MuxClient {
         let lane = Arc::new(Lane {
             outbox: lane_writer(send, unsent),
             pending,
+            unanswered: AtomicUsize::new(0),
         });
         let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(existing) = slot.as_ref().filter(|l| !l.is_dead()) {
@@ -289,6 +356,7 @@ impl MuxClient {
             id,
             frame: frame.freeze(),
         };
+        lane.unanswered.fetch_add(1, Ordering::Relaxed);
         if lane.outbox.send(out).await.is_err() {
             lane.fail_all("lane closed");
             return Err(MuxError::NotSent("lane closed".into()));
@@ -304,8 +372,9 @@ impl MuxClient {
 }
 
 async fn read_responses(lane: Arc<Lane>, mut recv: RecvStream, limit: usize) {
+    let mut reader = FrameReader::default();
     loop {
-        match read_frame(&mut recv, limit + 9).await {
+        match reader.next(&mut recv, limit + 9).await {
             Ok(Some(frame)) if frame.len() >= 9 => {
                 let mut id = [0u8; 8];
                 id.copy_from_slice(&frame[..8]);
@@ -317,6 +386,10 @@ async fn read_responses(lane: Arc<Lane>, mut recv: RecvStream, limit: usize) {
                     )),
                     _ => Err(NetError::Protocol("response with unknown status".into())),
                 };
+                // Saturating: a peer answering an id twice must not wrap the count.
+                let _ = lane
+                    .unanswered
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
                 let tx = lane
                     .pending
                     .lock()

@@ -31,8 +31,8 @@ use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::codec;
-use crate::frame::{read_frame, FrameError};
-use crate::mux::{self, LaneClass, MuxClient, MuxError, Outgoing, MUX_MAX_PAYLOAD};
+use crate::frame::{read_frame, FrameError, FrameReader};
+use crate::mux::{self, LaneClass, MuxClient, MuxError, Outgoing, MAX_LANE_TASKS, MUX_MAX_PAYLOAD};
 use crate::socket::{FaultSwitch, FaultySocket};
 use crate::tls::{explain_handshake_error, Identity, SERVER_NAME};
 use crate::wire::{
@@ -41,8 +41,6 @@ use crate::wire::{
 };
 use crate::NetError;
 
-/// Requests a lane runs at once (per lane, per connection).
-const MAX_LANE_TASKS: usize = 1024;
 /// The route on which a member tells the UDP port of its bulk endpoint.
 const BULK_ADDR_ROUTE: &str = "grid.net.bulk_addr";
 
@@ -1092,8 +1090,9 @@ impl Transport {
         let running = Arc::new(Semaphore::new(MAX_LANE_TASKS));
         // Senders put only small requests on lanes (larger ones get their own stream).
         let frame_limit = (MUX_MAX_PAYLOAD + 9 + 1 + MAX_ROUTE_LEN).min(limit + 9);
+        let mut reader = FrameReader::default();
         loop {
-            let frame = match read_frame(&mut recv, frame_limit).await {
+            let frame = match reader.next(&mut recv, frame_limit).await {
                 Ok(Some(f)) => f,
                 Ok(None) | Err(FrameError::Stream(_)) => return,
                 Err(e) => {

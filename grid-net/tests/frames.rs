@@ -315,3 +315,71 @@ async fn another_protocol_version_is_refused_and_both_sides_say_so() {
         logs.lines_with(&marker)
     );
 }
+
+/// A lane request frame: `[u32 length][u64 id][u8 route length][route][body]`.
+fn lane_request(id: u64, route: &str, body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&((8 + 1 + route.len() + body.len()) as u32).to_be_bytes());
+    v.extend_from_slice(&id.to_be_bytes());
+    v.push(route.len() as u8);
+    v.extend_from_slice(route.as_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+/// The lane reader cuts frames out of whatever arrives: several frames in one write, a frame
+/// dribbled a byte at a time, a frame larger than a packet — every request is answered, by
+/// id; then a frame that announces more than the lane allows closes the lane.
+#[tokio::test(flavor = "current_thread")]
+async fn lane_frames_are_cut_from_any_split_of_the_stream() {
+    let m = member("m", TransportConfig::default());
+    let ep = raw_endpoint(grid_net::tls::ALPN);
+    let conn = raw_connect(&ep, m.local_addr()).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[StreamKind::Mux as u8]).await.unwrap();
+
+    let big = vec![7u8; 40_000];
+    let mut together = Vec::new();
+    for id in 1..=3u64 {
+        together.extend_from_slice(&lane_request(id, "echo", &id.to_be_bytes()));
+    }
+    send.write_all(&together).await.unwrap();
+    for byte in lane_request(4, "echo", b"dribbled") {
+        send.write_all(&[byte]).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    send.write_all(&lane_request(5, "echo", &big))
+        .await
+        .unwrap();
+
+    let mut answers = std::collections::HashMap::new();
+    while answers.len() < 5 {
+        let mut len = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), recv.read_exact(&mut len))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+        recv.read_exact(&mut frame).await.unwrap();
+        let id = u64::from_be_bytes(frame[..8].try_into().unwrap());
+        assert_eq!(frame[8], 0, "request {id} answered with an error");
+        answers.insert(id, frame[9..].to_vec());
+    }
+    for id in 1..=3u64 {
+        assert_eq!(answers[&id], id.to_be_bytes());
+    }
+    assert_eq!(answers[&4], b"dribbled");
+    assert_eq!(answers[&5], big);
+
+    // A frame longer than any lane request may be: the lane is reset, nothing is buffered.
+    let mut oversized = u32::MAX.to_be_bytes().to_vec();
+    oversized.extend_from_slice(&[0; 64]);
+    let _ = send.write_all(&oversized).await;
+    let mut rest = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(5), recv.read(&mut rest))
+        .await
+        .expect("the lane ends within 5 s");
+    assert!(r.is_err() || matches!(r, Ok(None)), "{r:?}");
+    let other = member("other", TransportConfig::default());
+    still_serves(&m, &other).await;
+}
