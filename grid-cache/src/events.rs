@@ -514,6 +514,17 @@ async fn dispatch(hub: Weak<EventHub>, mut rx: mpsc::Receiver<RawEvent>) {
             n = rx.recv_many(&mut batch, BATCH) => if n == 0 { return } else { true },
             _ = probe.tick() => false,
         };
+        if got && batch.len() < BATCH {
+            // As a lane writer does: let the tasks that are ready emit theirs first, so that
+            // one batch (one frame per member) carries them all.
+            tokio::task::yield_now().await;
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(ev) => batch.push(ev),
+                    Err(_) => break,
+                }
+            }
+        }
         let Some(hub) = hub.upgrade() else { return };
         out.forget_departed(&hub.cluster);
         let dropped = hub.dropped();
