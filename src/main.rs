@@ -61,13 +61,16 @@ async fn node(config: Option<PathBuf>) -> anyhow::Result<()> {
         grid.cluster().local_member().attributes
     );
     let mut events = grid.cluster().events();
+    // One listener for the whole run: a signal that arrives while an event is printed is
+    // kept for the next turn.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
         tokio::select! {
             event = events.recv() => match event {
                 Some(e) => println!("{}", describe(&e)),
                 None => break,
             },
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
         }
     }
     grid.shutdown().await;

@@ -74,10 +74,29 @@ pub(crate) async fn read_frame(
     Ok(Some(body.freeze()))
 }
 
+/// Where a [`FrameReader`] gets its bytes: a QUIC stream (or, in tests, a script).
+pub(crate) trait ChunkSource {
+    /// At most `max` bytes, as they arrived; `None` at the end of the stream.
+    fn chunk(
+        &mut self,
+        max: usize,
+    ) -> impl std::future::Future<Output = Result<Option<Bytes>, String>> + Send;
+}
+
+impl ChunkSource for RecvStream {
+    async fn chunk(&mut self, max: usize) -> Result<Option<Bytes>, String> {
+        self.read_chunk(max, true)
+            .await
+            .map(|c| c.map(|c| c.bytes))
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Reads the frames of a stream that carries many small ones (a lane): takes whatever quinn
 /// has received at once and cuts the frames out of it, so that a small frame costs no call
 /// into quinn (and no lock of the connection) of its own. Each frame is still copied into a
-/// buffer of its own, for the reason the module explains. Same checks as [`read_frame`].
+/// buffer of its own, for the reason the module explains. Same checks as [`read_frame`],
+/// and the same promise: a frame's buffer is allocated once its first bytes arrive.
 #[derive(Default)]
 pub(crate) struct FrameReader {
     /// Received bytes not handed out yet: the start of the next frame. It shares quinn's
@@ -89,12 +108,12 @@ impl FrameReader {
     /// The next frame; `Ok(None)` at a clean end of stream at a frame boundary.
     pub(crate) async fn next(
         &mut self,
-        recv: &mut RecvStream,
+        src: &mut impl ChunkSource,
         limit: usize,
     ) -> Result<Option<Bytes>, FrameError> {
         while self.held.len() < 4 {
-            match recv.read_chunk(usize::MAX, true).await {
-                Ok(Some(chunk)) => self.hold(chunk.bytes),
+            match src.chunk(usize::MAX).await {
+                Ok(Some(chunk)) => self.hold(chunk),
                 Ok(None) if self.held.is_empty() => return Ok(None),
                 Ok(None) => {
                     return Err(FrameError::Truncated {
@@ -102,7 +121,7 @@ impl FrameReader {
                         expected: 4,
                     })
                 }
-                Err(e) => return Err(FrameError::Stream(e.to_string())),
+                Err(e) => return Err(FrameError::Stream(e)),
             }
         }
         let mut len = [0u8; 4];
@@ -118,22 +137,30 @@ impl FrameReader {
         }
         // The rest of the frame is still on its way: gather it in a buffer of its full size
         // (up to 4 MiB, as `read_frame` does), reading no further than its end.
-        let mut body = BytesMut::with_capacity(size.min(4 << 20));
-        body.extend_from_slice(&self.held[4..]);
+        let mut body = BytesMut::new();
+        let mut more = self.held.slice(4..);
         self.held = Bytes::new();
-        while body.len() < size {
-            match recv.read_chunk(size - body.len(), true).await {
-                Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+        loop {
+            if !more.is_empty() {
+                if body.capacity() == 0 {
+                    body.reserve(size.min(4 << 20));
+                }
+                body.extend_from_slice(&more);
+            }
+            if body.len() == size {
+                return Ok(Some(body.freeze()));
+            }
+            more = match src.chunk(size - body.len()).await {
+                Ok(Some(chunk)) => chunk,
                 Ok(None) => {
                     return Err(FrameError::Truncated {
                         got: body.len(),
                         expected: size,
                     })
                 }
-                Err(e) => return Err(FrameError::Stream(e.to_string())),
-            }
+                Err(e) => return Err(FrameError::Stream(e)),
+            };
         }
-        Ok(Some(body.freeze()))
     }
 
     fn hold(&mut self, more: Bytes) {
@@ -145,5 +172,111 @@ impl FrameReader {
             joined.extend_from_slice(&more);
             self.held = joined.freeze();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+
+    /// Hands out its pieces as they are, each cut to what the reader asks for at most.
+    struct Script(VecDeque<Bytes>);
+
+    impl ChunkSource for Script {
+        async fn chunk(&mut self, max: usize) -> Result<Option<Bytes>, String> {
+            let Some(mut piece) = self.0.pop_front() else {
+                return Ok(None);
+            };
+            if piece.len() > max {
+                self.0.push_front(piece.split_off(max));
+            }
+            Ok(Some(piece))
+        }
+    }
+
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut v = (body.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(body);
+        v
+    }
+
+    async fn read_all(
+        stream: &[u8],
+        cuts: &[usize],
+        limit: usize,
+    ) -> Result<Vec<Bytes>, FrameError> {
+        let mut pieces = VecDeque::new();
+        let mut at = 0;
+        for &cut in cuts.iter().chain(std::iter::once(&stream.len())) {
+            let cut = cut.min(stream.len());
+            if cut > at {
+                pieces.push_back(Bytes::copy_from_slice(&stream[at..cut]));
+                at = cut;
+            }
+        }
+        let mut src = Script(pieces);
+        let mut reader = FrameReader::default();
+        let mut frames = Vec::new();
+        while let Some(f) = reader.next(&mut src, limit).await? {
+            frames.push(f);
+        }
+        Ok(frames)
+    }
+
+    /// Every way of cutting a stream of frames into pieces gives back the same frames, and
+    /// every cut inside a frame at the end is a truncation, never a frame.
+    #[tokio::test]
+    async fn frames_come_out_whole_however_the_stream_is_cut() {
+        let bodies: Vec<Vec<u8>> = vec![b"a".to_vec(), Vec::new(), vec![7; 300], b"xyz".to_vec()];
+        let stream: Vec<u8> = bodies.iter().flat_map(|b| framed(b)).collect();
+        for first in 0..=stream.len() {
+            for second in (first..=stream.len()).step_by(7) {
+                let got = read_all(&stream, &[first, second], 1024).await.unwrap();
+                let got: Vec<Vec<u8>> = got.iter().map(|b| b.to_vec()).collect();
+                assert_eq!(got, bodies, "cut at {first} and {second}");
+            }
+            if first > 0 && first < stream.len() {
+                let r = read_all(&stream[..first], &[first / 2], 1024).await;
+                let whole_frames_end = {
+                    let mut at = 0;
+                    let mut ends = vec![0];
+                    for b in &bodies {
+                        at += 4 + b.len();
+                        ends.push(at);
+                    }
+                    ends.contains(&first)
+                };
+                if whole_frames_end {
+                    assert!(
+                        r.is_ok(),
+                        "a stream ending at a frame boundary ({first}) is clean"
+                    );
+                } else {
+                    assert!(
+                        matches!(r, Err(FrameError::Truncated { .. })),
+                        "ending at {first}: {r:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A length over the limit is refused before anything is buffered; a header whose body
+    /// never comes is a truncation.
+    #[tokio::test]
+    async fn lengths_are_checked_and_a_bare_header_is_a_truncation() {
+        let r = read_all(&u32::MAX.to_be_bytes(), &[], 1 << 20).await;
+        assert!(matches!(r, Err(FrameError::TooLarge { .. })), "{r:?}");
+        let mut src = Script(VecDeque::from([Bytes::copy_from_slice(
+            &(1u32 << 20).to_be_bytes(),
+        )]));
+        let mut reader = FrameReader::default();
+        let r = reader.next(&mut src, 2 << 20).await;
+        assert!(
+            matches!(r, Err(FrameError::Truncated { got: 0, .. })),
+            "{r:?}"
+        );
     }
 }

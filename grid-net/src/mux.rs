@@ -1,4 +1,6 @@
-//! Requests multiplexed on a long-lived stream (a "lane") per connection and direction.
+//! Requests multiplexed on a long-lived stream (a "lane") per connection and direction —
+//! and a second one for requests that handlers wait for, when the first is crowded (see
+//! [`LaneClass`]).
 //!
 //! Measured on loopback (BENCHMARKS.md), a stream per request costs quinn about twice the
 //! work of a frame on a stream that already exists, so small requests travel on lanes: the
@@ -223,6 +225,10 @@ impl Drop for PendingGuard<'_> {
 /// pushes back on the caller through QUIC flow control).
 pub(crate) const MAX_LANE_TASKS: usize = 1024;
 
+/// Nested requests take the callers' lane while it has fewer unanswered requests than
+/// this: half the peer's bound, a margin for requests other tasks queue meanwhile.
+const NESTED_ON_CALLS_BELOW: usize = MAX_LANE_TASKS / 2;
+
 /// Which lane of a connection a request takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LaneClass {
@@ -262,12 +268,28 @@ impl MuxClient {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let unanswered = calls.map_or(0, |lane| lane.unanswered.load(Ordering::Relaxed));
-        // Half the bound: a margin for requests queued meanwhile by other tasks.
-        if unanswered < MAX_LANE_TASKS / 2 {
+        if unanswered < NESTED_ON_CALLS_BELOW {
             LaneClass::Calls
         } else {
             class
         }
+    }
+
+    /// The lane for a request of `class` (see [`LaneClass::Nested`]), opened if need be.
+    async fn lane_for(
+        &self,
+        conn: &Connection,
+        class: LaneClass,
+        limit: usize,
+    ) -> Result<Arc<Lane>, String> {
+        let chosen = self.choose(class);
+        let lane = self.lane(conn, chosen, limit).await?;
+        // Opening the lane may have waited, and another task may have installed the callers'
+        // lane meanwhile: the choice holds only for the lane actually got.
+        if chosen != class && lane.unanswered.load(Ordering::Relaxed) >= NESTED_ON_CALLS_BELOW {
+            return self.lane(conn, class, limit).await;
+        }
+        Ok(lane)
     }
 
     async fn lane(
@@ -276,7 +298,7 @@ impl MuxClient {
         class: LaneClass,
         limit: usize,
     ) -> Result<Arc<Lane>, String> {
-        let slot = &self.lanes[self.choose(class) as usize];
+        let slot = &self.lanes[class as usize];
         {
             let lane = slot.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(lane) = lane.as_ref().filter(|l| !l.is_dead()) {
@@ -332,7 +354,7 @@ impl MuxClient {
         limit: usize,
     ) -> Result<Reply, MuxError> {
         let lane = self
-            .lane(conn, class, limit)
+            .lane_for(conn, class, limit)
             .await
             .map_err(MuxError::NotSent)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -356,11 +378,14 @@ impl MuxClient {
             id,
             frame: frame.freeze(),
         };
-        lane.unanswered.fetch_add(1, Ordering::Relaxed);
-        if lane.outbox.send(out).await.is_err() {
+        // A place in the queue first: a caller that gives up while waiting for one never
+        // counted its request as unanswered.
+        let Ok(place) = lane.outbox.reserve().await else {
             lane.fail_all("lane closed");
             return Err(MuxError::NotSent("lane closed".into()));
-        }
+        };
+        lane.unanswered.fetch_add(1, Ordering::Relaxed);
+        place.send(out);
         match rx.await {
             Ok(Ok(reply)) => Ok(reply),
             // A failed write may have sent part of the frame, never all of it: the peer

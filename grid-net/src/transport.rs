@@ -1226,9 +1226,10 @@ impl Transport {
     }
 
     /// [`Transport::request`] for a handler that waits for this answer while it serves
-    /// another request (an owner asking its backups): such requests travel apart from
-    /// callers' requests, so that a peer whose handlers all wait cannot hold up what they
-    /// wait for.
+    /// another request (an owner asking its backups): when the callers' lane to the peer is
+    /// crowded, such requests take a lane of their own, so that a peer whose lane handlers
+    /// all wait cannot hold up what they wait for. (Bodies over 64 KiB take a stream of
+    /// their own, like any request: those are bounded by QUIC's stream limit instead.)
     pub async fn request_nested(
         &self,
         addr: SocketAddr,

@@ -8,8 +8,9 @@ use bytes::Bytes;
 use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
 
-/// The version of the wire protocol; also in the ALPN name `grid/1`.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The version of the wire protocol; also in the ALPN name `grid/2`. (2: an owner's
+/// `Unreplicated` answer carries the service's answer; members report their status.)
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The first byte of every stream says what the stream carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -332,7 +332,15 @@ impl Member {
                     .and_then(|p| rustix::process::Pid::from_raw(p as i32))
                     .context("the member already exited")?;
                 rustix::process::kill_process(pid, rustix::process::Signal::INT)?;
-                let status = child.wait().await?;
+                // A handoff of this harness's sizes takes seconds; past this, it is stuck.
+                let status =
+                    match tokio::time::timeout(Duration::from_secs(300), child.wait()).await {
+                        Ok(status) => status?,
+                        Err(_) => {
+                            child.start_kill()?;
+                            bail!("member {id} did not leave within 300 s of SIGINT (killed)");
+                        }
+                    };
                 if !status.success() {
                     bail!("member {id} exited with {status}");
                 }
@@ -362,11 +370,23 @@ async fn spawn_member(
     }
     let config_file =
         std::env::temp_dir().join(format!("grid-rebalance-{}-m{i}.toml", std::process::id()));
-    std::fs::write(
-        &config_file,
-        toml::to_string(&member_config(args, i, seed))?,
-    )?;
-    let child = tokio::process::Command::new(&bin)
+    // A new file (an existing one, or a link planted under that name, is an error).
+    let text = toml::to_string(&member_config(args, i, seed))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&config_file)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+        .with_context(|| format!("writing {}", config_file.display()))?;
+    let mut command = tokio::process::Command::new(&bin);
+    // The configuration file says it all: GRID_* variables of this shell would override it
+    // (GRID_MEMBER_ID would give every member the same id).
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(|n| n.starts_with("GRID_")) {
+            command.env_remove(name);
+        }
+    }
+    let child = command
         .arg("node")
         .arg("--config")
         .arg(&config_file)
@@ -591,6 +611,9 @@ async fn main() -> anyhow::Result<()> {
 
     // The change.
     let before = cluster.statuses(&cluster.members, true).await;
+    if before.len() != cluster.members.len() {
+        eprintln!("warning: a member did not report its status: its copies are not counted");
+    }
     let coordinator_before = before
         .iter()
         .find(|s| s.coordinator.active)
@@ -661,6 +684,9 @@ async fn main() -> anyhow::Result<()> {
         .await;
 
     let mut after = cluster.statuses(&cluster.members, false).await;
+    if after.len() != cluster.members.len() {
+        eprintln!("warning: a member did not report its status: its copies are not counted");
+    }
     for m in &mut departed {
         after.extend(m.final_status().await);
     }

@@ -22,6 +22,7 @@
 //!   backup answers with the first application's answer (a put's previous value); after an
 //!   owner that vanished mid-call there is none, and the retry's answer is given (a put may
 //!   then report its own value as the previous one, as Hazelcast's retried invocations do).
+//!   Either way the retry applies the change again, after any change made in between.
 //! - Reads right after an ownership change may briefly go to the old owner, which answers
 //!   from its (complete) copy until the new table reaches it.
 
@@ -592,9 +593,10 @@ impl Runtime {
         }
     }
 
-    /// Sends a typed request on `route` to the live member `member` (by id), on the lane of
-    /// requests that handlers wait for (a migration's catch-up, sent while serving the
-    /// coordinator's request), apart from callers' operations.
+    /// Sends a typed request on `route` to the live member `member` (by id) as a nested
+    /// request (`Transport::request_nested`): a migration's catch-up is sent while serving
+    /// the coordinator's request, and the coordinator's own requests (migrate, freeze) are
+    /// better off not queueing behind crowds of callers' operations either.
     pub(crate) async fn ask<Req, Resp>(
         &self,
         member: &str,
