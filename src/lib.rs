@@ -315,6 +315,33 @@ impl Grid {
         self.node.shutdown().await;
     }
 
+    /// This member's status: the table it routes by, the partitions it owns, the
+    /// coordinator's migrations (when it is the coordinator), what it copied.
+    pub fn status(&self) -> MemberStatus {
+        self.runtime.status()
+    }
+
+    /// The status of the live member `member` (by id; lite members may ask too), over the
+    /// network — what a dashboard, or the rebalancing harness running members as processes,
+    /// watches.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), grid::GridError> {
+    /// let grid = grid::Grid::builder().bind("127.0.0.1:0").no_seeds().cluster_name("status-doc").start().await?;
+    /// let me = grid.cluster().local_member().id.to_string();
+    /// let status = grid.member_status(&me).await?;
+    /// assert_eq!(status.member, me);
+    /// assert_eq!(grid.status().member, me); // the same, without the network
+    /// println!("table v{}, {} partitions owned", status.table_version, status.primaries);
+    /// # grid.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn member_status(&self, member: &str) -> Result<MemberStatus, GridError> {
+        self.runtime.member_status(member, false).await
+    }
+
     /// The partition runtime (tests, benchmarks and services built on grid).
     #[doc(hidden)]
     pub fn runtime(&self) -> &Runtime {

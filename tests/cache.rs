@@ -640,6 +640,57 @@ async fn local_cache_never_leaves_the_member() {
     }
 }
 
+/// Events dropped before they left the owner (its outbox full) reach the owner's own copies
+/// and listeners as `Lost` too: its replicated copy (read locally) refills rather than keep
+/// the old value, and its listener hears of the gap. (Before, only other members did.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_dropped_at_a_full_outbox_reach_the_owners_own_copies() {
+    let grids = data_cluster("c-dropped", 2, |b| b).await;
+    let repl = open::<String>(
+        &grids,
+        "dropped-repl",
+        &CacheSettings::builder().mode(CacheMode::Replicated).build(),
+    )
+    .await;
+    let mut listener = repl[0].listen().await;
+    let key = key_owned_by(&grids[0]);
+    repl[0].put(&key, &"old".into()).await.unwrap();
+    assert!(
+        eventually_async(Duration::from_secs(5), || async {
+            repl[0].get(&key).await.unwrap().as_deref() == Some("old")
+        })
+        .await
+    );
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await
+    {
+    }
+    grids[0].caches().drop_next_events(1);
+    repl[0].put(&key, &"new".into()).await.unwrap();
+    for (i, c) in repl.iter().enumerate() {
+        assert!(
+            eventually_async(Duration::from_secs(3), || async {
+                c.get(&key).await.unwrap().as_deref() == Some("new")
+            })
+            .await,
+            "member {i} kept the value a dropped event had changed"
+        );
+    }
+    let heard = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match listener.recv().await {
+                Some(CacheEvent::Lost) => return true,
+                Some(_) => continue,
+                None => return false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(heard, Ok(true), "the owner's listener heard no Lost");
+    for g in grids {
+        g.shutdown().await;
+    }
+}
+
 /// Events lost on the way (a failed send) are noticed by the batch numbering: the near copy
 /// that missed an invalidation empties itself, the replicated copy fills again, and a
 /// listener hears `Lost` — rather than serving the old value until something else changes.

@@ -332,6 +332,13 @@ impl Caches {
         self.inner.hub.fail_next_batches(n);
     }
 
+    /// Fault injection for tests: the next `n` events this member's owners emit are dropped,
+    /// as a full event outbox drops them.
+    #[doc(hidden)]
+    pub fn drop_next_events(&self, n: u64) {
+        self.inner.hub.drop_next_events(n);
+    }
+
     /// Fault injection for tests: the next `n` announcements of this member's interest in a
     /// cache's events do not reach the member they are sent to.
     #[doc(hidden)]

@@ -181,6 +181,8 @@ pub(crate) struct EventHub {
     fail_batches: AtomicU64,
     /// Fault injection: this many of the next interest announcements count as failed.
     fail_interest: AtomicU64,
+    /// Events still to drop at the outbox (fault injection).
+    drop_events: AtomicU64,
     /// (cache, member) whose last interest announcement did not arrive.
     unconfirmed: std::sync::Mutex<std::collections::HashSet<(Arc<str>, Arc<str>)>>,
 }
@@ -226,6 +228,7 @@ impl EventHub {
             lost: AtomicU64::new(0),
             fail_batches: AtomicU64::new(0),
             fail_interest: AtomicU64::new(0),
+            drop_events: AtomicU64::new(0),
             unconfirmed: std::sync::Mutex::new(std::collections::HashSet::new()),
         });
         let weak = Arc::downgrade(&hub);
@@ -428,6 +431,12 @@ impl EventHub {
         self.fail_batches.store(n, Ordering::Relaxed);
     }
 
+    /// Fault injection for tests: the next `n` events are dropped as a full outbox drops
+    /// them.
+    pub(crate) fn drop_next_events(&self, n: u64) {
+        self.drop_events.store(n, Ordering::Relaxed);
+    }
+
     /// Fault injection for tests: the next `n` interest announcements count as failed (the
     /// member does not learn of them).
     pub(crate) fn fail_next_announcements(&self, n: u64) {
@@ -467,7 +476,7 @@ impl EventSink for EventHub {
     }
 
     fn emit(&self, event: RawEvent) {
-        if self.outbox.try_send(event).is_err() {
+        if take_one(&self.drop_events) || self.outbox.try_send(event).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("grid_cache_events_dropped_total").increment(1);
             if n.is_power_of_two() {

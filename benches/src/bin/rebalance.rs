@@ -242,11 +242,8 @@ impl Cluster {
     async fn status(&self, member: &Member, reset: bool) -> anyhow::Result<MemberStatus> {
         Ok(match member {
             Member::InProcess(g) => {
-                let status = g.runtime().status();
-                if reset {
-                    g.runtime().reset_copy_window();
-                }
-                status
+                let me = g.cluster().local_member().id.clone();
+                g.runtime().member_status(&me, reset).await?
             }
             Member::Process { id, .. } => self.client.runtime().member_status(id, reset).await?,
         })

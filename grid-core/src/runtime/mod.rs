@@ -436,26 +436,25 @@ impl Runtime {
         }
     }
 
+    fn status_then_reset(&self, reset_copy_window: bool) -> MemberStatus {
+        let status = self.status();
+        if reset_copy_window {
+            self.reset_copy_window();
+        }
+        status
+    }
+
     /// The status of the live member `member` (this one included), asked over the network;
-    /// with `reset_copy_window` the member then forgets its copying window.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), grid_core::GridError> {
-    /// # let grid = grid::Grid::builder().bind("127.0.0.1:0").no_seeds().cluster_name("status-doc").start().await?;
-    /// let me = grid.cluster().local_member().id.to_string();
-    /// let status = grid.runtime().member_status(&me, false).await?;
-    /// assert_eq!(status.member, me);
-    /// assert!(status.coordinator.active); // a one-member cluster coordinates itself
-    /// # grid.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
+    /// with `reset_copy_window` the member then forgets its copying window. (Example on
+    /// `grid::Grid::member_status`.)
     pub async fn member_status(
         &self,
         member: &str,
         reset_copy_window: bool,
     ) -> Result<MemberStatus, GridError> {
+        if *member == *self.inner.me {
+            return Ok(self.status_then_reset(reset_copy_window));
+        }
         let m = self
             .inner
             .cluster
@@ -867,13 +866,7 @@ impl Runtime {
         let rt = self.clone();
         t.on_request_typed(routes::STATUS, move |_peer, reset_copy_window: bool| {
             let rt = rt.clone();
-            async move {
-                let status = rt.status();
-                if reset_copy_window {
-                    rt.reset_copy_window();
-                }
-                Ok::<_, String>(status)
-            }
+            async move { Ok::<_, String>(rt.status_then_reset(reset_copy_window)) }
         });
         let rt = self.clone();
         t.on_request_typed(routes::DRAIN, move |peer, (): ()| {
