@@ -1348,9 +1348,8 @@ impl Transport {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        let body = codec::encode(req)?;
-        let resp = self.request(addr, route, &body, timeout).await?;
-        Ok(codec::decode(&resp)?)
+        self.request_typed_in(LaneClass::Calls, addr, route, req, timeout)
+            .await
     }
 
     /// Typed [`Transport::request_nested`].
@@ -1365,8 +1364,24 @@ impl Transport {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
+        self.request_typed_in(LaneClass::Nested, addr, route, req, timeout)
+            .await
+    }
+
+    async fn request_typed_in<Req, Resp>(
+        &self,
+        class: LaneClass,
+        addr: SocketAddr,
+        route: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, NetError>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
         let body = codec::encode(req)?;
-        let resp = self.request_nested(addr, route, &body, timeout).await?;
+        let resp = self.request_in(class, addr, route, &body, timeout).await?;
         Ok(codec::decode(&resp)?)
     }
 

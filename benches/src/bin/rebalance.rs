@@ -383,7 +383,7 @@ async fn spawn_member(
             command.env_remove(name);
         }
     }
-    let child = command
+    command
         .arg("node")
         .arg("--config")
         .arg(&config_file)
@@ -393,7 +393,19 @@ async fn spawn_member(
         )
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed; it makes one `prctl` system call (no allocation,
+    // no lock) and touches nothing of the parent's state.
+    unsafe {
+        command.pre_exec(|| {
+            // A member outlives nothing: if this harness dies (even by SIGKILL, where
+            // `kill_on_drop` cannot act), its members are killed too.
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = command
         .spawn()
         .with_context(|| format!("starting {}", bin.display()));
     let mut child = match child {
