@@ -52,21 +52,25 @@ pub(crate) enum Outgoing {
     Reset(quinn::VarInt),
 }
 
-/// Starts the writer task of a lane's sending half and returns its queue. When the stream
-/// fails or is reset, `unsent` hears, once, the ids of the frames that were not written whole.
+/// Starts the writer task of a lane's sending half and returns its queue. Before it writes
+/// frames it tells `writing` their ids, and writes nothing if told `false` (the lane was
+/// given up: whoever gave it up answered their callers). When the stream fails or is
+/// reset, `unsent` hears, once, the ids of the frames that were not written whole.
 pub(crate) fn lane_writer(
     send: SendStream,
+    writing: impl FnMut(&[u64]) -> bool + Send + 'static,
     unsent: impl FnOnce(Vec<u64>, &str) + Send + 'static,
 ) -> mpsc::Sender<Outgoing> {
     let (tx, rx) = mpsc::channel(LANE_QUEUE);
     let _ = send.set_priority(LANE_PRIORITY);
-    tokio::spawn(write_lane(send, rx, unsent));
+    tokio::spawn(write_lane(send, rx, writing, unsent));
     tx
 }
 
 async fn write_lane(
     mut send: SendStream,
     mut rx: mpsc::Receiver<Outgoing>,
+    mut writing: impl FnMut(&[u64]) -> bool,
     unsent: impl FnOnce(Vec<u64>, &str),
 ) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
@@ -103,7 +107,9 @@ async fn write_lane(
                 }
                 Outgoing::Reset(code) => {
                     if failed.is_none() {
-                        failed = write_frames(&mut send, &mut frames, &mut ids, &mut lost).await;
+                        failed =
+                            write_frames(&mut send, &mut frames, &mut ids, &mut lost, &mut writing)
+                                .await;
                     }
                     if failed.is_none() {
                         let _ = send.reset(code);
@@ -113,7 +119,7 @@ async fn write_lane(
             }
         }
         if failed.is_none() {
-            failed = write_frames(&mut send, &mut frames, &mut ids, &mut lost).await;
+            failed = write_frames(&mut send, &mut frames, &mut ids, &mut lost, &mut writing).await;
         }
         lost.append(&mut ids);
         frames.clear();
@@ -139,9 +145,15 @@ async fn write_frames(
     frames: &mut Vec<Bytes>,
     ids: &mut Vec<u64>,
     lost: &mut Vec<u64>,
+    writing: &mut impl FnMut(&[u64]) -> bool,
 ) -> Option<String> {
     let mut done = 0;
     let mut failed = None;
+    if !ids.is_empty() && !writing(ids) {
+        lost.append(ids);
+        frames.clear();
+        return Some("lane closed".to_string());
+    }
     while done < frames.len() {
         match send.write_chunks(&mut frames[done..]).await {
             // A partly written frame stays first, advanced past what was written.
@@ -167,7 +179,16 @@ pub(crate) enum MuxError {
     Lost(String),
 }
 
-type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Outcome>>>>;
+/// A caller waiting on a lane.
+struct Waiter {
+    answer: oneshot::Sender<Outcome>,
+    /// Its frame went to the lane's writer to be written: from then on a broken lane means
+    /// the request may have run. Set under the pending map's lock, which is also where a
+    /// lane is given up, so a frame never marked can never be written afterwards.
+    written: bool,
+}
+
+type Pending = Mutex<Option<HashMap<u64, Waiter>>>;
 
 struct Lane {
     outbox: mpsc::Sender<Outgoing>,
@@ -187,7 +208,8 @@ impl Lane {
             .is_none()
     }
 
-    /// Marks the lane dead; waiting callers see their answer channel close.
+    /// Marks the lane dead: callers whose frames were never written hear so (a retry cannot
+    /// run them twice); the others see their answer channel close (they may have run).
     fn fail_all(&self, why: &str) {
         fail_all(&self.pending, why);
     }
@@ -195,8 +217,16 @@ impl Lane {
 
 fn fail_all(pending: &Pending, why: &str) {
     let pending = pending.lock().unwrap_or_else(|e| e.into_inner()).take();
-    if let Some(p) = pending.filter(|p| !p.is_empty()) {
-        debug!(waiting = p.len(), why, "request lane closed");
+    let mut lost = 0;
+    for (_, waiter) in pending.into_iter().flatten() {
+        if waiter.written {
+            lost += 1;
+        } else {
+            let _ = waiter.answer.send(Err(why.to_string()));
+        }
+    }
+    if lost > 0 {
+        debug!(waiting = lost, why, "request lane closed");
     }
 }
 
@@ -318,18 +348,33 @@ impl MuxClient {
                 let waiting = pending.lock().unwrap_or_else(|e| e.into_inner()).take();
                 if let Some(mut waiting) = waiting {
                     for id in ids {
-                        if let Some(tx) = waiting.remove(&id) {
-                            let _ = tx.send(Err(why.to_string()));
+                        if let Some(w) = waiting.remove(&id) {
+                            let _ = w.answer.send(Err(why.to_string()));
                         }
                     }
-                    if !waiting.is_empty() {
-                        debug!(waiting = waiting.len(), why, "request lane closed");
-                    }
+                    // The rest were written, or never will be.
+                    fail_all(&Mutex::new(Some(waiting)), why);
                 }
             }
         };
+        let writing = {
+            let pending = pending.clone();
+            move |ids: &[u64]| {
+                let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(map) = pending.as_mut() else {
+                    return false;
+                };
+                for id in ids {
+                    // A caller that gave up left no entry: its frame goes anyway.
+                    if let Some(w) = map.get_mut(id) {
+                        w.written = true;
+                    }
+                }
+                true
+            }
+        };
         let lane = Arc::new(Lane {
-            outbox: lane_writer(send, unsent),
+            outbox: lane_writer(send, writing, unsent),
             pending,
             unanswered: AtomicUsize::new(0),
         });
@@ -362,7 +407,13 @@ impl MuxClient {
         {
             let mut pending = lane.pending.lock().unwrap_or_else(|e| e.into_inner());
             match pending.as_mut() {
-                Some(map) => map.insert(id, tx),
+                Some(map) => map.insert(
+                    id,
+                    Waiter {
+                        answer: tx,
+                        written: false,
+                    },
+                ),
                 None => return Err(MuxError::NotSent("lane closed".into())),
             };
         }
@@ -415,14 +466,14 @@ async fn read_responses(lane: Arc<Lane>, mut recv: RecvStream, limit: usize) {
                 let _ = lane
                     .unanswered
                     .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-                let tx = lane
+                let waiter = lane
                     .pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .as_mut()
                     .and_then(|m| m.remove(&id));
-                if let Some(tx) = tx {
-                    let _ = tx.send(Ok(reply));
+                if let Some(w) = waiter {
+                    let _ = w.answer.send(Ok(reply));
                 }
             }
             Ok(Some(_)) => {

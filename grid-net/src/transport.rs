@@ -1084,7 +1084,7 @@ impl Transport {
     ) {
         let limit = self.inner.config.max_frame_size;
         // The peer's callers learn of unanswered requests when the lane closes.
-        let out = mux::lane_writer(send, |_, _| {});
+        let out = mux::lane_writer(send, |_| true, |_, _| {});
         // Handlers still running on this lane; past the bound the lane stops reading, which
         // pushes back on the peer through QUIC flow control.
         let running = Arc::new(Semaphore::new(MAX_LANE_TASKS));
@@ -1290,7 +1290,9 @@ impl Transport {
                 Err(MuxError::Lost(e)) => return Err(lost(addr, e)),
             }
         }
-        Err(lost(addr, last))
+        // Twice not sent: the peer ran nothing, which is what `Unreachable` says (callers may
+        // retry even a request that must not run twice).
+        Err(NetError::Unreachable { addr, reason: last })
     }
 
     async fn open_bi_retrying(

@@ -366,3 +366,75 @@ async fn handlers_waiting_on_each_other_do_not_stall_full_lanes() {
         started.elapsed()
     );
 }
+
+/// A lane breaks (its peer vanished) with requests still queued behind a peer that stopped
+/// reading: requests whose frames never left are reported as not sent — the caller then
+/// gets `Unreachable`, which promises the peer ran nothing — and no request reported so ran
+/// on the peer, whichever of the lane's reader and writer noticed the break first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_reported_unreachable_never_ran() {
+    let quick = TransportConfig {
+        idle_timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(1),
+        ..TransportConfig::default()
+    };
+    let a = member_at("a", 1, "127.0.0.1:0", quick.clone());
+    let b = member_at("b", 1, "127.0.0.1:0", quick);
+    let ran = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    {
+        let ran = ran.clone();
+        b.on_request("hold", move |_p, body| {
+            let ran = ran.clone();
+            async move {
+                let id = u64::from_be_bytes(body[..8].try_into().unwrap());
+                ran.lock().unwrap().insert(id);
+                std::future::pending::<()>().await;
+                Ok(body)
+            }
+        });
+    }
+    // 1,024 handlers run and hold; then b stops reading, QUIC's flow control stops a's
+    // writer, and a's lane queue fills behind it.
+    const REQUESTS: u64 = 2_500;
+    let mut calls = tokio::task::JoinSet::new();
+    for id in 0..REQUESTS {
+        let (a, to) = (a.clone(), b.local_addr());
+        calls.spawn(async move {
+            let mut body = vec![0u8; 8 * 1024];
+            body[..8].copy_from_slice(&id.to_be_bytes());
+            (
+                id,
+                a.request(to, "hold", &body, Duration::from_secs(30)).await,
+            )
+        });
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || ran.lock().unwrap().len()
+            >= 1_024)
+        .await,
+        "b never ran its 1,024 handlers"
+    );
+    b.kill();
+    let (mut unreachable, mut lost) = (0, 0);
+    while let Some(done) = calls.join_next().await {
+        let (id, r) = done.unwrap();
+        match r {
+            Err(NetError::Unreachable { .. }) => {
+                unreachable += 1;
+                assert!(
+                    !ran.lock().unwrap().contains(&id),
+                    "request {id} was reported unreachable but ran"
+                );
+            }
+            Err(NetError::ConnectionLost { .. }) => lost += 1,
+            other => panic!("request {id}: {other:?}"),
+        }
+    }
+    assert!(lost >= 1_024, "the requests that ran are lost: {lost}");
+    // The lane's queue (512) was full of frames never written. (When the reader noticed
+    // first, all of them used to be reported lost: 0 to 4 unreachable, measured.)
+    assert!(
+        unreachable >= 256,
+        "queued requests should be reported unsent: {unreachable} unreachable, {lost} lost"
+    );
+}
