@@ -21,8 +21,9 @@ pub enum NetError {
         /// What the OS said.
         source: std::io::Error,
     },
-    /// Could not reach the peer (dial failed or is backing off). The remote did not run
-    /// anything; retry later.
+    /// Could not reach the peer (dial failed or is backing off, or a request found its
+    /// lane broken twice before its frame was written). The remote did not run anything;
+    /// retry later.
     #[error("peer {addr} unreachable: {reason}")]
     Unreachable {
         /// The peer.

@@ -403,7 +403,7 @@ impl MuxClient {
             .await
             .map_err(MuxError::NotSent)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         {
             let mut pending = lane.pending.lock().unwrap_or_else(|e| e.into_inner());
             match pending.as_mut() {
@@ -430,8 +430,20 @@ impl MuxClient {
             frame: frame.freeze(),
         };
         // A place in the queue first: a caller that gives up while waiting for one never
-        // counted its request as unanswered.
-        let Ok(place) = lane.outbox.reserve().await else {
+        // counted its request as unanswered. A lane given up meanwhile answers at once (the
+        // writer may be stuck behind flow control and never free a place).
+        let place = tokio::select! {
+            place = lane.outbox.reserve() => place,
+            given_up = &mut rx => {
+                // Never queued: whatever the lane said, the peer cannot have run it.
+                let why = match given_up {
+                    Ok(Err(why)) => why,
+                    _ => "lane closed".to_string(),
+                };
+                return Err(MuxError::NotSent(why));
+            }
+        };
+        let Ok(place) = place else {
             lane.fail_all("lane closed");
             return Err(MuxError::NotSent("lane closed".into()));
         };
