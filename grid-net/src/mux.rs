@@ -433,6 +433,8 @@ impl MuxClient {
         // counted its request as unanswered. A lane given up meanwhile answers at once (the
         // writer may be stuck behind flow control and never free a place).
         let place = tokio::select! {
+            // A free place (the usual case) is taken without touching the answer channel.
+            biased;
             place = lane.outbox.reserve() => place,
             given_up = &mut rx => {
                 // Never queued: whatever the lane said, the peer cannot have run it.
