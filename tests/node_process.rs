@@ -20,7 +20,14 @@ async fn node(
     id: &str,
     seed: Option<SocketAddr>,
 ) -> (Child, SocketAddr, Lines<BufReader<ChildStdout>>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_grid"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_grid"));
+    // Only this test's settings: GRID_* variables of the shell would override them.
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(|n| n.starts_with("GRID_")) {
+            command.env_remove(name);
+        }
+    }
+    let mut child = command
         .arg("node")
         .env("GRID_CLUSTER_NAME", CLUSTER)
         .env("GRID_MEMBER_ID", id)
