@@ -216,9 +216,16 @@ impl Lane {
 }
 
 fn fail_all(pending: &Pending, why: &str) {
-    let pending = pending.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(waiting) = pending.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        give_up(waiting, why);
+    }
+}
+
+/// Answers the callers of a lane given up: those whose frames were never written hear
+/// `why` (not sent); the others see their answer channel close (they may have run).
+fn give_up(waiting: HashMap<u64, Waiter>, why: &str) {
     let mut lost = 0;
-    for (_, waiter) in pending.into_iter().flatten() {
+    for (_, waiter) in waiting {
         if waiter.written {
             lost += 1;
         } else {
@@ -288,38 +295,21 @@ pub(crate) struct MuxClient {
 }
 
 impl MuxClient {
-    /// The lane a request of `class` takes now (see [`LaneClass::Nested`]).
-    fn choose(&self, class: LaneClass) -> LaneClass {
-        if class == LaneClass::Calls {
-            return class;
-        }
-        let calls = self.lanes[LaneClass::Calls as usize]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let unanswered = calls.map_or(0, |lane| lane.unanswered.load(Ordering::Relaxed));
-        if unanswered < NESTED_ON_CALLS_BELOW {
-            LaneClass::Calls
-        } else {
-            class
-        }
-    }
-
-    /// The lane for a request of `class` (see [`LaneClass::Nested`]), opened if need be.
+    /// The lane for a request of `class`, opened if need be: the callers' lane, unless the
+    /// request is nested and that lane is crowded (see [`LaneClass::Nested`]).
     async fn lane_for(
         &self,
         conn: &Connection,
         class: LaneClass,
         limit: usize,
     ) -> Result<Arc<Lane>, String> {
-        let chosen = self.choose(class);
-        let lane = self.lane(conn, chosen, limit).await?;
-        // Opening the lane may have waited, and another task may have installed the callers'
-        // lane meanwhile: the choice holds only for the lane actually got.
-        if chosen != class && lane.unanswered.load(Ordering::Relaxed) >= NESTED_ON_CALLS_BELOW {
-            return self.lane(conn, class, limit).await;
+        let calls = self.lane(conn, LaneClass::Calls, limit).await?;
+        if class == LaneClass::Nested
+            && calls.unanswered.load(Ordering::Relaxed) >= NESTED_ON_CALLS_BELOW
+        {
+            return self.lane(conn, LaneClass::Nested, limit).await;
         }
-        Ok(lane)
+        Ok(calls)
     }
 
     async fn lane(
@@ -353,7 +343,7 @@ impl MuxClient {
                         }
                     }
                     // The rest were written, or never will be.
-                    fail_all(&Mutex::new(Some(waiting)), why);
+                    give_up(waiting, why);
                 }
             }
         };

@@ -1225,22 +1225,6 @@ impl Transport {
             .await
     }
 
-    /// [`Transport::request`] for a handler that waits for this answer while it serves
-    /// another request (an owner asking its backups): when the callers' lane to the peer is
-    /// crowded, such requests take a lane of their own, so that a peer whose lane handlers
-    /// all wait cannot hold up what they wait for. (Bodies over 64 KiB take a stream of
-    /// their own, like any request: those are bounded by QUIC's stream limit instead.)
-    pub async fn request_nested(
-        &self,
-        addr: SocketAddr,
-        route: &str,
-        body: &[u8],
-        timeout: Duration,
-    ) -> Result<Bytes, NetError> {
-        self.request_in(LaneClass::Nested, addr, route, body, timeout)
-            .await
-    }
-
     async fn request_in(
         &self,
         class: LaneClass,
@@ -1354,7 +1338,12 @@ impl Transport {
             .await
     }
 
-    /// Typed [`Transport::request_nested`].
+    /// [`Transport::request_typed`] for a handler that waits for this answer while it
+    /// serves another request (an owner asking its backups): when the callers' lane to the
+    /// peer is crowded, such requests take a lane of their own, so that a peer whose lane
+    /// handlers all wait cannot hold up what they wait for. (Bodies over 64 KiB take a
+    /// stream of their own, like any request: those are bounded by QUIC's stream limit
+    /// instead.)
     pub async fn request_typed_nested<Req, Resp>(
         &self,
         addr: SocketAddr,

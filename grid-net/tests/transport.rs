@@ -310,7 +310,7 @@ async fn a_restarted_peer_is_reached_again() {
 
 /// Two members each serve more requests at once than a lane runs handlers for (1,024), and
 /// each handler waits for a request of its own to the other member (as a write's owner
-/// waits for its backup). Sent with `request_nested`, those find the callers' lane crowded,
+/// waits for its backup). Sent with `request_typed_nested`, those find the callers' lane crowded,
 /// take a lane of their own and everything completes; on the callers' lane (plain
 /// `request_typed`: checked, it fails) they queue behind readers that stopped reading, on
 /// both sides, until the deadline.

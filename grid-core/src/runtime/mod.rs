@@ -593,7 +593,7 @@ impl Runtime {
     }
 
     /// Sends a typed request on `route` to the live member `member` (by id) as a nested
-    /// request (`Transport::request_nested`): a migration's catch-up is sent while serving
+    /// request (`Transport::request_typed_nested`): a migration's catch-up is sent while serving
     /// the coordinator's request, and the coordinator's own requests (migrate, freeze) are
     /// better off not queueing behind crowds of callers' operations either.
     pub(crate) async fn ask<Req, Resp>(
