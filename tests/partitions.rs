@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use grid::Grid;
 
-use common::{eventually, init_tracing, member, settled};
+use common::{eventually, eventually_async, init_tracing, member, settled};
 
 async fn data_cluster(name: &str, n: usize, backups: u8) -> Vec<Grid> {
     common::data_cluster(name, n, |b| b.backups(backups)).await
@@ -327,7 +327,15 @@ async fn anti_entropy_repairs_a_backup_that_missed_a_change() {
     grids[backup].runtime().forget_replica_for_tests(p).await;
     // Anti-entropy notices the backup differs and resends the partition; then the owner
     // dies, and the promoted backup must have the acknowledged write.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let owners = grids[owner].runtime().replica_version_for_tests(p).await;
+    assert!(owners > 0);
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            grids[backup].runtime().replica_version_for_tests(p).await == owners
+        })
+        .await,
+        "anti-entropy did not repair the backup"
+    );
     grids[owner].kill();
     let survivor = grids[backup].cache::<u32, u32>("c").await.unwrap();
     assert_eq!(survivor.get(&1).await.unwrap(), Some(2));

@@ -6,8 +6,9 @@
 //! worker queues and every operation waits its turn behind them at each hop (measured with
 //! the `rebalance` harness: p99 latency 7–9× its usual value while a million entries move,
 //! spread evenly over all partitions — not waits for a lock, but for a worker). Bulk streams
-//! therefore travel on a second QUIC endpoint whose tasks run here: the kernel runs an
-//! operation's worker first whenever it is ready, and the copy gets the CPU that is left.
+//! therefore travel on a second QUIC endpoint whose tasks run here, on threads of the idle
+//! scheduling class: the kernel runs an operation's worker first whenever it is ready, and
+//! the copy gets the CPU that is left.
 
 use std::fmt;
 use std::future::Future;
@@ -20,25 +21,80 @@ use quinn::{AsyncTimer, AsyncUdpSocket, Runtime};
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
-/// Nice value of bulk threads (the application's keep theirs, normally 0). At 10 the kernel
-/// weighs a bulk thread about a tenth of a normal one when both want a core.
+/// Nice value of bulk threads where the idle scheduling class is refused (the
+/// application's keep theirs, normally 0). At 10 the kernel weighs a bulk thread about a
+/// tenth of a normal one when both want a core.
 pub const BULK_NICE: i32 = 10;
 
-/// Lowers the calling thread's scheduling priority to [`BULK_NICE`] (Linux: the nice value
-/// is per thread). Elsewhere, or when refused, the thread keeps its priority.
+/// How a thread is scheduled, as far as bulk work is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BulkPriority {
+    /// Linux's `SCHED_IDLE`: the thread runs only on a core that nothing else wants, and a
+    /// normal thread that wakes takes the core from it at once.
+    Idle,
+    /// A nice value of [`BULK_NICE`]: a smaller share of a busy core.
+    Nice,
+    /// The platform's default: the same as the application's threads.
+    Normal,
+}
+
+/// Lowers the calling thread's scheduling priority: to the idle class on Linux, or, if that
+/// is refused, to [`BULK_NICE`]; elsewhere the thread keeps its priority.
+///
+/// Why idle rather than a nice value: the kernel's fair scheduler lets a running thread of
+/// any nice value finish its time slice (about 0.75 ms on current Linux) before a thread
+/// that just woke gets the core, so every hop of an operation could wait that long behind a
+/// copy. An idle-class thread is preempted as soon as a normal one wakes.
 pub fn lower_thread_priority() {
     #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::setpriority_process(None, BULK_NICE) {
-        debug!(error = %e, "bulk thread keeps the normal priority");
+    {
+        if sched_idle::enter().is_ok() {
+            return;
+        }
+        if let Err(e) = rustix::process::setpriority_process(None, BULK_NICE) {
+            debug!(error = %e, "bulk thread keeps the normal priority");
+        }
     }
 }
 
-/// The calling thread's nice value, where the platform has one per thread.
-pub fn thread_nice() -> Option<i32> {
+/// The calling thread's scheduling, as [`lower_thread_priority`] leaves it.
+pub fn thread_priority() -> BulkPriority {
     #[cfg(target_os = "linux")]
-    return rustix::process::getpriority_process(None).ok();
-    #[cfg(not(target_os = "linux"))]
-    None
+    {
+        if sched_idle::is_idle() {
+            return BulkPriority::Idle;
+        }
+        if rustix::process::getpriority_process(None).ok() == Some(BULK_NICE) {
+            return BulkPriority::Nice;
+        }
+    }
+    BulkPriority::Normal
+}
+
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+mod sched_idle {
+    use std::io;
+
+    /// Moves the calling thread to `SCHED_IDLE` (allowed without privileges).
+    pub(super) fn enter() -> io::Result<()> {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `sched_setscheduler` reads the `sched_param` behind the pointer during the
+        // call only, and it points to a live, initialised local. Pid 0 names the calling
+        // thread. The call has no effect on this process's memory beyond errno.
+        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Whether the calling thread is in `SCHED_IDLE`.
+    pub(super) fn is_idle() -> bool {
+        // SAFETY: takes no pointer; pid 0 names the calling thread; no memory effects.
+        unsafe { libc::sched_getscheduler(0) == libc::SCHED_IDLE }
+    }
 }
 
 /// How many threads a pool of bulk work gets: one per core, at most 4.
@@ -98,16 +154,16 @@ mod tests {
     #[tokio::test]
     async fn bulk_threads_run_at_lower_priority() {
         let handle = handle().expect("bulk runtime");
-        let (name, nice) = handle
+        let (name, priority) = handle
             .spawn(async {
                 let name = std::thread::current().name().map(str::to_string);
-                (name, thread_nice())
+                (name, thread_priority())
             })
             .await
             .unwrap();
         assert_eq!(name.as_deref(), Some("grid-bulk"));
         if cfg!(target_os = "linux") {
-            assert_eq!(nice, Some(BULK_NICE));
+            assert_ne!(priority, BulkPriority::Normal);
         }
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! A copy is bulk CPU work; the operations it overlaps with are short and latency-bound.
 //! On the runtime's workers (or tokio's blocking threads, which the OS treats like them) a
-//! copy takes its full share of the cores while operations wait behind it. On threads with
-//! a higher nice value the kernel runs an operation's worker first whenever it is ready, and
+//! copy takes its full share of the cores while operations wait behind it. On threads of the
+//! idle scheduling class (or a higher nice value) the kernel runs an operation's worker first whenever it is ready, and
 //! gives the copy whatever CPU is left: a migration goes as fast as the spare CPU allows and
 //! operations wait less behind it (BENCHMARKS.md, issue 3, with the bulk endpoint of
 //! `grid_net::bulk_runtime`, which does the same for the copy's network work).
@@ -81,16 +81,16 @@ mod tests {
     #[tokio::test]
     async fn jobs_run_on_lower_priority_threads_and_answer() {
         let bg = Background::start("m1", 2);
-        let (name, nice) = bg
+        let (name, priority) = bg
             .run(|| {
                 let name = std::thread::current().name().map(str::to_string);
-                (name, grid_net::bulk_runtime::thread_nice())
+                (name, grid_net::bulk_runtime::thread_priority())
             })
             .await
             .unwrap();
         assert!(name.unwrap().starts_with("grid-copy-m1-"));
         if cfg!(target_os = "linux") {
-            assert_eq!(nice, Some(grid_net::bulk_runtime::BULK_NICE));
+            assert_ne!(priority, grid_net::bulk_runtime::BulkPriority::Normal);
         }
         let sums = futures::future::join_all((0..20u64).map(|i| bg.run(move || i * 2))).await;
         let sums: Vec<u64> = sums.into_iter().map(Result::unwrap).collect();

@@ -355,6 +355,18 @@ impl Runtime {
         }
     }
 
+    /// This member's version of `partition` (the lowest over its services; 0 for none): for
+    /// tests that wait for a replica to catch up.
+    #[doc(hidden)]
+    pub async fn replica_version_for_tests(&self, partition: u32) -> u64 {
+        let mut lowest = None;
+        for slot in self.slots() {
+            let v = slot.replicas[partition as usize].lock().await.version;
+            lowest = Some(lowest.map_or(v, |l: u64| l.min(v)));
+        }
+        lowest.unwrap_or(0)
+    }
+
     /// The partition of an encoded key.
     pub fn partition_of(&self, key: &[u8]) -> u32 {
         crate::partition::partition_of(key, self.inner.config.table.partitions)
