@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use grid_core::codec;
-use grid_core::runtime::{PartitionService, Prepared, Snapshot};
+use grid_core::runtime::{PartitionService, Prepared, Rebuilt, Snapshot};
 use tracing::warn;
 
 use crate::events::{EventKind, EventSink, RawEvent};
@@ -749,7 +749,7 @@ impl PartitionService for CacheService {
         Box::new(SnapshotChunks::new(maps, chunk_bytes))
     }
 
-    fn restore(&self, p: u32, chunks: Vec<bytes::Bytes>) -> Result<(), String> {
+    fn rebuild(&self, _partition: u32, chunks: Vec<bytes::Bytes>) -> Result<Rebuilt, String> {
         // Two passes: the first checks the structure and sizes every cache's map, so the
         // second copies each key and value once into arenas that do not grow meanwhile.
         let mut sizes: HashMap<&str, (usize, usize, usize)> = HashMap::new();
@@ -780,7 +780,19 @@ impl PartitionService for CacheService {
                 map.insert(k, v, meta, now, false).map(drop)
             })?;
         }
-        *self.part(p)?.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(Box::new(fresh))
+    }
+
+    fn install(&self, p: u32, rebuilt: Rebuilt) -> Result<(), String> {
+        let fresh = rebuilt
+            .downcast::<Partition>()
+            .map_err(|_| format!("partition {p}: not a cache partition to install"))?;
+        let old = std::mem::replace(
+            &mut *self.part(p)?.write().unwrap_or_else(|e| e.into_inner()),
+            *fresh,
+        );
+        // Freed after the store's lock is released.
+        drop(old);
         Ok(())
     }
 
@@ -847,6 +859,29 @@ mod tests {
         let e = t.entries("a", 0..1, true);
         assert_eq!(e.len(), 500);
         assert!(e.iter().all(|(_, v, _, idle)| v.len() == 100 && *idle == 7));
+    }
+
+    #[test]
+    fn a_rebuilt_partition_changes_nothing_until_installed() {
+        let source = CacheService::new(1);
+        run(&source, put("a", b"new", b"1", WriteParams::default()));
+        let chunks: Vec<bytes::Bytes> = source.snapshot(0, 4096).map(Into::into).collect();
+        let t = CacheService::new(1);
+        run(&t, put("a", b"old", b"2", WriteParams::default()));
+        let rebuilt = t.rebuild(0, chunks).unwrap();
+        // Still the old state: changes applied meanwhile land in it.
+        run(&t, put("a", b"meanwhile", b"3", WriteParams::default()));
+        assert_eq!(t.partition_len(0), 2);
+        t.install(0, rebuilt).unwrap();
+        let keys: Vec<Vec<u8>> = t
+            .entries("a", 0..1, false)
+            .into_iter()
+            .map(|(k, ..)| k)
+            .collect();
+        assert_eq!(keys, vec![b"new".to_vec()]);
+        // Something else than a rebuilt cache partition is refused, not installed.
+        assert!(t.install(0, Box::new(7u32)).is_err());
+        assert_eq!(t.partition_len(0), 1);
     }
 
     #[test]

@@ -44,7 +44,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 pub use coordinator::MigrationStats;
-pub use service::{PartitionService, Prepared, Snapshot};
+pub use service::{PartitionService, Prepared, Rebuilt, Snapshot};
 
 use crate::partition::table::{Candidate, PartitionTable, TableConfig};
 use crate::GridError;

@@ -13,6 +13,10 @@
 /// A partition's state, produced as chunks on demand (see [`PartitionService::snapshot`]).
 pub type Snapshot = Box<dyn Iterator<Item = Vec<u8>> + Send>;
 
+/// A partition's state rebuilt from a snapshot, not yet in place (see
+/// [`PartitionService::rebuild`]); only the service that built it knows its type.
+pub type Rebuilt = Box<dyn std::any::Any + Send>;
+
 /// What [`PartitionService::prepare`] decided.
 #[derive(Debug, Clone, Default)]
 pub struct Prepared {
@@ -22,8 +26,9 @@ pub struct Prepared {
     pub change: Option<Vec<u8>>,
 }
 
-/// A service whose state is split by partition. All methods are called by the runtime,
-/// never concurrently for the same partition.
+/// A service whose state is split by partition. The methods that read or change a
+/// partition's state are called by the runtime never concurrently for the same partition
+/// ([`PartitionService::rebuild`], which touches no live state, may run beside them).
 pub trait PartitionService: Send + Sync + 'static {
     /// The service's name, unique in the member (e.g. `"cache:users"`).
     fn name(&self) -> &str;
@@ -43,9 +48,23 @@ pub trait PartitionService: Send + Sync + 'static {
     /// encode lazily.
     fn snapshot(&self, partition: u32, chunk_bytes: usize) -> Snapshot;
 
-    /// Replaces the partition's state with the one `chunks` (from `snapshot`) describe.
-    /// The chunks come from the network: malformed ones are an error, never a panic.
-    fn restore(&self, partition: u32, chunks: Vec<bytes::Bytes>) -> Result<(), String>;
+    /// Builds the state that `chunks` (from `snapshot`) describe, without touching the
+    /// partition's live state; [`PartitionService::install`] puts it in place. Called on a
+    /// low-priority thread, without the partition's lock (it is the slow half of a
+    /// restore). The chunks come from the network: malformed ones are an error, never a
+    /// panic.
+    fn rebuild(&self, partition: u32, chunks: Vec<bytes::Bytes>) -> Result<Rebuilt, String>;
+
+    /// Replaces the partition's state with one that [`PartitionService::rebuild`] returned
+    /// for it. Called under the partition's lock: should only swap.
+    fn install(&self, partition: u32, rebuilt: Rebuilt) -> Result<(), String>;
+
+    /// Replaces the partition's state with the one `chunks` describe: `rebuild`, then
+    /// `install`.
+    fn restore(&self, partition: u32, chunks: Vec<bytes::Bytes>) -> Result<(), String> {
+        let rebuilt = self.rebuild(partition, chunks)?;
+        self.install(partition, rebuilt)
+    }
 
     /// Forgets the partition: this member no longer holds a replica of it.
     fn drop_partition(&self, partition: u32);
