@@ -9,6 +9,7 @@
 //! bind = "10.0.0.5:5701"
 //! seeds = ["10.0.0.6:5701", "orders-2.internal:5701"]
 //! bulk_port = 5801                # partition copies; default: any free port
+//! bulk_priority = "idle"          # copies' threads: idle (default), nice or normal
 //!
 //! [tls]                           # production: all three files
 //! ca = "/etc/grid/ca.pem"
@@ -32,9 +33,10 @@
 //!
 //! Environment overrides (applied by [`GridConfig::load`] and
 //! [`GridConfig::apply_env`]): `GRID_CLUSTER_NAME`, `GRID_MEMBER_ID`, `GRID_BIND`,
-//! `GRID_ADVERTISE`, `GRID_BULK_PORT`, `GRID_SEEDS` (comma-separated), `GRID_CLUSTER_SECRET`,
-//! `GRID_TLS_CA`, `GRID_TLS_CERT`, `GRID_TLS_KEY`, `GRID_MULTICAST_ENABLED`,
-//! `GRID_MULTICAST_GROUP`, `GRID_MULTICAST_PORT`, `GRID_ATTRIBUTES` (`k=v,k=v`).
+//! `GRID_ADVERTISE`, `GRID_BULK_PORT`, `GRID_BULK_PRIORITY`, `GRID_SEEDS` (comma-separated),
+//! `GRID_CLUSTER_SECRET`, `GRID_TLS_CA`, `GRID_TLS_CERT`, `GRID_TLS_KEY`,
+//! `GRID_MULTICAST_ENABLED`, `GRID_MULTICAST_GROUP`, `GRID_MULTICAST_PORT`, `GRID_ATTRIBUTES`
+//! (`k=v,k=v`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -188,6 +190,7 @@ impl GridConfig {
                 "GRID_BIND" => self.network.bind = parse_env(&name, &value)?,
                 "GRID_ADVERTISE" => self.network.advertise = Some(parse_env(&name, &value)?),
                 "GRID_BULK_PORT" => self.network.bulk_port = parse_env(&name, &value)?,
+                "GRID_BULK_PRIORITY" => self.network.bulk_priority = parse_env(&name, &value)?,
                 "GRID_SEEDS" => {
                     self.network.seeds = value
                         .split(',')
@@ -279,6 +282,7 @@ impl GridConfig {
                 self.partitions.backup_timeout_ms.max(1),
             ),
             async_backups: self.partitions.async_backups,
+            copy_priority: self.network.bulk_priority,
             ..crate::runtime::RuntimeConfig::default()
         }
     }
@@ -287,6 +291,7 @@ impl GridConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use grid_net::bulk_runtime::BulkPriority;
 
     #[test]
     fn file_then_env() {
@@ -297,6 +302,7 @@ mod tests {
             bind = "127.0.0.1:6000"
             seeds = ["a:1"]
             bulk_endpoint = false
+            bulk_priority = "nice"
             [multicast]
             enabled = true
             [attributes]
@@ -306,12 +312,14 @@ mod tests {
         .unwrap();
         assert_eq!(c.network.bind.port(), 6000);
         assert!(!c.network.bulk_endpoint);
+        assert_eq!(c.network.bulk_priority, BulkPriority::Nice);
         assert!(c.multicast.enabled);
         c.apply_env([
             ("GRID_SEEDS".to_string(), "b:1, c:2".to_string()),
             ("GRID_ATTRIBUTES".to_string(), "zone=b,host=h1".to_string()),
             ("GRID_MULTICAST_ENABLED".to_string(), "false".to_string()),
             ("GRID_BULK_PORT".to_string(), "6001".to_string()),
+            ("GRID_BULK_PRIORITY".to_string(), "normal".to_string()),
             ("PATH".to_string(), "/bin".to_string()),
         ])
         .unwrap();
@@ -320,6 +328,10 @@ mod tests {
         assert_eq!(c.attributes["host"], "h1");
         assert!(!c.multicast.enabled);
         assert_eq!(c.network.bulk_port, 6001);
+        assert_eq!(c.network.bulk_priority, BulkPriority::Normal);
+        assert!(c
+            .apply_env([("GRID_BULK_PRIORITY".to_string(), "low".to_string())])
+            .is_err());
         let err = c
             .apply_env([("GRID_BIND".to_string(), "nope".to_string())])
             .unwrap_err();

@@ -7,8 +7,8 @@
 //! the `rebalance` harness: p99 latency 7–9× its usual value while a million entries move,
 //! spread evenly over all partitions — not waits for a lock, but for a worker). Bulk streams
 //! therefore travel on a second QUIC endpoint whose tasks run here, on threads of the idle
-//! scheduling class: the kernel runs an operation's worker first whenever it is ready, and
-//! the copy gets the CPU that is left.
+//! scheduling class by default ([`BulkPriority`]): the kernel runs an operation's worker
+//! first whenever it is ready, and the copy gets the CPU that is left.
 
 use std::fmt;
 use std::future::Future;
@@ -18,6 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use quinn::{AsyncTimer, AsyncUdpSocket, Runtime};
+use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
@@ -26,35 +27,65 @@ use tracing::{debug, warn};
 /// tenth of a normal one when both want a core.
 pub const BULK_NICE: i32 = 10;
 
-/// How a thread is scheduled, as far as bulk work is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How bulk threads (the bulk endpoint's runtime, partition copies) are scheduled: the
+/// member's `network.bulk_priority`.
+///
+/// Measured with the `rebalance` harness (1M entries, 3→4 members, BENCHMARKS.md): under
+/// a load that leaves CPU spare, `Idle` keeps the operations' p99 latency during the copy
+/// at about 3× its usual value where `Nice` lets it reach about 5×, and the copy moves as
+/// fast; under a load that takes every core, `Idle` keeps operations at their usual
+/// latency but the copy gets almost nothing (a few % of its unloaded rate) and a rebalance
+/// takes that much longer, where `Nice` still gives it about a tenth of a core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BulkPriority {
-    /// Linux's `SCHED_IDLE`: the thread runs only on a core that nothing else wants, and a
-    /// normal thread that wakes takes the core from it at once.
+    /// Linux's `SCHED_IDLE` (the default): the thread runs only on a core that nothing
+    /// else wants, and a normal thread that wakes takes the core from it at once. Where
+    /// the class is refused, nice 10.
+    #[default]
     Idle,
-    /// A nice value of [`BULK_NICE`]: a smaller share of a busy core.
+    /// A nice value of [`BULK_NICE`]: about a tenth of a busy core. The kernel lets the
+    /// running thread finish its time slice (1–2 ms) before a thread that woke gets the
+    /// core, so each hop of an operation may wait that long behind a copy.
     Nice,
-    /// The platform's default: the same as the application's threads.
+    /// The same priority as the application's threads.
     Normal,
 }
 
-/// Lowers the calling thread's scheduling priority: to the idle class on Linux, or, if that
-/// is refused, to [`BULK_NICE`]; elsewhere the thread keeps its priority.
-///
-/// Why idle rather than a nice value: the kernel's fair scheduler lets a running thread of
-/// any nice value finish its time slice (about 0.75 ms on current Linux) before a thread
-/// that just woke gets the core, so every hop of an operation could wait that long behind a
-/// copy. An idle-class thread is preempted as soon as a normal one wakes.
-pub fn lower_thread_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        if sched_idle::enter().is_ok() {
-            return;
-        }
-        if let Err(e) = rustix::process::setpriority_process(None, BULK_NICE) {
-            debug!(error = %e, "bulk thread keeps the normal priority");
+impl std::str::FromStr for BulkPriority {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "idle" => Ok(Self::Idle),
+            "nice" => Ok(Self::Nice),
+            "normal" => Ok(Self::Normal),
+            other => Err(format!("{other:?} is not idle, nice or normal")),
         }
     }
+}
+
+/// Lowers the calling thread's scheduling priority as `priority` says (on Linux; elsewhere
+/// the thread keeps its priority). A refusal is logged; the thread then keeps what it has.
+pub fn lower_thread_priority(priority: BulkPriority) {
+    #[cfg(target_os = "linux")]
+    {
+        if priority == BulkPriority::Idle {
+            match sched_idle::enter() {
+                Ok(()) => return,
+                Err(e) => {
+                    debug!(error = %e, "no idle scheduling class for a bulk thread; nice instead")
+                }
+            }
+        }
+        if priority != BulkPriority::Normal {
+            if let Err(e) = rustix::process::setpriority_process(None, BULK_NICE) {
+                debug!(error = %e, "bulk thread keeps the normal priority");
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = priority;
 }
 
 /// The calling thread's scheduling, as [`lower_thread_priority`] leaves it.
@@ -102,15 +133,17 @@ pub fn bulk_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
-/// The shared bulk runtime, started on first use; `None` if it could not be started.
-pub(crate) fn handle() -> Option<Handle> {
+/// The shared bulk runtime, started on first use with that caller's `priority` (one
+/// runtime per process: members started later in the same process share it as it is);
+/// `None` if it could not be started.
+pub(crate) fn handle(priority: BulkPriority) -> Option<Handle> {
     static RUNTIME: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
     RUNTIME
         .get_or_init(|| {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(bulk_threads())
                 .thread_name("grid-bulk")
-                .on_thread_start(lower_thread_priority)
+                .on_thread_start(move || lower_thread_priority(priority))
                 .enable_all()
                 .build()
                 .map_err(|e| warn!(error = %e, "no bulk runtime; copies share the application's"))
@@ -153,7 +186,7 @@ mod tests {
 
     #[tokio::test]
     async fn bulk_threads_run_at_lower_priority() {
-        let handle = handle().expect("bulk runtime");
+        let handle = handle(BulkPriority::Idle).expect("bulk runtime");
         let (name, priority) = handle
             .spawn(async {
                 let name = std::thread::current().name().map(str::to_string);

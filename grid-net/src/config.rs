@@ -38,6 +38,11 @@ pub struct NetworkConfig {
     /// UDP port of that second endpoint, on the bind address (default 0: any free port;
     /// set one when a firewall must let it through). Members learn it from each other.
     pub bulk_port: u16,
+    /// How the threads that copy partitions are scheduled: `"idle"` (default: only on CPU
+    /// that operations leave; fastest operations, slowest copies on a busy machine),
+    /// `"nice"` (nice 10: about a tenth of a busy core) or `"normal"` (like the
+    /// application's threads). See [`crate::bulk_runtime::BulkPriority`].
+    pub bulk_priority: crate::bulk_runtime::BulkPriority,
 }
 
 impl Default for NetworkConfig {
@@ -51,6 +56,7 @@ impl Default for NetworkConfig {
             max_udp_payload: 8952,
             bulk_endpoint: true,
             bulk_port: 0,
+            bulk_priority: crate::bulk_runtime::BulkPriority::Idle,
         }
     }
 }

@@ -156,6 +156,7 @@ impl Node {
                 max_udp_payload: config.network.max_udp_payload,
                 bulk_endpoint: config.network.bulk_endpoint,
                 bulk_port: config.network.bulk_port,
+                bulk_priority: config.network.bulk_priority,
                 ..TransportConfig::default()
             },
         )?;

@@ -30,6 +30,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
 
+use crate::bulk_runtime::BulkPriority;
 use crate::codec;
 use crate::frame::{read_frame, FrameError, FrameReader};
 use crate::mux::{self, LaneClass, MuxClient, MuxError, Outgoing, MAX_LANE_TASKS, MUX_MAX_PAYLOAD};
@@ -84,6 +85,9 @@ pub struct TransportConfig {
     /// UDP port of the bulk endpoint, on the member's bind address (default 0: any free
     /// port — set one when a firewall must let it through).
     pub bulk_port: u16,
+    /// Scheduling of the bulk endpoint's threads (default [`BulkPriority::Idle`]). They
+    /// are shared by every member of a process: the first member to start decides.
+    pub bulk_priority: BulkPriority,
 }
 
 impl Default for TransportConfig {
@@ -101,6 +105,7 @@ impl Default for TransportConfig {
             max_udp_payload: 8952,
             bulk_endpoint: true,
             bulk_port: 0,
+            bulk_priority: BulkPriority::Idle,
         }
     }
 }
@@ -306,7 +311,10 @@ impl Transport {
         let spawner = Handle::try_current()
             .map_err(|_| NetError::Tls("no tokio runtime: start the member inside one".into()))?;
         let faults = Arc::new(FaultSwitch::default());
-        let bulk = match (config.bulk_endpoint, crate::bulk_runtime::handle()) {
+        let bulk = match (
+            config.bulk_endpoint,
+            crate::bulk_runtime::handle(config.bulk_priority),
+        ) {
             (true, Some(on)) => {
                 let ip = socket
                     .local_addr()

@@ -33,7 +33,7 @@ use futures::StreamExt;
 use std::net::SocketAddr;
 
 use grid::MemberStatus;
-use grid::{Grid, GridConfig};
+use grid::{BulkPriority, Grid, GridConfig};
 use grid_bench::{percentile, settled};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
@@ -81,6 +81,10 @@ struct Args {
     /// (the member's `network.bulk_endpoint = false`).
     #[arg(long)]
     no_bulk_endpoint: bool,
+    /// How the threads that copy partitions are scheduled: idle, nice or normal (the
+    /// member's `network.bulk_priority`).
+    #[arg(long, default_value = "idle")]
+    bulk_priority: BulkPriority,
     /// Partition copies at once.
     #[arg(long, default_value_t = 8)]
     parallel: usize,
@@ -158,6 +162,7 @@ fn member_config(args: &Args, i: usize, seed: Option<SocketAddr>) -> GridConfig 
     config.partitions.max_parallel_migrations = args.parallel;
     config.network.max_udp_payload = args.max_udp_payload;
     config.network.bulk_endpoint = !args.no_bulk_endpoint;
+    config.network.bulk_priority = args.bulk_priority;
     config
 }
 

@@ -25,9 +25,14 @@ pub(crate) struct Background {
 }
 
 impl Background {
-    /// Starts `threads` copy threads (at least one) named after `member`. A thread the OS
-    /// refuses is logged; with none, every copy fails with a clear error.
-    pub(crate) fn start(member: &str, threads: usize) -> Self {
+    /// Starts `threads` copy threads (at least one) named after `member`, scheduled as
+    /// `priority` says. A thread the OS refuses is logged; with none, every copy fails
+    /// with a clear error.
+    pub(crate) fn start(
+        member: &str,
+        threads: usize,
+        priority: grid_net::bulk_runtime::BulkPriority,
+    ) -> Self {
         let (tx, rx) = mpsc::channel::<Job>(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..threads.max(1) {
@@ -35,7 +40,7 @@ impl Background {
             let spawned = std::thread::Builder::new()
                 .name(format!("grid-copy-{member}-{i}"))
                 .spawn(move || {
-                    grid_net::bulk_runtime::lower_thread_priority();
+                    grid_net::bulk_runtime::lower_thread_priority(priority);
                     loop {
                         // One thread waits for the next job at a time; the others wait for
                         // the lock. Jobs are milliseconds long, so this is not contended.
@@ -80,7 +85,7 @@ mod tests {
 
     #[tokio::test]
     async fn jobs_run_on_lower_priority_threads_and_answer() {
-        let bg = Background::start("m1", 2);
+        let bg = Background::start("m1", 2, grid_net::bulk_runtime::BulkPriority::Idle);
         let (name, priority) = bg
             .run(|| {
                 let name = std::thread::current().name().map(str::to_string);

@@ -69,6 +69,9 @@ pub struct RuntimeConfig {
     pub chunk_bytes: usize,
     /// Time between anti-entropy passes (default 5 s).
     pub anti_entropy_interval: Duration,
+    /// Scheduling of the threads that encode and rebuild partition copies (default: the
+    /// idle class; the member's `network.bulk_priority`).
+    pub copy_priority: grid_net::bulk_runtime::BulkPriority,
 }
 
 impl Default for RuntimeConfig {
@@ -81,6 +84,7 @@ impl Default for RuntimeConfig {
             max_parallel_migrations: 8,
             chunk_bytes: 1024 * 1024,
             anti_entropy_interval: Duration::from_secs(5),
+            copy_priority: grid_net::bulk_runtime::BulkPriority::Idle,
         }
     }
 }
@@ -298,7 +302,11 @@ impl Runtime {
             drains: drain_tx,
             moved: Mutex::new(Copies::default()),
             async_in: async_tx,
-            background: background::Background::start(&me, grid_net::bulk_runtime::bulk_threads()),
+            background: background::Background::start(
+                &me,
+                grid_net::bulk_runtime::bulk_threads(),
+                config.copy_priority,
+            ),
             refuse_backups: Default::default(),
             config,
         });
