@@ -52,6 +52,7 @@ pub use grid_core::runtime::{CoordinatorStatus, MemberStatus, MigrationStats};
 pub use grid_core::{codec, GridConfig, GridError};
 pub use grid_net::bulk_runtime::BulkPriority;
 pub use grid_net::config::{MembershipConfig, MulticastConfig, NetworkConfig, TlsConfig};
+pub use grid_net::malloc::keep_freed_memory;
 pub use grid_net::membership::{Cluster, Member, MemberEvent, MembershipEvents};
 pub use grid_net::topic::{Subscription, Topic, TopicError};
 pub use grid_net::NetError;

@@ -12,8 +12,10 @@
 //! - [`codec`]: MessagePack encoding of values.
 //! - `socket`: the UDP socket with a fault-injection switch ([`FaultSwitch`]).
 //! - [`bulk_runtime`]: the lower-priority runtime that carries bulk streams.
+//! - [`malloc`]: glibc allocator settings for processes that run members.
 
-// `deny`, not `forbid`: one module allows it (`bulk_runtime::sched_idle`, two system calls).
+// `deny`, not `forbid`: two places allow it (`bulk_runtime::sched_idle` and
+// `malloc::keep_freed_memory`: system and libc calls, each with its proof).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -23,6 +25,7 @@ pub mod config;
 mod error;
 mod frame;
 mod gossip;
+pub mod malloc;
 pub mod membership;
 mod multicast;
 mod mux;

@@ -85,6 +85,10 @@ struct Args {
     /// member's `network.bulk_priority`).
     #[arg(long, default_value = "idle")]
     bulk_priority: BulkPriority,
+    /// Leave glibc's allocator at its defaults in this process (by default the harness, like
+    /// `grid node`, calls `grid::keep_freed_memory`).
+    #[arg(long)]
+    no_keep_freed_memory: bool,
     /// Partition copies at once.
     #[arg(long, default_value_t = 8)]
     parallel: usize,
@@ -498,6 +502,9 @@ async fn quinn_bulk_mb_per_s(total: usize) -> anyhow::Result<f64> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if !args.no_keep_freed_memory {
+        grid::keep_freed_memory();
+    }
     // Members' logs on stderr when RUST_LOG asks (e.g. RUST_LOG=grid_core=warn).
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
