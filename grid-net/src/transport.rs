@@ -1484,6 +1484,18 @@ impl Transport {
         self.open_bulk_here(addr, route, header).await
     }
 
+    /// Opens a bulk stream like [`Transport::open_bulk`], but always between the main
+    /// endpoints, whose work runs at the application's priority: for small copies, where
+    /// the copy's latency matters more than the CPU it takes.
+    pub async fn open_bulk_on_main(
+        &self,
+        addr: SocketAddr,
+        route: &str,
+        header: &[u8],
+    ) -> Result<BulkSender, NetError> {
+        self.open_bulk_here(addr, route, header).await
+    }
+
     /// Where the member at `addr` takes bulk streams: its bulk endpoint, or `addr` itself
     /// when it has none.
     async fn bulk_addr(&self, addr: SocketAddr) -> Result<SocketAddr, NetError> {

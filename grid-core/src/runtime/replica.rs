@@ -23,6 +23,10 @@ type ReplicaVersion = (String, u32, u64, u64);
 
 /// How long a freeze holds without the table that ends it.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A partition copy smaller than this is sent as one chunk between the main endpoints and
+/// rebuilt at once, at the application's priority: small copies are latency work (see
+/// `send_snapshot`). Rebuilding this much takes a fraction of a millisecond.
+const SMALL_COPY: usize = 256 * 1024;
 
 /// How long a migration source waits to hear of a destination the coordinator named.
 const DESTINATION_GRACE: Duration = Duration::from_secs(3);
@@ -310,15 +314,42 @@ impl Runtime {
             version,
         })
         .map_err(|e| e.to_string())?;
-        let mut bulk = self
-            .inner
-            .transport
-            .open_bulk(member.addr, routes::SYNC, &header)
-            .await
-            .map_err(|e| e.to_string())?;
+        // The first chunk decides the path. A snapshot that is one chunk under SMALL_COPY (a
+        // small partition: a join of a 10k-entry cache moves 798 of them) is latency work: it
+        // travels between the main endpoints and is rebuilt at once, at the application's
+        // priority. On the low-priority bulk path, every hop of it waited for a core the
+        // load left free: a 4→5 join took 3.2 s instead of 1.2 s under a busy load
+        // (BENCHMARKS.md). A bigger one is bulk work, below the operations.
+        let (chunks, first) = tokio::task::spawn_blocking(move || {
+            let mut chunks = chunks;
+            let first = chunks.next();
+            (chunks, first)
+        })
+        .await
+        .map_err(|e| format!("snapshot of partition {p} failed: {e}"))?;
+        let small = first
+            .as_ref()
+            .is_none_or(|c| c.len() < SMALL_COPY.min(self.inner.config.chunk_bytes));
+        let transport = &self.inner.transport;
+        let mut bulk = if small {
+            transport
+                .open_bulk_on_main(member.addr, routes::SYNC, &header)
+                .await
+        } else {
+            transport
+                .open_bulk(member.addr, routes::SYNC, &header)
+                .await
+        }
+        .map_err(|e| e.to_string())?;
         let mut bytes = 0u64;
+        if let Some(chunk) = first {
+            bytes += chunk.len() as u64;
+            bulk.send_bytes(Bytes::from(chunk))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         let mut chunks = chunks;
-        loop {
+        while !small {
             // Encoding a chunk is bulk CPU work: on a copy thread, below the operations.
             let (rest, next) = self
                 .inner
@@ -399,14 +430,19 @@ impl Runtime {
         // Rebuilding a partition takes milliseconds: on a copy thread, below the operations
         // the runtime's workers go on serving meanwhile — and without the replica's lock,
         // because a copy thread gets no CPU while operations want it all, and changes for
-        // this partition must not wait for that. Only the swap happens under the lock.
+        // this partition must not wait for that. Only the swap happens under the lock. A
+        // small partition (see `send_snapshot`) is rebuilt here at once.
         let (service, p) = (slot.service.clone(), header.partition);
-        let rebuilt = self
-            .inner
-            .background
-            .run(move || service.rebuild(p, received))
-            .await
-            .map_err(|e| format!("restoring partition {p} failed: {e}"))??;
+        let size: usize = received.iter().map(Bytes::len).sum();
+        let rebuilt = if size < SMALL_COPY {
+            service.rebuild(p, received)
+        } else {
+            self.inner
+                .background
+                .run(move || service.rebuild(p, received))
+                .await
+                .map_err(|e| format!("restoring partition {p} failed: {e}"))?
+        }?;
         let mut st = replica.lock().await;
         slot.service.install(p, rebuilt)?;
         st.epoch = header.epoch;
