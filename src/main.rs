@@ -33,8 +33,6 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // Members copy partitions: keep freed memory for reuse (see its documentation).
-    grid::keep_freed_memory();
     let cli = Cli::parse();
     // The demo narrates what happens itself; a member run with `grid node` logs at info.
     let default_level = match cli.command {

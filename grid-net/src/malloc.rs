@@ -9,13 +9,17 @@
 /// kernel and faulting them in again takes the process's address-space lock in write mode,
 /// which every page fault of every thread also needs; with the copy's threads in the idle
 /// scheduling class (`network.bulk_priority`), a copy thread that the kernel preempted
-/// while holding that lock stalls the operations' threads behind it. Measured with the
-/// `rebalance` harness (BENCHMARKS.md, issue 3): p99 latency during a 1M-entry copy 1.5×
-/// its usual value with these settings, 3.1× without. The cost: the process's resident
-/// memory stays near its peak, as a JVM's heap does.
+/// while holding that lock stalls the operations' threads behind it.
+///
+/// Measured with the `rebalance` harness (`--keep-freed-memory`, 1M entries, 3→4 members,
+/// paced load, BENCHMARKS.md): p99 latency during the copy 2.3× its usual value against 3.4×
+/// without, but the copy itself moved at 160 instead of 260 MB/s. A trade, so nothing in
+/// grid calls it: a service that cares more about its latency during a rebalance than about
+/// the rebalance's length can. Its resident memory then stays near its peak, as a JVM's
+/// heap does.
 ///
 /// Call it at the start of `main`; it changes process-wide state, so a library never calls
-/// it on its own. The `grid` binary and the `rebalance` harness do.
+/// it on its own.
 pub fn keep_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[allow(unsafe_code)]

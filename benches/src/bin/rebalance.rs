@@ -85,10 +85,10 @@ struct Args {
     /// member's `network.bulk_priority`).
     #[arg(long, default_value = "idle")]
     bulk_priority: BulkPriority,
-    /// Leave glibc's allocator at its defaults in this process (by default the harness, like
-    /// `grid node`, calls `grid::keep_freed_memory`).
+    /// Call `grid::keep_freed_memory` in this process (in-process members only): glibc keeps
+    /// freed memory for reuse.
     #[arg(long)]
-    no_keep_freed_memory: bool,
+    keep_freed_memory: bool,
     /// Partition copies at once.
     #[arg(long, default_value_t = 8)]
     parallel: usize,
@@ -502,7 +502,7 @@ async fn quinn_bulk_mb_per_s(total: usize) -> anyhow::Result<f64> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if !args.no_keep_freed_memory {
+    if args.keep_freed_memory {
         grid::keep_freed_memory();
     }
     // Members' logs on stderr when RUST_LOG asks (e.g. RUST_LOG=grid_core=warn).
