@@ -27,6 +27,8 @@ const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 /// rebuilt at once, at the application's priority: small copies are latency work (see
 /// `send_snapshot`). Rebuilding this much takes a fraction of a millisecond.
 const SMALL_COPY: usize = 256 * 1024;
+/// Partitions of at most this many entries may be small copies (see `SMALL_COPY`).
+const SMALL_COPY_ENTRIES: u64 = 64;
 
 /// How long a migration source waits to hear of a destination the coordinator named.
 const DESTINATION_GRACE: Duration = Duration::from_secs(3);
@@ -314,22 +316,28 @@ impl Runtime {
             version,
         })
         .map_err(|e| e.to_string())?;
-        // The first chunk decides the path. A snapshot that is one chunk under SMALL_COPY (a
-        // small partition: a join of a 10k-entry cache moves 798 of them) is latency work: it
-        // travels between the main endpoints and is rebuilt at once, at the application's
-        // priority. On the low-priority bulk path, every hop of it waited for a core the
-        // load left free: a 4→5 join took 3.2 s instead of 1.2 s under a busy load
-        // (BENCHMARKS.md). A bigger one is bulk work, below the operations.
-        let (chunks, first) = tokio::task::spawn_blocking(move || {
-            let mut chunks = chunks;
-            let first = chunks.next();
-            (chunks, first)
-        })
-        .await
-        .map_err(|e| format!("snapshot of partition {p} failed: {e}"))?;
-        let small = first
-            .as_ref()
-            .is_none_or(|c| c.len() < SMALL_COPY.min(self.inner.config.chunk_bytes));
+        // A small partition (at most SMALL_COPY_ENTRIES entries, encoded in one chunk under
+        // SMALL_COPY bytes: a join of a 10k-entry cache moves 798 of them) is latency work:
+        // it is encoded here, travels between the main endpoints and is rebuilt at once, at
+        // the application's priority. On the low-priority bulk path, every hop of it waited
+        // for a core the load left free: a 4→5 join took 3.2 s instead of 0.6 s under a busy
+        // load (BENCHMARKS.md). Anything bigger is bulk work, below the operations.
+        let mut chunks = chunks;
+        let mut first = None;
+        let mut small = false;
+        if entries <= SMALL_COPY_ENTRIES {
+            let (rest, chunk) = tokio::task::spawn_blocking(move || {
+                let chunk = chunks.next();
+                (chunks, chunk)
+            })
+            .await
+            .map_err(|e| format!("snapshot of partition {p} failed: {e}"))?;
+            chunks = rest;
+            small = chunk
+                .as_ref()
+                .is_none_or(|c| c.len() < SMALL_COPY.min(self.inner.config.chunk_bytes));
+            first = chunk;
+        }
         let transport = &self.inner.transport;
         let mut bulk = if small {
             transport
@@ -348,23 +356,25 @@ impl Runtime {
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        let mut chunks = chunks;
-        while !small {
-            // Encoding a chunk is bulk CPU work: on a copy thread, below the operations.
-            let (rest, next) = self
-                .inner
-                .background
-                .run(move || {
-                    let next = chunks.next();
-                    (chunks, next)
-                })
-                .await?;
-            chunks = rest;
-            let Some(chunk) = next else { break };
-            bytes += chunk.len() as u64;
-            bulk.send_bytes(Bytes::from(chunk))
-                .await
-                .map_err(|e| e.to_string())?;
+        // A small copy was its first chunk; the rest of a bigger one is encoded here.
+        if !small {
+            loop {
+                // Encoding a chunk is bulk CPU work: on a copy thread, below the operations.
+                let (rest, next) = self
+                    .inner
+                    .background
+                    .run(move || {
+                        let next = chunks.next();
+                        (chunks, next)
+                    })
+                    .await?;
+                chunks = rest;
+                let Some(chunk) = next else { break };
+                bytes += chunk.len() as u64;
+                bulk.send_bytes(Bytes::from(chunk))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
         }
         bulk.finish(Duration::from_secs(60))
             .await
