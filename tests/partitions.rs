@@ -63,6 +63,39 @@ async fn with_one_backup_a_killed_owners_keys_stay_readable_and_writable() {
     }
 }
 
+/// Partitions of more than 64 entries are copied on the bulk path (second endpoint,
+/// low-priority threads, several chunks); the other tests' partitions are small copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_partitions_move_on_the_bulk_path_and_lose_nothing() {
+    let mut grids = common::data_cluster("p-bulk", 2, |b| b.backups(1).partitions(7)).await;
+    let cache = grids[0].cache::<u32, Vec<u8>>("c").await.unwrap();
+    // About 200 entries of 8 KiB per partition: 1.6 MB, two chunks each.
+    for k in 0..1400u32 {
+        cache.put(&k, &vec![(k % 251) as u8; 8192]).await.unwrap();
+    }
+    let joiner = common::member("p-bulk", "m2")
+        .backups(1)
+        .partitions(7)
+        .seed(grids[0].addr())
+        .start()
+        .await
+        .unwrap();
+    grids.push(joiner);
+    assert!(settled(&grids, 3).await, "rebalancing did not finish");
+    let status = grids[2].status();
+    assert!(status.primaries > 0, "{status:?}");
+    let moved: u64 = grids.iter().map(|g| g.runtime().status().moved_bytes).sum();
+    assert!(moved > 2_000_000, "moved {moved} bytes");
+    let reader = grids[2].cache::<u32, Vec<u8>>("c").await.unwrap();
+    for k in 0..1400u32 {
+        let v = reader.get(&k).await.unwrap().expect("present");
+        assert_eq!((v.len(), v[0]), (8192, (k % 251) as u8), "key {k}");
+    }
+    for g in &grids {
+        g.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_two_backups_killing_two_of_five_at_once_loses_nothing() {
     let mut grids = data_cluster("p-kill2", 5, 2).await;

@@ -23,8 +23,8 @@ type ReplicaVersion = (String, u32, u64, u64);
 
 /// How long a freeze holds without the table that ends it.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
-/// A partition copy smaller than this is sent as one chunk between the main endpoints and
-/// rebuilt at once, at the application's priority: small copies are latency work (see
+/// A partition copy of one chunk smaller than this travels between the main endpoints and
+/// is rebuilt at once, at the application's priority: small copies are latency work (see
 /// `send_snapshot`). Rebuilding this much takes a fraction of a millisecond.
 const SMALL_COPY: usize = 256 * 1024;
 /// Partitions of at most this many entries may be small copies (see `SMALL_COPY`).
@@ -316,27 +316,27 @@ impl Runtime {
             version,
         })
         .map_err(|e| e.to_string())?;
-        // A small partition (at most SMALL_COPY_ENTRIES entries, encoded in one chunk under
+        // A small partition (at most SMALL_COPY_ENTRIES entries, one chunk of less than
         // SMALL_COPY bytes: a join of a 10k-entry cache moves 798 of them) is latency work:
         // it is encoded here, travels between the main endpoints and is rebuilt at once, at
         // the application's priority. On the low-priority bulk path, every hop of it waited
         // for a core the load left free: a 4→5 join took 3.2 s instead of 0.6 s under a busy
         // load (BENCHMARKS.md). Anything bigger is bulk work, below the operations.
         let mut chunks = chunks;
-        let mut first = None;
+        let mut head = Vec::new();
         let mut small = false;
         if entries <= SMALL_COPY_ENTRIES {
-            let (rest, chunk) = tokio::task::spawn_blocking(move || {
-                let chunk = chunks.next();
-                (chunks, chunk)
+            // Two chunks at most: a service may cut its snapshot in chunks of any size, so
+            // only a snapshot that ended after its first chunk is known to be one chunk.
+            let (rest, first) = tokio::task::spawn_blocking(move || {
+                let first: Vec<Vec<u8>> = (&mut chunks).take(2).collect();
+                (chunks, first)
             })
             .await
             .map_err(|e| format!("snapshot of partition {p} failed: {e}"))?;
             chunks = rest;
-            small = chunk
-                .as_ref()
-                .is_none_or(|c| c.len() < SMALL_COPY.min(self.inner.config.chunk_bytes));
-            first = chunk;
+            small = first.len() < 2 && first.first().is_none_or(|c| c.len() < SMALL_COPY);
+            head = first;
         }
         let transport = &self.inner.transport;
         let mut bulk = if small {
@@ -350,13 +350,13 @@ impl Runtime {
         }
         .map_err(|e| e.to_string())?;
         let mut bytes = 0u64;
-        if let Some(chunk) = first {
+        for chunk in head {
             bytes += chunk.len() as u64;
             bulk.send_bytes(Bytes::from(chunk))
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        // A small copy was its first chunk; the rest of a bigger one is encoded here.
+        // A small copy was all in its head; the rest of a bigger one is encoded here.
         if !small {
             loop {
                 // Encoding a chunk is bulk CPU work: on a copy thread, below the operations.
