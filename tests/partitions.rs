@@ -73,7 +73,7 @@ async fn large_partitions_move_on_the_bulk_path_and_lose_nothing() {
     for k in 0..1400u32 {
         cache.put(&k, &vec![(k % 251) as u8; 8192]).await.unwrap();
     }
-    let joiner = common::member("p-bulk", "m2")
+    let joiner = member("p-bulk", "m2")
         .backups(1)
         .partitions(7)
         .seed(grids[0].addr())
