@@ -49,10 +49,10 @@ pub trait PartitionService: Send + Sync + 'static {
     fn snapshot(&self, partition: u32, chunk_bytes: usize) -> Snapshot;
 
     /// Builds the state that `chunks` (from `snapshot`) describe, without touching the
-    /// partition's live state; [`PartitionService::install`] puts it in place. Called on a
-    /// low-priority thread, without the partition's lock (it is the slow half of a
-    /// restore). The chunks come from the network: malformed ones are an error, never a
-    /// panic.
+    /// partition's live state; [`PartitionService::install`] puts it in place. Called
+    /// without the partition's lock (it is the slow half of a restore): on a low-priority
+    /// thread, or inline for a copy under 256 KiB. The chunks come from the network:
+    /// malformed ones are an error, never a panic.
     fn rebuild(&self, partition: u32, chunks: Vec<bytes::Bytes>) -> Result<Rebuilt, String>;
 
     /// Replaces the partition's state with one that [`PartitionService::rebuild`] returned
