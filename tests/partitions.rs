@@ -84,7 +84,7 @@ async fn large_partitions_move_on_the_bulk_path_and_lose_nothing() {
     assert!(settled(&grids, 3).await, "rebalancing did not finish");
     let status = grids[2].status();
     assert!(status.primaries > 0, "{status:?}");
-    let moved: u64 = grids.iter().map(|g| g.runtime().status().moved_bytes).sum();
+    let moved: u64 = grids.iter().map(|g| g.status().moved_bytes).sum();
     assert!(moved > 2_000_000, "moved {moved} bytes");
     let reader = grids[2].cache::<u32, Vec<u8>>("c").await.unwrap();
     for k in 0..1400u32 {

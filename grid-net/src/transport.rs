@@ -311,11 +311,13 @@ impl Transport {
         let spawner = Handle::try_current()
             .map_err(|_| NetError::Tls("no tokio runtime: start the member inside one".into()))?;
         let faults = Arc::new(FaultSwitch::default());
-        let bulk = match (
-            config.bulk_endpoint,
-            crate::bulk_runtime::handle(config.bulk_priority),
-        ) {
-            (true, Some(on)) => {
+        // The bulk runtime (threads) only starts for a member that has a bulk endpoint.
+        let bulk_runtime = config
+            .bulk_endpoint
+            .then(|| crate::bulk_runtime::handle(config.bulk_priority))
+            .flatten();
+        let bulk = match bulk_runtime {
+            Some(on) => {
                 let ip = socket
                     .local_addr()
                     .map_err(|source| NetError::Bind {

@@ -5,9 +5,10 @@
 //! On the runtime's workers (or tokio's blocking threads, which the OS treats like them) a
 //! copy takes its full share of the cores while operations wait behind it. On threads of the
 //! idle scheduling class (or, where that is refused, a higher nice value) the kernel runs an
-//! operation's worker first whenever it is ready, and gives the copy whatever CPU is left: a migration goes as fast as the spare CPU allows and
-//! operations wait less behind it (BENCHMARKS.md, issue 3, with the bulk endpoint of
-//! `grid_net::bulk_runtime`, which does the same for the copy's network work).
+//! operation's worker first whenever it is ready, and gives the copy whatever CPU is left:
+//! a migration goes as fast as the spare CPU allows and operations wait less behind it
+//! (BENCHMARKS.md, issue 3, with the bulk endpoint of `grid_net::bulk_runtime`, which does
+//! the same for the copy's network work).
 
 use std::sync::{Arc, Mutex};
 
