@@ -356,6 +356,14 @@ impl Grid {
         self.node.kill();
     }
 
+    /// Marks this member `leaving` in gossip only (see
+    /// [`Node::announce_leaving_by_gossip_only`](grid_net::node::Node::announce_leaving_by_gossip_only)).
+    /// For tests.
+    #[doc(hidden)]
+    pub async fn announce_leaving_by_gossip_only(&self) {
+        self.node.announce_leaving_by_gossip_only().await;
+    }
+
     /// The transport underneath (for services, tests and benchmarks).
     #[doc(hidden)]
     pub fn transport(&self) -> &grid_net::transport::Transport {

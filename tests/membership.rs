@@ -87,6 +87,33 @@ async fn a_killed_member_is_reported_failed_by_all_others_within_3s() {
     }
 }
 
+/// A member's `leaving` status travels by gossip and its leave notice by a direct request;
+/// whichever arrives first, its departure is a departure. (CI once saw `Failed` here: the
+/// gossip won the race and the member vanished from the view before the notice came.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departure_seen_in_gossip_before_the_notice_is_reported_as_left() {
+    let grids = cluster("gossip-leave", 3).await;
+    let mut watchers: Vec<_> = grids[..2].iter().map(|g| g.cluster().events()).collect();
+    grids[2].announce_leaving_by_gossip_only().await;
+    for events in &mut watchers {
+        let first = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match events.recv().await {
+                    Some(e) if &*e.member().id == "m2" => break e,
+                    Some(_) => {}
+                    None => panic!("membership events ended"),
+                }
+            }
+        })
+        .await
+        .expect("an event about m2 within 10 s");
+        assert!(matches!(first, MemberEvent::Left(_)), "{first:?}");
+    }
+    for g in &grids {
+        g.kill();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_shutdown_is_reported_as_left_at_once() {
     let grids = cluster("leave", 5).await;

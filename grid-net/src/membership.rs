@@ -95,6 +95,21 @@ struct Shared {
     nudge: Arc<Notify>,
 }
 
+impl Shared {
+    fn record_departure(&self, id: &str, generation: u64) {
+        let mut departed = self.departed.lock().unwrap_or_else(|e| e.into_inner());
+        if departed.len() >= MAX_DEPARTED {
+            departed.clear();
+        }
+        match departed.get_mut(id) {
+            Some(g) => *g = (*g).max(generation),
+            None => {
+                departed.insert(Arc::from(id), generation);
+            }
+        }
+    }
+}
+
 /// The cluster as this member sees it. Cheap to clone.
 ///
 /// ```no_run
@@ -202,20 +217,19 @@ impl Cluster {
         .unwrap_or(false)
     }
 
+    /// Records that member `id` (up to `generation`) left gracefully, and updates the view.
     pub(crate) fn mark_departed(&self, id: &str, generation: u64) {
-        let mut departed = self
-            .shared
-            .departed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if departed.len() >= MAX_DEPARTED {
-            departed.clear();
-        }
-        let e = departed.entry(Arc::from(id)).or_insert(0);
-        *e = (*e).max(generation);
-        drop(departed);
+        self.shared.record_departure(id, generation);
         self.shared.nudge.notify_one();
     }
+}
+
+/// The live nodes that announced, in gossip, that they are leaving.
+fn leaving(live: &BTreeMap<ChitchatId, NodeState>) -> Vec<(&str, u64)> {
+    live.iter()
+        .filter(|(_, state)| state.get(KEY_STATUS) == Some("leaving"))
+        .map(|(cid, _)| (cid.node_id.as_ref(), cid.generation_id))
+        .collect()
 }
 
 /// Builds the member list from chitchat's live nodes.
@@ -315,12 +329,22 @@ pub(crate) fn start(
         loop {
             {
                 let Some(shared) = weak.upgrade() else { break };
-                let departed = shared
-                    .departed
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                let mut next = members_from(&live.borrow_and_update(), &departed);
+                let (departed, mut next) = {
+                    let live_now = live.borrow_and_update();
+                    // A member's `leaving` status can reach us by gossip before its direct
+                    // leave notice does: either one makes its disappearance a departure, not
+                    // a failure.
+                    for (id, generation) in leaving(&live_now) {
+                        shared.record_departure(id, generation);
+                    }
+                    let departed = shared
+                        .departed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone();
+                    let next = members_from(&live_now, &departed);
+                    (departed, next)
+                };
                 if !next.iter().any(|m| m.id == shared.local.id) {
                     // Until chitchat lists us (it always does), keep ourselves in the view.
                     next.push(shared.local.clone());

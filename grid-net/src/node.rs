@@ -294,9 +294,7 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(handle) = &handle {
-            handle
-                .with_chitchat(|c| c.self_node_state().set(KEY_STATUS, "leaving"))
-                .await;
+            set_leaving(handle).await;
         }
         let local = self.cluster.local_member().clone();
         let notice = (local.id.to_string(), local.generation);
@@ -330,6 +328,26 @@ impl Node {
         info!(member = %local.id, "member left the cluster");
     }
 
+    /// Marks this member `leaving` in gossip and does nothing else: no direct notices, no
+    /// stop. Other members must then see its departure from gossip alone, as they do when a
+    /// notice is lost or slower than gossip. For tests.
+    #[doc(hidden)]
+    pub async fn announce_leaving_by_gossip_only(&self) {
+        let chitchat = self
+            .chitchat
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(ChitchatHandle::chitchat);
+        if let Some(chitchat) = chitchat {
+            chitchat
+                .lock()
+                .await
+                .self_node_state()
+                .set(KEY_STATUS, "leaving");
+        }
+    }
+
     /// Stops the member abruptly, without a word to anyone: its socket goes silent and its
     /// tasks stop, as if the process had been killed. Other members notice through failure
     /// detection. For tests and demos.
@@ -357,4 +375,11 @@ impl Drop for Node {
         // A member dropped without `shutdown` stops its tasks; the others see it fail.
         self.kill();
     }
+}
+
+/// Sets this member's gossip status to `leaving`.
+async fn set_leaving(handle: &ChitchatHandle) {
+    handle
+        .with_chitchat(|c| c.self_node_state().set(KEY_STATUS, "leaving"))
+        .await;
 }
