@@ -104,10 +104,6 @@ struct Slot {
     meta: u32,
 }
 
-/// Where an entry sits in its map (see [`CacheMap::places`]).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Place(Slot);
-
 /// An entry as the map lends it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct EntryRef<'a> {
@@ -233,16 +229,6 @@ impl CacheMap {
     /// Every entry, live or not.
     pub(crate) fn iter(&self) -> impl Iterator<Item = EntryRef<'_>> {
         self.table.iter().map(|s| self.entry_of(s))
-    }
-
-    /// Where every entry is, for walking the map a piece at a time (see [`Self::at`]).
-    pub(crate) fn places(&self) -> Vec<Place> {
-        self.table.iter().map(|s| Place(*s)).collect()
-    }
-
-    /// The entry at `place`, taken from this map by [`Self::places`] with no change since.
-    pub(crate) fn at(&self, place: Place) -> EntryRef<'_> {
-        self.entry_of(&place.0)
     }
 
     /// Whether adding `extra` bytes of key and value fits the arena (after compaction).

@@ -12,10 +12,11 @@ use grid_core::runtime::{PartitionService, Prepared, Rebuilt, Snapshot};
 use tracing::warn;
 
 use crate::events::{EventKind, EventSink, RawEvent};
-use crate::map::{CacheMap, Meta, Place};
+use crate::map::{CacheMap, Meta};
 use crate::ops::{Blob, CacheChange, CacheOp, Outcome, PutIf, Removal};
 use crate::processor::ErasedProcessor;
 use crate::settings::WriteParams;
+use grid_net::buffers::BulkBuf;
 
 /// The runtime service name of the cache.
 pub const SERVICE: &str = "cache";
@@ -480,71 +481,43 @@ fn check_room(map: Option<&CacheMap>, key: &[u8], value: &[u8]) -> Result<(), St
     }
 }
 
-/// A snapshot's chunks, encoded one at a time as they are asked for (a 1 MiB chunk is a
-/// fraction of a millisecond of work; the whole partition at once held up its task for
-/// several). Chunks hold groups: the cache name (bin), the entry count (always a 5-byte u32,
-/// patched when the group ends), then per entry the key and value (bin), the expiry (u64),
-/// the idle time (u32) and whether accesses are tracked (bool).
-struct SnapshotChunks {
-    maps: Vec<(Arc<str>, CacheMap)>,
-    chunk_bytes: usize,
-    /// The map being encoded, its entries' places (listed when its encoding starts, outside
-    /// the partition's lock) and the next one to encode.
-    map: usize,
-    places: Option<Vec<Place>>,
-    next: usize,
-}
-
-impl SnapshotChunks {
-    fn new(maps: Vec<(Arc<str>, CacheMap)>, chunk_bytes: usize) -> Self {
-        Self {
-            maps,
-            chunk_bytes: chunk_bytes.max(1),
-            map: 0,
-            places: None,
-            next: 0,
-        }
-    }
-}
-
-impl Iterator for SnapshotChunks {
-    type Item = Vec<u8>;
-
-    fn next(&mut self) -> Option<Vec<u8>> {
-        let mut buf = Vec::with_capacity(self.chunk_bytes.min(8 << 20) + 1024);
-        while let Some((cache, map)) = self.maps.get(self.map) {
-            let places = self.places.get_or_insert_with(|| map.places());
-            if self.next < places.len() {
-                // Writing to a Vec cannot fail.
-                let _ = rmp::encode::write_bin(&mut buf, cache.as_bytes());
-                let at = buf.len();
-                let _ = rmp::encode::write_u32(&mut buf, 0);
-                let mut n = 0u32;
-                // At least one entry per group, then until the chunk is full.
-                while let Some(&place) = places.get(self.next) {
-                    if n > 0 && buf.len() >= self.chunk_bytes {
-                        break;
-                    }
-                    let e = map.at(place);
-                    let _ = rmp::encode::write_bin(&mut buf, e.key);
-                    let _ = rmp::encode::write_bin(&mut buf, e.value);
-                    let _ = rmp::encode::write_u64(&mut buf, e.expire_at());
-                    let _ = rmp::encode::write_u32(&mut buf, e.idle_ms());
-                    let _ = rmp::encode::write_bool(&mut buf, e.tracked());
-                    n += 1;
-                    self.next += 1;
-                }
-                patch_count(&mut buf, at, n);
-                if buf.len() >= self.chunk_bytes {
-                    return Some(buf);
-                }
+/// Encodes a partition's maps as snapshot chunks of about `chunk_bytes` each, into recycled
+/// buffers (see [`BulkBuf`]). Chunks hold groups: the cache name (bin), the entry count
+/// (always a 5-byte u32, patched when the group ends), then per entry the key and value
+/// (bin), the expiry (u64), the idle time (u32) and whether accesses are tracked (bool).
+fn encode_snapshot(part: &Partition, chunk_bytes: usize) -> Snapshot {
+    let chunk_bytes = chunk_bytes.max(1);
+    let new_buf = || BulkBuf::with_capacity(chunk_bytes.min(8 << 20) + 1024);
+    let mut chunks = Vec::new();
+    let mut buf = new_buf();
+    for (cache, map) in part {
+        let mut entries = map.iter().peekable();
+        while entries.peek().is_some() {
+            // Writing to a Vec cannot fail.
+            let _ = rmp::encode::write_bin(&mut *buf, cache.as_bytes());
+            let at = buf.len();
+            let _ = rmp::encode::write_u32(&mut *buf, 0);
+            let mut n = 0u32;
+            // At least one entry per group, then until the chunk is full.
+            while n == 0 || buf.len() < chunk_bytes {
+                let Some(e) = entries.next() else { break };
+                let _ = rmp::encode::write_bin(&mut *buf, e.key);
+                let _ = rmp::encode::write_bin(&mut *buf, e.value);
+                let _ = rmp::encode::write_u64(&mut *buf, e.expire_at());
+                let _ = rmp::encode::write_u32(&mut *buf, e.idle_ms());
+                let _ = rmp::encode::write_bool(&mut *buf, e.tracked());
+                n += 1;
             }
-            self.map += 1;
-            self.next = 0;
-            self.places = None;
+            patch_count(&mut buf, at, n);
+            if buf.len() >= chunk_bytes {
+                chunks.push(std::mem::replace(&mut buf, new_buf()).freeze());
+            }
         }
-        (!buf.is_empty()).then_some(buf)
     }
+    if !buf.is_empty() {
+        chunks.push(buf.freeze());
+    }
+    chunks
 }
 
 /// Writes `n` into the u32 (marker byte, then 4 bytes big-endian) at `at`.
@@ -738,15 +711,14 @@ impl PartitionService for CacheService {
         self.apply_change(p, change, primary)
     }
 
-    /// A copy of the partition's maps, taken under its read lock (two memory copies per
-    /// cache: arena and table), encoded into chunks one at a time as the runtime asks for
-    /// them — by then outside the partition's lock, so writes wait only for the copy.
+    /// The partition encoded under its read lock, straight from its maps: a copy of them
+    /// (to encode after the lock) cost as much as the encoding, in fresh pages, and the
+    /// encoding still followed (a profile of a 1M-entry copy: 17% of all CPU in that copy).
     fn snapshot(&self, p: u32, chunk_bytes: usize) -> Snapshot {
-        let maps: Vec<(Arc<str>, CacheMap)> = match self.read(p) {
-            Some(part) => part.iter().map(|(c, m)| (c.clone(), m.clone())).collect(),
+        match self.read(p) {
+            Some(part) => encode_snapshot(&part, chunk_bytes),
             None => Vec::new(),
-        };
-        Box::new(SnapshotChunks::new(maps, chunk_bytes))
+        }
     }
 
     fn rebuild(&self, _partition: u32, chunks: Vec<bytes::Bytes>) -> Result<Rebuilt, String> {
@@ -851,8 +823,12 @@ mod tests {
                 ),
             );
         }
-        let chunks: Vec<bytes::Bytes> = s.snapshot(0, 4096).map(Into::into).collect();
+        let chunks = s.snapshot(0, 4096);
         assert!(chunks.len() > 10);
+        // Each chunk is full (but the last), and overshoots by less than one entry.
+        let (last, full) = chunks.split_last().unwrap();
+        assert!(full.iter().all(|c| (4096..4096 + 140).contains(&c.len())));
+        assert!(!last.is_empty() && last.len() < 4096 + 140);
         let t = CacheService::new(1);
         t.restore(0, chunks).unwrap();
         assert_eq!(t.partition_len(0), 1000);
@@ -865,7 +841,7 @@ mod tests {
     fn a_rebuilt_partition_changes_nothing_until_installed() {
         let source = CacheService::new(1);
         run(&source, put("a", b"new", b"1", WriteParams::default()));
-        let chunks: Vec<bytes::Bytes> = source.snapshot(0, 4096).map(Into::into).collect();
+        let chunks = source.snapshot(0, 4096);
         let t = CacheService::new(1);
         run(&t, put("a", b"old", b"2", WriteParams::default()));
         let rebuilt = t.rebuild(0, chunks).unwrap();

@@ -4,12 +4,15 @@
 //! buffer is allocated only once its first bytes arrive, so a peer that announces a large
 //! frame and sends nothing costs nothing. The body is copied once into a buffer of its full
 //! size, up to 4 MiB (growing one by doubling from 64 KiB copied a 1 MiB migration chunk
-//! several times over fresh pages). It is always copied: a piece quinn hands out shares the
+//! several times over fresh pages); a frame of 64 KiB or more (a bulk chunk) into a
+//! recycled one (see [`crate::buffers`]). It is always copied: a piece quinn hands out shares the
 //! allocation of a whole receive batch, which a small frame kept in a queue would otherwise
 //! hold on to.
 
 use bytes::{Bytes, BytesMut};
 use quinn::RecvStream;
+
+use crate::buffers::{BulkBuf, MIN_POOLED};
 
 /// Why reading a frame failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,14 +54,15 @@ pub(crate) async fn read_frame(
     if size > limit {
         return Err(FrameError::TooLarge { size, limit });
     }
-    let mut body = BytesMut::new();
+    // A bulk chunk (a partition copy's is 1 MiB) goes into a recycled buffer.
+    let mut body = BulkBuf::default();
     while body.len() < size {
         match recv.read_chunk(size - body.len(), true).await {
             Ok(Some(chunk)) => {
                 if body.capacity() == 0 {
-                    // Up to 4 MiB at once (a migration chunk is 1 MiB); a larger frame
-                    // grows as it arrives, so what is allocated follows what was sent.
-                    body.reserve(size.min(4 << 20));
+                    // Up to 4 MiB at once; a larger frame grows as it arrives, so what is
+                    // allocated follows what was sent.
+                    body = BulkBuf::with_capacity(size.min(4 << 20));
                 }
                 body.extend_from_slice(&chunk.bytes)
             }
@@ -71,7 +75,11 @@ pub(crate) async fn read_frame(
             Err(e) => return Err(FrameError::Stream(e.to_string())),
         }
     }
-    Ok(Some(body.freeze()))
+    Ok(Some(if size >= MIN_POOLED {
+        body.freeze()
+    } else {
+        Bytes::from(std::mem::take(&mut *body))
+    }))
 }
 
 /// Where a [`FrameReader`] gets its bytes: a QUIC stream (or, in tests, a script).

@@ -19,6 +19,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod buffers;
 pub mod bulk_runtime;
 pub mod codec;
 pub mod config;

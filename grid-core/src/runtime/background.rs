@@ -1,5 +1,7 @@
-//! Copy work — encoding a partition's snapshot, rebuilding a partition that arrived — on a
-//! few threads of lower scheduling priority than the runtime's workers.
+//! Copy work — rebuilding a partition that arrived — on a few threads of lower scheduling
+//! priority than the runtime's workers. (A snapshot is encoded under the partition's lock,
+//! which writes wait for, so it runs at the application's priority: see
+//! `Runtime::take_snapshot`.)
 //!
 //! A copy is bulk CPU work; the operations it overlaps with are short and latency-bound.
 //! On the runtime's workers (or tokio's blocking threads, which the OS treats like them) a

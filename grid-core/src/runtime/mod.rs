@@ -9,7 +9,7 @@
 //! - `driver`: the coordinator's IO — runs on the oldest data member.
 //! - `replica`: the owner's and the backups' side of an operation; full syncs; migrations.
 //! - `messages`: what the runtime sends between members.
-//! - `background`: the lower-priority threads that encode and rebuild partition copies.
+//! - `background`: the lower-priority threads that rebuild partition copies.
 //!
 //! # Guarantees
 //! - An operation on one partition runs alone on its owner; a change is applied on the owner
@@ -69,7 +69,7 @@ pub struct RuntimeConfig {
     pub chunk_bytes: usize,
     /// Time between anti-entropy passes (default 5 s).
     pub anti_entropy_interval: Duration,
-    /// Scheduling of the threads that encode and rebuild partition copies (default: the
+    /// Scheduling of the threads that rebuild partition copies (default: the
     /// idle class; the member's `network.bulk_priority`).
     pub copy_priority: grid_net::bulk_runtime::BulkPriority,
 }
@@ -192,7 +192,7 @@ pub(crate) struct Inner {
     moved: Mutex<Copies>,
     /// Changes for this member as an asynchronous backup, applied in arrival order.
     async_in: mpsc::Sender<messages::BackupRequest>,
-    /// Where copies are encoded and rebuilt.
+    /// Where copies are rebuilt.
     background: background::Background,
     /// Backup requests still to refuse (fault injection for tests).
     refuse_backups: std::sync::atomic::AtomicU64,

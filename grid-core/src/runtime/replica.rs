@@ -23,12 +23,10 @@ type ReplicaVersion = (String, u32, u64, u64);
 
 /// How long a freeze holds without the table that ends it.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
-/// A partition copy of one chunk smaller than this travels between the main endpoints and
-/// is rebuilt at once, at the application's priority: small copies are latency work (see
+/// A partition copy smaller than this travels between the main endpoints and is rebuilt at
+/// once, at the application's priority: small copies are latency work (see
 /// `send_snapshot`). Rebuilding this much takes a fraction of a millisecond.
 const SMALL_COPY: usize = 256 * 1024;
-/// Partitions of at most this many entries may be small copies (see `SMALL_COPY`).
-const SMALL_COPY_ENTRIES: u64 = 64;
 
 /// How long a migration source waits to hear of a destination the coordinator named.
 const DESTINATION_GRACE: Duration = Duration::from_secs(3);
@@ -274,10 +272,10 @@ impl Runtime {
     }
 
     /// Takes a snapshot of one service's partition off the runtime's workers; the caller
-    /// holds the replica's lock, so it is consistent. A snapshot copies megabytes, most of
-    /// them into pages the process has not touched yet: on a worker, the operations queued
-    /// behind it waited for the copy and its page faults (4.5% of all CPU during a
-    /// 1M-entry rebalance, all of it on the workers, in a profile). Not on a copy thread:
+    /// holds the replica's lock, so it is consistent. A snapshot encodes megabytes: on a
+    /// worker, the operations queued behind it waited for that (a copy of the maps, as
+    /// snapshots were then, was 4.5% of all CPU during a 1M-entry rebalance, all of it on
+    /// the workers, in a profile). Not on a copy thread:
     /// those get no CPU while operations want it all, and this runs under the lock that the
     /// partition's writes wait for.
     async fn take_snapshot(&self, slot: &ServiceSlot, p: u32) -> Result<super::Snapshot, String> {
@@ -316,30 +314,14 @@ impl Runtime {
             version,
         })
         .map_err(|e| e.to_string())?;
-        // A small partition (at most SMALL_COPY_ENTRIES entries, one chunk of less than
-        // SMALL_COPY bytes: a join of a 10k-entry cache moves 798 of them) is latency work:
-        // it is encoded here, travels between the main endpoints and is rebuilt at once, at
-        // the application's priority. On the low-priority bulk path, every hop of it waited
-        // for a core the load left free: a 4→5 join took 3.2 s instead of 0.6 s under a busy
-        // load (BENCHMARKS.md). Anything bigger is bulk work, below the operations.
-        let mut chunks = chunks;
-        let mut head = Vec::new();
-        let mut small = false;
-        if entries <= SMALL_COPY_ENTRIES {
-            // Two chunks at most: a service may cut its snapshot in chunks of any size, so
-            // only a snapshot that ended after its first chunk is known to be one chunk.
-            let (rest, first) = tokio::task::spawn_blocking(move || {
-                let first: Vec<Vec<u8>> = (&mut chunks).take(2).collect();
-                (chunks, first)
-            })
-            .await
-            .map_err(|e| format!("snapshot of partition {p} failed: {e}"))?;
-            chunks = rest;
-            small = first.len() < 2 && first.first().is_none_or(|c| c.len() < SMALL_COPY);
-            head = first;
-        }
+        // A small copy (under SMALL_COPY bytes: a join of a 10k-entry cache moves 798 of
+        // them) is latency work: it travels between the main endpoints and is rebuilt at
+        // once, at the application's priority. On the low-priority bulk path, every hop of it
+        // waited for a core the load left free: a 4→5 join took 3.2 s instead of 0.6 s under
+        // a busy load (BENCHMARKS.md). Anything bigger is bulk work, below the operations.
+        let size: usize = chunks.iter().map(Bytes::len).sum();
         let transport = &self.inner.transport;
-        let mut bulk = if small {
+        let mut bulk = if size < SMALL_COPY {
             transport
                 .open_bulk_on_main(member.addr, routes::SYNC, &header)
                 .await
@@ -349,33 +331,10 @@ impl Runtime {
                 .await
         }
         .map_err(|e| e.to_string())?;
-        let mut bytes = 0u64;
-        for chunk in head {
-            bytes += chunk.len() as u64;
-            bulk.send_bytes(Bytes::from(chunk))
-                .await
-                .map_err(|e| e.to_string())?;
+        for chunk in chunks {
+            bulk.send_bytes(chunk).await.map_err(|e| e.to_string())?;
         }
-        // A small copy was all in its head; the rest of a bigger one is encoded here.
-        if !small {
-            loop {
-                // Encoding a chunk is bulk CPU work: on a copy thread, below the operations.
-                let (rest, next) = self
-                    .inner
-                    .background
-                    .run(move || {
-                        let next = chunks.next();
-                        (chunks, next)
-                    })
-                    .await?;
-                chunks = rest;
-                let Some(chunk) = next else { break };
-                bytes += chunk.len() as u64;
-                bulk.send_bytes(Bytes::from(chunk))
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-        }
+        let bytes = size as u64;
         bulk.finish(Duration::from_secs(60))
             .await
             .map_err(|e| e.to_string())?;
@@ -496,7 +455,7 @@ impl Runtime {
                     table.version()
                 )
             };
-            // 1. Snapshot, under the lock (a memory copy: writes wait only for that).
+            // 1. Snapshot, under the lock (encoded into memory: writes wait only for that).
             let (epoch, since, entries, chunks) = {
                 let mut st = slot.replicas[p as usize].lock().await;
                 let table = self.table();

@@ -10,8 +10,8 @@
 //! [`PartitionService::apply`] on the owner. A change is therefore visible (even to lock-free
 //! reads) only once every live backup has it.
 
-/// A partition's state, produced as chunks on demand (see [`PartitionService::snapshot`]).
-pub type Snapshot = Box<dyn Iterator<Item = Vec<u8>> + Send>;
+/// A partition's state as chunks (see [`PartitionService::snapshot`]).
+pub type Snapshot = Vec<bytes::Bytes>;
 
 /// A partition's state rebuilt from a snapshot, not yet in place (see
 /// [`PartitionService::rebuild`]); only the service that built it knows its type.
@@ -42,10 +42,12 @@ pub trait PartitionService: Send + Sync + 'static {
     /// effects to the outside (events, notifications), so that each happens once.
     fn apply(&self, partition: u32, change: &[u8], primary: bool) -> Result<(), String>;
 
-    /// The partition's whole state at this moment, as chunks of at most about
-    /// `chunk_bytes` each. Called under the partition's lock; the chunks are taken after it
-    /// is released (during a migration), so a service should copy what it must here and
-    /// encode lazily.
+    /// The partition's whole state at this moment, encoded as chunks of about
+    /// `chunk_bytes` each (the last may be smaller, and one holding a single large item
+    /// larger). Called under the partition's lock, off the runtime's workers: writes to the
+    /// partition wait for it. Encoding straight from the live state costs what a copy of it
+    /// would, and a copy would then still have to be encoded; chunks written into
+    /// [`grid_net::buffers::BulkBuf`]s reuse the pages of earlier copies.
     fn snapshot(&self, partition: u32, chunk_bytes: usize) -> Snapshot;
 
     /// Builds the state that `chunks` (from `snapshot`) describe, without touching the
