@@ -10,6 +10,7 @@
 //! seeds = ["10.0.0.6:5701", "orders-2.internal:5701"]
 //! bulk_port = 5801                # partition copies; default: any free port
 //! bulk_priority = "idle"          # copies' threads: idle (default), nice or normal
+//! socket_buffer = 4194304         # UDP buffers (default 4 MiB, capped by net.core.rmem_max)
 //!
 //! [tls]                           # production: all three files
 //! ca = "/etc/grid/ca.pem"
@@ -191,6 +192,7 @@ impl GridConfig {
                 "GRID_ADVERTISE" => self.network.advertise = Some(parse_env(&name, &value)?),
                 "GRID_BULK_PORT" => self.network.bulk_port = parse_env(&name, &value)?,
                 "GRID_BULK_PRIORITY" => self.network.bulk_priority = parse_env(&name, &value)?,
+                "GRID_SOCKET_BUFFER" => self.network.socket_buffer = parse_env(&name, &value)?,
                 "GRID_SEEDS" => {
                     self.network.seeds = value
                         .split(',')
@@ -320,6 +322,7 @@ mod tests {
             ("GRID_MULTICAST_ENABLED".to_string(), "false".to_string()),
             ("GRID_BULK_PORT".to_string(), "6001".to_string()),
             ("GRID_BULK_PRIORITY".to_string(), "normal".to_string()),
+            ("GRID_SOCKET_BUFFER".to_string(), "0".to_string()),
             ("PATH".to_string(), "/bin".to_string()),
         ])
         .unwrap();
@@ -329,6 +332,7 @@ mod tests {
         assert!(!c.multicast.enabled);
         assert_eq!(c.network.bulk_port, 6001);
         assert_eq!(c.network.bulk_priority, BulkPriority::Normal);
+        assert_eq!(c.network.socket_buffer, 0);
         assert!(c
             .apply_env([("GRID_BULK_PRIORITY".to_string(), "low".to_string())])
             .is_err());

@@ -43,6 +43,10 @@ pub struct NetworkConfig {
     /// `"nice"` (nice 10: about a tenth of a busy core) or `"normal"` (like the
     /// application's threads). See [`crate::bulk_runtime::BulkPriority`].
     pub bulk_priority: crate::bulk_runtime::BulkPriority,
+    /// Receive and send buffer of each UDP socket, in bytes (default 4 MiB; 0: the OS
+    /// default). Linux caps it at `net.core.rmem_max` / `wmem_max`, so raise those for a
+    /// larger one. See [`crate::transport::TransportConfig::socket_buffer`].
+    pub socket_buffer: usize,
 }
 
 impl Default for NetworkConfig {
@@ -57,6 +61,7 @@ impl Default for NetworkConfig {
             bulk_endpoint: true,
             bulk_port: 0,
             bulk_priority: crate::bulk_runtime::BulkPriority::Idle,
+            socket_buffer: 4 << 20,
         }
     }
 }

@@ -157,6 +157,7 @@ impl Node {
                 bulk_endpoint: config.network.bulk_endpoint,
                 bulk_port: config.network.bulk_port,
                 bulk_priority: config.network.bulk_priority,
+                socket_buffer: config.network.socket_buffer,
                 ..TransportConfig::default()
             },
         )?;

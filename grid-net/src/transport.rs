@@ -88,6 +88,12 @@ pub struct TransportConfig {
     /// Scheduling of the bulk endpoint's threads (default [`BulkPriority::Idle`]). They
     /// are shared by every member of a process: the first member to start decides.
     pub bulk_priority: BulkPriority,
+    /// Receive and send buffer of each UDP socket, in bytes (default 4 MiB; 0 leaves the
+    /// OS default, 208 KiB on Linux). The kernel caps it at `net.core.rmem_max` /
+    /// `wmem_max`. A default-sized buffer holds about fifteen 9 KB packets: a bulk copy's
+    /// bursts overflowed it whenever the receiving thread was preempted, and every drop
+    /// cut QUIC's congestion window (BENCHMARKS.md).
+    pub socket_buffer: usize,
 }
 
 impl Default for TransportConfig {
@@ -106,6 +112,7 @@ impl Default for TransportConfig {
             bulk_endpoint: true,
             bulk_port: 0,
             bulk_priority: BulkPriority::Idle,
+            socket_buffer: 4 << 20,
         }
     }
 }
@@ -284,6 +291,24 @@ fn framed(prefix: Option<u8>, body: &[u8]) -> Bytes {
     buf.freeze()
 }
 
+/// Asks for `bytes` of receive and send buffer on `socket`. The kernel may grant less (it
+/// caps the size at `net.core.rmem_max` / `wmem_max`): logged, not an error.
+fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) {
+    let sock = socket2::SockRef::from(socket);
+    if let Err(e) = sock.set_recv_buffer_size(bytes) {
+        warn!(error = %e, bytes, "UDP receive buffer not set");
+    }
+    if let Err(e) = sock.set_send_buffer_size(bytes) {
+        warn!(error = %e, bytes, "UDP send buffer not set");
+    }
+    debug!(
+        asked = bytes,
+        receive = ?sock.recv_buffer_size(),
+        send = ?sock.send_buffer_size(),
+        "UDP socket buffers"
+    );
+}
+
 impl Transport {
     /// Binds the member's UDP socket at `bind` (and, with [`TransportConfig::bulk_endpoint`],
     /// the bulk endpoint's on the same address) and starts accepting connections.
@@ -375,6 +400,9 @@ impl Transport {
             addr: "0.0.0.0:0".parse().expect("literal address"),
             source,
         })?;
+        if config.socket_buffer > 0 {
+            set_socket_buffers(&socket, config.socket_buffer);
+        }
         let mut transport = quinn::TransportConfig::default();
         let idle = quinn::IdleTimeout::try_from(config.idle_timeout)
             .map_err(|e| NetError::Tls(format!("idle timeout: {e}")))?;

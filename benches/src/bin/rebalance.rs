@@ -89,6 +89,10 @@ struct Args {
     /// freed memory for reuse.
     #[arg(long)]
     keep_freed_memory: bool,
+    /// Receive and send buffer of the members' UDP sockets in bytes, 0 for the OS default
+    /// (the member's `network.socket_buffer`).
+    #[arg(long, default_value_t = 4 << 20)]
+    socket_buffer: usize,
     /// Partition copies at once.
     #[arg(long, default_value_t = 8)]
     parallel: usize,
@@ -167,6 +171,7 @@ fn member_config(args: &Args, i: usize, seed: Option<SocketAddr>) -> GridConfig 
     config.network.max_udp_payload = args.max_udp_payload;
     config.network.bulk_endpoint = !args.no_bulk_endpoint;
     config.network.bulk_priority = args.bulk_priority;
+    config.network.socket_buffer = args.socket_buffer;
     config
 }
 
