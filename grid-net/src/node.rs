@@ -295,7 +295,7 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(handle) = &handle {
-            set_leaving(handle).await;
+            set_leaving(&handle.chitchat()).await;
         }
         let local = self.cluster.local_member().clone();
         let notice = (local.id.to_string(), local.generation);
@@ -341,11 +341,7 @@ impl Node {
             .as_ref()
             .map(ChitchatHandle::chitchat);
         if let Some(chitchat) = chitchat {
-            chitchat
-                .lock()
-                .await
-                .self_node_state()
-                .set(KEY_STATUS, "leaving");
+            set_leaving(&chitchat).await;
         }
     }
 
@@ -379,8 +375,10 @@ impl Drop for Node {
 }
 
 /// Sets this member's gossip status to `leaving`.
-async fn set_leaving(handle: &ChitchatHandle) {
-    handle
-        .with_chitchat(|c| c.self_node_state().set(KEY_STATUS, "leaving"))
-        .await;
+async fn set_leaving(chitchat: &tokio::sync::Mutex<chitchat::Chitchat>) {
+    chitchat
+        .lock()
+        .await
+        .self_node_state()
+        .set(KEY_STATUS, "leaving");
 }
