@@ -59,12 +59,18 @@ impl BulkBuf {
     /// big enough, else a new one.
     pub fn with_capacity(capacity: usize) -> Self {
         if (MIN_POOLED..=MAX_POOLED).contains(&capacity) {
+            // Sizes in steps of 64 KiB: a received chunk is 1 MiB and part of an entry, a
+            // little more or less each time, and a buffer kept for one must fit the next.
+            let capacity = capacity.next_multiple_of(MIN_POOLED);
             let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(i) = pool.free.iter().position(|b| b.capacity() >= capacity) {
                 let buf = pool.free.swap_remove(i);
                 pool.bytes -= buf.capacity();
                 return Self { buf };
             }
+            return Self {
+                buf: Vec::with_capacity(capacity),
+            };
         }
         Self {
             buf: Vec::with_capacity(capacity),
@@ -119,8 +125,8 @@ mod tests {
     use super::*;
 
     /// The tests share the process-wide pool: one at a time, each starting from an empty one.
-    /// (Other tests of this crate may take and return buffers meanwhile: the capacities here
-    /// are ones they do not ask for, and the bound holds whatever they do.)
+    /// (Other tests of this crate may take and return buffers meanwhile: the sizes here are
+    /// ones they do not ask for, and the bound holds whatever they do.)
     fn empty_pool() -> std::sync::MutexGuard<'static, ()> {
         static SERIAL: Mutex<()> = Mutex::new(());
         let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -133,22 +139,29 @@ mod tests {
     #[test]
     fn a_dropped_buffer_is_reused_and_empty() {
         let _serial = empty_pool();
-        let mut a = BulkBuf::with_capacity(MIN_POOLED);
+        // A size class near the top, which the crate's other tests do not use.
+        let class = MAX_POOLED - 2 * MIN_POOLED;
+        let mut a = BulkBuf::with_capacity(class - 10);
+        assert_eq!(a.capacity(), class, "sizes go in steps of 64 KiB");
         a.extend_from_slice(&[1, 2, 3]);
         let ptr = a.as_ptr();
         let bytes = a.freeze();
         let slice = bytes.slice(1..);
         drop(bytes);
         // Still in use through the slice: a new buffer is another one.
-        let b = BulkBuf::with_capacity(MIN_POOLED);
+        let b = BulkBuf::with_capacity(class);
         assert_ne!(b.as_ptr(), ptr);
         drop(slice);
-        let c = BulkBuf::with_capacity(MIN_POOLED);
+        let c = BulkBuf::with_capacity(class);
         assert_eq!(c.as_ptr(), ptr, "the freed buffer is handed out again");
         assert!(c.is_empty());
+        // A request of another size in the same step gets it too.
+        drop(c);
+        let c = BulkBuf::with_capacity(class - MIN_POOLED + 1);
+        assert_eq!(c.as_ptr(), ptr);
         // One too small for the request is not handed out.
         drop(c);
-        let d = BulkBuf::with_capacity(2 * MIN_POOLED);
+        let d = BulkBuf::with_capacity(class + 1);
         assert_ne!(d.as_ptr(), ptr);
         drop((b, d));
     }
