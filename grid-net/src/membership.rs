@@ -232,16 +232,14 @@ fn leaving(live: &BTreeMap<ChitchatId, NodeState>) -> Vec<(&str, u64)> {
         .collect()
 }
 
-/// Builds the member list from chitchat's live nodes.
+/// Builds the member list from chitchat's live nodes, without the `departed` ones (which
+/// include those that are [`leaving`]: the caller records them first).
 fn members_from(
     live: &BTreeMap<ChitchatId, NodeState>,
     departed: &HashMap<Arc<str>, u64>,
 ) -> Vec<Member> {
     let mut by_id: HashMap<&str, Member> = HashMap::new();
     for (cid, state) in live {
-        if state.get(KEY_STATUS) == Some("leaving") {
-            continue;
-        }
         if departed
             .get(cid.node_id.as_ref())
             .is_some_and(|g| *g >= cid.generation_id)

@@ -289,31 +289,9 @@ impl Cluster {
             return settled(&grids, n, timeout).await;
         }
         let deadline = Instant::now() + timeout;
-        let mut last = String::new();
+        let mut last = Vec::new();
         while Instant::now() < deadline {
             let statuses = self.statuses(&self.members, false).await;
-            last = format!(
-                "harness table v{}; {} statuses: {}",
-                self.client.runtime().table().version(),
-                statuses.len(),
-                statuses
-                    .iter()
-                    .map(|s| format!(
-                        "{} (table v{} of {} members, sees {}, coordinator {}{})",
-                        s.member,
-                        s.table_version,
-                        s.table_members,
-                        s.cluster_members,
-                        s.coordinator.active,
-                        if s.coordinator.settled {
-                            ", settled"
-                        } else {
-                            ""
-                        }
-                    ))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
             if let Some(c) = statuses.iter().find(|s| s.coordinator.active) {
                 if c.coordinator.settled
                     && c.table_members == n
@@ -326,9 +304,33 @@ impl Cluster {
                     return true;
                 }
             }
+            last = statuses;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        eprintln!("not settled after {timeout:?}: {last}");
+        let seen: Vec<String> = last
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} (table v{} of {} members, sees {}, coordinator {}{})",
+                    s.member,
+                    s.table_version,
+                    s.table_members,
+                    s.cluster_members,
+                    s.coordinator.active,
+                    if s.coordinator.settled {
+                        ", settled"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect();
+        eprintln!(
+            "not settled after {timeout:?}: harness table v{}; {} statuses: {}",
+            self.client.runtime().table().version(),
+            last.len(),
+            seen.join(", ")
+        );
         false
     }
 }
