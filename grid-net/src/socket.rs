@@ -68,15 +68,42 @@ impl FaultSwitch {
     }
 }
 
-/// quinn's socket wrapped with a [`FaultSwitch`].
+/// The most UDP payload one send may carry in all: a datagram's length field is 16 bits, and
+/// an IPv4 header and the UDP header come out of it. Linux refuses a segmented send (GSO) of
+/// more than this with `EMSGSIZE`.
+pub(crate) const MAX_SEND_BYTES: usize = 65_507;
+
+/// How many datagrams of up to `max_udp_payload` bytes one segmented send may carry.
+///
+/// quinn batches up to 10 datagrams of the current MTU into one send, and quinn-udp reports
+/// the `EMSGSIZE` of a batch over [`MAX_SEND_BYTES`] as success (it expects that error only
+/// from MTU probes): the whole batch vanishes. With 8,952-byte datagrams, every batch of 8
+/// to 10 was lost; the losses looked like a black hole to MTU discovery, which fell back
+/// to 1,200-byte datagrams for a minute, and a partition copy ran at that size, with a
+/// congestion event per lost batch (measured with the `rebalance` harness, BENCHMARKS.md).
+pub(crate) fn max_segments(max_udp_payload: u16) -> usize {
+    (MAX_SEND_BYTES / usize::from(max_udp_payload.max(1))).max(1)
+}
+
+/// quinn's socket wrapped with a [`FaultSwitch`], sending batches that fit one send.
 pub(crate) struct FaultySocket {
     inner: Arc<dyn AsyncUdpSocket>,
     faults: Arc<FaultSwitch>,
+    /// See [`max_segments`].
+    max_segments: usize,
 }
 
 impl FaultySocket {
-    pub(crate) fn new(inner: Arc<dyn AsyncUdpSocket>, faults: Arc<FaultSwitch>) -> Self {
-        Self { inner, faults }
+    pub(crate) fn new(
+        inner: Arc<dyn AsyncUdpSocket>,
+        faults: Arc<FaultSwitch>,
+        max_udp_payload: u16,
+    ) -> Self {
+        Self {
+            inner,
+            faults,
+            max_segments: max_segments(max_udp_payload),
+        }
     }
 }
 
@@ -120,7 +147,7 @@ impl AsyncUdpSocket for FaultySocket {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments()
+        self.inner.max_transmit_segments().min(self.max_segments)
     }
 
     fn max_receive_segments(&self) -> usize {
@@ -129,5 +156,56 @@ impl AsyncUdpSocket for FaultySocket {
 
     fn may_fragment(&self) -> bool {
         self.inner.may_fragment()
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use std::net::UdpSocket;
+    use std::time::Duration;
+
+    use quinn::udp::{Transmit, UdpSocketState};
+
+    use super::*;
+
+    /// The batch bound is the kernel's: a batch of `max_segments` datagrams leaves in one
+    /// send and arrives whole; one datagram more is refused with `EMSGSIZE`, which quinn-udp
+    /// would have reported as sent.
+    #[test]
+    fn a_full_batch_fits_one_send_and_one_more_does_not() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let state = UdpSocketState::new((&tx).into()).unwrap();
+        if state.max_gso_segments() <= 1 {
+            eprintln!("skipped: this kernel has no UDP segmentation offload");
+            return;
+        }
+        for payload in [8952u16, 1452] {
+            let n = max_segments(payload);
+            let size = usize::from(payload);
+            let batch = |segments: usize| vec![7u8; segments * size];
+            let send = |contents: &[u8]| {
+                state.try_send(
+                    (&tx).into(),
+                    &Transmit {
+                        destination: rx.local_addr().unwrap(),
+                        ecn: None,
+                        contents,
+                        segment_size: Some(size),
+                        src_ip: None,
+                    },
+                )
+            };
+            send(&batch(n)).expect("a batch of max_segments datagrams is accepted");
+            let mut buf = vec![0u8; 65_536];
+            for _ in 0..n {
+                assert_eq!(rx.recv(&mut buf).unwrap(), size);
+            }
+            if (n + 1) * size > MAX_SEND_BYTES && n < state.max_gso_segments() {
+                let refused = send(&batch(n + 1)).unwrap_err();
+                assert_eq!(refused.raw_os_error(), Some(libc::EMSGSIZE), "{payload}");
+            }
+        }
     }
 }

@@ -447,7 +447,7 @@ impl Transport {
         let endpoint = Endpoint::new_with_abstract_socket(
             endpoint_config,
             Some(server_config),
-            Arc::new(FaultySocket::new(udp, faults.clone())),
+            Arc::new(FaultySocket::new(udp, faults.clone(), max_udp_payload)),
             runtime,
         )
         .map_err(|source| NetError::Bind {
@@ -1320,22 +1320,23 @@ impl Transport {
     async fn open_bi_retrying(
         &self,
         addr: SocketAddr,
-    ) -> Result<(SendStream, RecvStream), NetError> {
+    ) -> Result<(Connection, SendStream, RecvStream), NetError> {
         let live = self.connection(addr).await?;
         match live.conn.open_bi().await {
-            Ok(s) => Ok(s),
+            Ok((send, recv)) => Ok((live.conn, send, recv)),
             Err(e) => {
                 // The cached connection died under us: drop it and dial once more.
                 debug!(%addr, error = %e, "cached connection dead, redialing");
                 self.evict(addr, &live.conn);
                 let live = self.connection(addr).await?;
-                live.conn.open_bi().await.map_err(|e| lost(addr, e))
+                let (send, recv) = live.conn.open_bi().await.map_err(|e| lost(addr, e))?;
+                Ok((live.conn, send, recv))
             }
         }
     }
 
     async fn request_inner(&self, addr: SocketAddr, frame: Bytes) -> Result<Bytes, NetError> {
-        let (mut send, mut recv) = self.open_bi_retrying(addr).await?;
+        let (_, mut send, mut recv) = self.open_bi_retrying(addr).await?;
         send.write_chunk(frame).await.map_err(|e| lost(addr, e))?;
         let _ = send.finish();
         self.read_response(addr, &mut recv).await
@@ -1564,7 +1565,7 @@ impl Transport {
         header: &[u8],
     ) -> Result<BulkSender, NetError> {
         self.check_frame(1 + route.len() + header.len())?;
-        let (mut send, recv) = self.open_bi_retrying(addr).await?;
+        let (conn, mut send, recv) = self.open_bi_retrying(addr).await?;
         send.write_chunk(routed_frame(Some(StreamKind::Bulk), route, header))
             .await
             .map_err(|e| lost(addr, e))?;
@@ -1573,6 +1574,7 @@ impl Transport {
             addr,
             send,
             recv,
+            conn,
         })
     }
 
@@ -1703,9 +1705,15 @@ pub struct BulkSender {
     addr: SocketAddr,
     send: SendStream,
     recv: RecvStream,
+    conn: Connection,
 }
 
 impl BulkSender {
+    /// What QUIC knows of the path this stream takes, over the life of its connection.
+    pub fn link_stats(&self) -> LinkStats {
+        LinkStats::from(self.conn.stats())
+    }
+
     /// Sends one chunk; waits while the peer's flow-control window is full.
     pub async fn send(&mut self, chunk: &[u8]) -> Result<(), NetError> {
         self.transport.check_frame(chunk.len())?;
@@ -1732,6 +1740,41 @@ impl BulkSender {
         tokio::time::timeout(timeout, self.transport.read_response(addr, &mut self.recv))
             .await
             .unwrap_or(Err(NetError::Timeout { addr, timeout }))
+    }
+}
+
+/// What QUIC knows of the path to a peer, from one connection's statistics (cumulative over
+/// the connection's life).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkStats {
+    /// The datagram size in use, after MTU discovery (1,200 at the start, and after a
+    /// suspected black hole).
+    pub mtu: u16,
+    /// The smoothed round-trip time.
+    pub rtt: Duration,
+    /// The congestion window, in bytes.
+    pub cwnd: u64,
+    /// Packets sent.
+    pub sent_packets: u64,
+    /// Packets declared lost.
+    pub lost_packets: u64,
+    /// Times losses were taken for an MTU black hole (the MTU then falls back to 1,200).
+    pub black_holes: u64,
+    /// Times the congestion window was cut.
+    pub congestion_events: u64,
+}
+
+impl From<quinn::ConnectionStats> for LinkStats {
+    fn from(s: quinn::ConnectionStats) -> Self {
+        Self {
+            mtu: s.path.current_mtu,
+            rtt: s.path.rtt,
+            cwnd: s.path.cwnd,
+            sent_packets: s.path.sent_packets,
+            lost_packets: s.path.lost_packets,
+            black_holes: s.path.black_holes_detected,
+            congestion_events: s.path.congestion_events,
+        }
     }
 }
 

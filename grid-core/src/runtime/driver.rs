@@ -254,6 +254,7 @@ fn carry_out(
                 destination: destination.to_string(),
             };
             tokio::spawn(async move {
+                let started = Instant::now();
                 let outcome: Result<MigrateResponse, String> = if source == rt.inner.me {
                     rt.on_migrate(req).await
                 } else {
@@ -263,6 +264,7 @@ fn carry_out(
                 if let Err(e) = &outcome {
                     warn!(partition, %destination, error = %e, "migration failed; will retry");
                 }
+                debug!(partition, %source, %destination, ms = started.elapsed().as_secs_f64() * 1e3, "migration ended");
                 let _ = results
                     .send(Outcome::Migrated {
                         partition,

@@ -335,6 +335,16 @@ impl Runtime {
             bulk.send_bytes(chunk).await.map_err(|e| e.to_string())?;
         }
         let bytes = size as u64;
+        let link = bulk.link_stats();
+        debug!(
+            partition = p,
+            %target,
+            mtu = link.mtu,
+            rtt_us = link.rtt.as_micros() as u64,
+            lost_packets = link.lost_packets,
+            black_holes = link.black_holes,
+            "partition sent; the link so far"
+        );
         bulk.finish(Duration::from_secs(60))
             .await
             .map_err(|e| e.to_string())?;
@@ -392,9 +402,13 @@ impl Runtime {
             .get(header.partition as usize)
             .ok_or_else(|| format!("no partition {}", header.partition))?;
         let mut received = Vec::new();
+        let opened = Instant::now();
+        let mut first_ms = None;
         while let Some(chunk) = chunks.next().await.map_err(|e| e.to_string())? {
+            first_ms.get_or_insert_with(|| opened.elapsed().as_secs_f64() * 1e3);
             received.push(chunk);
         }
+        let received_ms = opened.elapsed().as_secs_f64() * 1e3;
         tracing::debug!(member = %self.inner.me, partition = header.partition, epoch = header.epoch, version = header.version, chunks = received.len(), "partition synced in");
         // Rebuilding a partition takes milliseconds: on a copy thread, below the operations
         // the runtime's workers go on serving meanwhile — and without the replica's lock,
@@ -419,6 +433,15 @@ impl Runtime {
         // Possibly for a table still to come (a migration): kept until a table confirms it,
         // even if the tables in between say this member holds nothing of the partition.
         st.incoming_since = Some(Instant::now());
+        debug!(
+            member = %self.inner.me,
+            partition = p,
+            ?first_ms,
+            received_ms,
+            installed_ms = opened.elapsed().as_secs_f64() * 1e3,
+            size,
+            "partition installed"
+        );
         Ok(Bytes::new())
     }
 
@@ -448,6 +471,7 @@ impl Runtime {
             return Err(format!("{destination} is not a live member"));
         }
         let mut total = MigrateResponse::default();
+        let started = Instant::now();
         for slot in self.slots() {
             let not_owner = |table: &PartitionTable| {
                 format!(
@@ -468,6 +492,7 @@ impl Runtime {
                 st.start_log();
                 (st.epoch, st.version, entries, chunks)
             };
+            let snapshot_ms = started.elapsed().as_secs_f64() * 1e3;
             // 2. Stream it while writes go on.
             let sent = self
                 .send_snapshot(&slot, p, epoch, since, entries, chunks, &destination)
@@ -481,6 +506,14 @@ impl Runtime {
             };
             total.entries += entries;
             total.bytes += bytes;
+            debug!(
+                partition = p,
+                %destination,
+                snapshot_ms,
+                sent_ms = started.elapsed().as_secs_f64() * 1e3,
+                bytes,
+                "partition copied out"
+            );
             // 3. Catch up and switch to live replication, under the lock.
             let mut st = slot.replicas[p as usize].lock().await;
             let changes = st.take_log_since(since);
