@@ -211,7 +211,10 @@ impl GridBuilder {
     }
 
     /// Starts the member. Returns once its port is bound and gossip runs; other members
-    /// appear in [`Grid::cluster`] as they are found.
+    /// appear in [`Grid::cluster`] as they are found. Operations can start at once: until
+    /// the member has joined its cluster (it saw another member, or its seeds stayed silent
+    /// for `membership.join_timeout_ms`), they wait for the cluster's partition table
+    /// instead of running against a cluster of one.
     pub async fn start(self) -> Result<Grid, GridError> {
         self.config.validate()?;
         let node = grid_net::node::Node::start(self.config.to_net_config()).await?;

@@ -464,3 +464,61 @@ async fn asynchronous_backups_catch_up_and_take_over_when_the_owner_dies() {
         assert_eq!(survivor.get(&k).await.unwrap(), Some(k * 3), "key {k}");
     }
 }
+
+/// A member that starts with a seed sees only itself until gossip reaches it. It must not
+/// take that for a cluster of one: before joining was waited for, it planned a table of its
+/// own in which it owned every partition, and a read made right after it started found its
+/// empty partitions (and a write there vanished when the cluster's table arrived).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_reads_the_clusters_data_from_the_moment_it_starts() {
+    let grids = data_cluster("p-join-read", 2, 1).await;
+    let cache = grids[0].cache::<u32, u32>("c").await.unwrap();
+    for k in 0..50 {
+        cache.put(&k, &(k + 1000)).await.unwrap();
+    }
+    let joiner = member("p-join-read", "m2")
+        .seed(grids[0].addr())
+        .start()
+        .await
+        .unwrap();
+    let mine = joiner.cache::<u32, u32>("c").await.unwrap();
+    for k in 0..50 {
+        assert_eq!(mine.get(&k).await.unwrap(), Some(k + 1000), "key {k}");
+    }
+    mine.put(&100, &7).await.unwrap();
+    assert_eq!(cache.get(&100).await.unwrap(), Some(7));
+    assert!(joiner.cluster().has_joined());
+    joiner.shutdown().await;
+    for g in &grids {
+        g.shutdown().await;
+    }
+}
+
+/// A member whose seeds never answer starts a cluster of its own after the join timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_seeds_never_answer_starts_its_own_cluster() {
+    init_tracing();
+    // A port nothing listens on: bound, then released.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut config = grid::GridConfig::default();
+    config.membership.join_timeout_ms = 300;
+    let alone = member("p-join-alone", "m0")
+        .config(config)
+        .cluster_name("p-join-alone")
+        .member_id("m0")
+        .secret("test secret p-join-alone")
+        .bind("127.0.0.1:0")
+        .seeds([silent])
+        .start()
+        .await
+        .unwrap();
+    assert!(!alone.cluster().has_joined(), "joined before the timeout");
+    let cache = alone.cache::<u32, u32>("c").await.unwrap();
+    cache.put(&1, &2).await.unwrap();
+    assert!(alone.cluster().has_joined());
+    assert_eq!(cache.get(&1).await.unwrap(), Some(2));
+    alone.shutdown().await;
+}

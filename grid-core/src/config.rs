@@ -22,6 +22,7 @@
 //!
 //! [membership]
 //! gossip_interval_ms = 100
+//! join_timeout_ms = 2000          # looking for the cluster before starting one alone
 //!
 //! [partitions]
 //! count = 271                     # fixed for the life of the cluster

@@ -123,6 +123,11 @@ pub struct MembershipConfig {
     /// Phi-accrual threshold: a member is declared failed once no heartbeat arrived for
     /// this many mean heartbeat intervals (default 10; about 1–1.5 s on a LAN).
     pub phi_threshold: f64,
+    /// How long a starting member with seeds (or multicast) looks for its cluster before it
+    /// starts one of its own, in milliseconds (default 2000). It joins as soon as it sees
+    /// another member; until then it coordinates nothing and owns no partition. A member
+    /// without seeds or multicast starts its own cluster at once.
+    pub join_timeout_ms: u64,
 }
 
 impl Default for MembershipConfig {
@@ -130,6 +135,7 @@ impl Default for MembershipConfig {
         Self {
             gossip_interval_ms: 100,
             phi_threshold: 10.0,
+            join_timeout_ms: 2000,
         }
     }
 }

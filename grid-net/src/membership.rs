@@ -90,6 +90,9 @@ impl MemberEvent {
 struct Shared {
     local: Member,
     view: watch::Receiver<Arc<Vec<Member>>>,
+    /// Whether this member has joined: it saw another member, or had no one to look for,
+    /// or looked for `join_timeout` in vain (see [`Cluster::has_joined`]).
+    joined: watch::Receiver<bool>,
     events: broadcast::Sender<MemberEvent>,
     departed: Mutex<HashMap<Arc<str>, u64>>,
     nudge: Arc<Notify>,
@@ -201,6 +204,24 @@ impl Cluster {
         self.shared.view.clone()
     }
 
+    /// Whether this member has joined its cluster: it has seen another member, or it had no
+    /// seed to look for (nor multicast), or none answered within the join timeout
+    /// (`membership.join_timeout_ms`) and it starts a cluster of its own.
+    ///
+    /// Until then its member list holds only itself, and that must not be taken for a
+    /// cluster of one: a member that took the coordinator's role at once planned a table in
+    /// which it owned every partition, served reads from its empty partitions and took
+    /// writes that vanished when the cluster's table reached it.
+    pub fn has_joined(&self) -> bool {
+        *self.shared.joined.borrow()
+    }
+
+    /// Waits until [`Cluster::has_joined`].
+    pub async fn joined(&self) {
+        let mut rx = self.shared.joined.clone();
+        let _ = rx.wait_for(|joined| *joined).await;
+    }
+
     /// Waits until `pred` holds for the member list, at most `timeout`. Returns whether it
     /// did.
     pub async fn wait_until(
@@ -306,12 +327,30 @@ pub(crate) fn start(
     local: Member,
     mut live: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
     transport: Transport,
+    join_timeout: Option<Duration>,
 ) -> Cluster {
     let (view_tx, view_rx) = watch::channel(Arc::new(vec![local.clone()]));
     let (events, _) = broadcast::channel(EVENT_BUFFER);
+    let (joined_tx, joined_rx) = watch::channel(join_timeout.is_none());
+    if let Some(timeout) = join_timeout {
+        let mut view = view_rx.clone();
+        tokio::spawn(async move {
+            let found = tokio::time::timeout(timeout, view.wait_for(|v| v.len() > 1)).await;
+            match found {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return, // shut down
+                Err(_) => warn!(
+                    after = ?timeout,
+                    "no other member answered; this member starts a cluster of its own"
+                ),
+            }
+            joined_tx.send_replace(true);
+        });
+    }
     let shared = Arc::new(Shared {
         local,
         view: view_rx,
+        joined: joined_rx,
         events,
         departed: Mutex::new(HashMap::new()),
         nudge: Arc::new(Notify::new()),

@@ -204,7 +204,15 @@ impl Node {
             protocol: PROTOCOL_VERSION,
             attributes: config.attributes.clone(),
         };
-        let cluster = membership::start(local, live, transport.clone());
+        // Someone to look for: a seed that is not this member, or multicast.
+        let looks_for_others = config.multicast.enabled
+            || config.network.seeds.iter().any(|seed| {
+                seed.parse::<SocketAddr>()
+                    .map_or(true, |a| a != advertise && a != bound)
+            });
+        let join_timeout =
+            looks_for_others.then(|| Duration::from_millis(config.membership.join_timeout_ms));
+        let cluster = membership::start(local, live, transport.clone(), join_timeout);
         {
             let cluster = cluster.clone();
             transport.on_request_typed(

@@ -75,7 +75,9 @@ pub struct TransportConfig {
     /// Ethernet frames). Packets start at 1200 bytes; QUIC's path MTU discovery then finds
     /// what the path carries, up to this, and on a 1500-byte network simply stays at 1452.
     /// Bigger packets cut the per-packet work (encryption, acknowledgements, system calls)
-    /// of bulk copies and large values (measurements in BENCHMARKS.md).
+    /// of bulk copies and large values (measurements in BENCHMARKS.md). One send carries at
+    /// most 64 KiB of datagrams (7 of 8,952 bytes; quinn would batch 10, which the kernel
+    /// refuses), so the larger this, the fewer datagrams per system call.
     pub max_udp_payload: u16,
     /// Bulk streams (partition copies) travel on a second QUIC endpoint whose tasks run
     /// at lower priority ([`crate::bulk_runtime`]), so that copies do not slow operations

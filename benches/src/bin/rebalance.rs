@@ -32,6 +32,13 @@ use clap::Parser;
 use futures::StreamExt;
 use std::net::SocketAddr;
 
+/// The allocator a service embedding grid would pick (as in the `ops` bench): under glibc's
+/// malloc, operations' threads waited on its arena locks behind the copy's idle-class
+/// threads during a rebalance (BENCHMARKS.md).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use grid::MemberStatus;
 use grid::{BulkPriority, Grid, GridConfig};
 use grid_bench::{percentile, settled};
@@ -99,6 +106,10 @@ struct Args {
     /// Seed of the load generator's key choice (printed; random if absent).
     #[arg(long)]
     seed: Option<u64>,
+    /// Write every operation started during the change to this file, one line each:
+    /// milliseconds since the change began, latency in microseconds, `get` or `put`.
+    #[arg(long)]
+    latency_log: Option<std::path::PathBuf>,
     /// Skip the raw quinn bulk-transfer reference.
     #[arg(long)]
     no_reference: bool,
@@ -599,7 +610,7 @@ async fn main() -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let during = Arc::new(AtomicBool::new(false));
     let before_lat: Arc<Mutex<Vec<Duration>>> = Arc::default();
-    let during_lat: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let during_lat: Arc<Mutex<Vec<(Instant, Duration, bool)>>> = Arc::default();
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     // Load runs on members that stay.
@@ -635,7 +646,8 @@ async fn main() -> anyhow::Result<()> {
                 let k = rng.gen_range(0..entries);
                 let phase_during = during.load(Ordering::Relaxed);
                 let t0 = Instant::now();
-                let r = if rng.gen_bool(0.8) {
+                let is_get = rng.gen_bool(0.8);
+                let r = if is_get {
                     cache.get(&k).await.map(|_| ())
                 } else {
                     cache.put(&k, &value_for(k, size)).await.map(|_| ())
@@ -645,7 +657,7 @@ async fn main() -> anyhow::Result<()> {
                     Ok(()) => {
                         ok.fetch_add(1, Ordering::Relaxed);
                         if phase_during {
-                            dl.lock().unwrap().push(took)
+                            dl.lock().unwrap().push((t0, took, is_get))
                         } else {
                             bl.lock().unwrap().push(took)
                         }
@@ -687,6 +699,7 @@ async fn main() -> anyhow::Result<()> {
     let spinner = ProgressBar::new_spinner().with_message("rebalancing");
     spinner.enable_steady_tick(Duration::from_millis(100));
     let t0 = Instant::now();
+    let changed_at = t0;
     let mut departed = Vec::new();
     for _ in 0..args.add {
         cluster.add(&args).await?;
@@ -781,7 +794,17 @@ async fn main() -> anyhow::Result<()> {
     let table = cluster.client.runtime().table();
     let primaries = table.primaries_per_member();
     let mut bl = before_lat.lock().unwrap().clone();
-    let mut dl = during_lat.lock().unwrap().clone();
+    let during_ops = during_lat.lock().unwrap().clone();
+    if let Some(path) = &args.latency_log {
+        let mut log = String::new();
+        for (start, took, is_get) in &during_ops {
+            let at = start.saturating_duration_since(changed_at).as_secs_f64() * 1e3;
+            let op = if *is_get { "get" } else { "put" };
+            log.push_str(&format!("{at:.3} {:.0} {op}\n", took.as_secs_f64() * 1e6));
+        }
+        std::fs::write(path, log).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mut dl: Vec<Duration> = during_ops.iter().map(|(_, took, _)| *took).collect();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let quinn = if args.no_reference {
         0.0

@@ -34,12 +34,15 @@ enum Outcome {
 type Drain = (Arc<str>, oneshot::Sender<()>);
 
 fn is_coordinator(rt: &Runtime) -> bool {
-    rt.inner
-        .cluster
-        .members()
-        .iter()
-        .find(|m| m.is_data_member())
-        .is_some_and(|m| m.id == rt.inner.me)
+    // Before it has joined, a member sees only itself: it must not plan a cluster of one.
+    rt.inner.cluster.has_joined()
+        && rt
+            .inner
+            .cluster
+            .members()
+            .iter()
+            .find(|m| m.is_data_member())
+            .is_some_and(|m| m.id == rt.inner.me)
 }
 
 /// Runs for the life of the member: coordinates while it is the oldest data member, and
@@ -58,8 +61,10 @@ pub(super) async fn run(weak: Weak<Inner>, mut drains: mpsc::Receiver<Drain>) {
             }
             continue;
         }
+        let cluster = rt.inner.cluster.clone();
         tokio::select! {
             changed = view.changed() => if changed.is_err() { return },
+            _ = cluster.joined(), if !cluster.has_joined() => {}
             drain = drains.recv() => match drain {
                 // Not the coordinator: dropping the sender tells the asker to look again.
                 Some(d) => drop(d),
@@ -67,7 +72,8 @@ pub(super) async fn run(weak: Weak<Inner>, mut drains: mpsc::Receiver<Drain>) {
             },
             _ = tick.tick() => {
                 if rt.table().version() == 0 {
-                    if let Some(oldest) = rt.inner.cluster.members().iter().find(|m| m.is_data_member()).cloned() {
+                    let oldest = rt.inner.cluster.members().iter().find(|m| m.is_data_member()).cloned();
+                    if let Some(oldest) = oldest.filter(|m| m.id != rt.inner.me) {
                         rt.fetch_table_from(&oldest).await;
                     }
                 }
