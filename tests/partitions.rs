@@ -503,18 +503,10 @@ async fn a_member_whose_seeds_never_answer_starts_its_own_cluster() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let mut config = grid::GridConfig::default();
-    config.membership.join_timeout_ms = 300;
-    let alone = member("p-join-alone", "m0")
-        .config(config)
-        .cluster_name("p-join-alone")
-        .member_id("m0")
-        .secret("test secret p-join-alone")
-        .bind("127.0.0.1:0")
-        .seeds([silent])
-        .start()
-        .await
-        .unwrap();
+    let builder = member("p-join-alone", "m0").seeds([silent]);
+    let mut config = builder.build_config().clone();
+    config.membership.join_timeout_ms = 1000;
+    let alone = builder.config(config).start().await.unwrap();
     assert!(!alone.cluster().has_joined(), "joined before the timeout");
     let cache = alone.cache::<u32, u32>("c").await.unwrap();
     cache.put(&1, &2).await.unwrap();
