@@ -409,7 +409,6 @@ impl Runtime {
             received.push(chunk);
         }
         let received_ms = opened.elapsed().as_secs_f64() * 1e3;
-        tracing::debug!(member = %self.inner.me, partition = header.partition, epoch = header.epoch, version = header.version, chunks = received.len(), "partition synced in");
         // Rebuilding a partition takes milliseconds: on a copy thread, below the operations
         // the runtime's workers go on serving meanwhile — and without the replica's lock,
         // because a copy thread gets no CPU while operations want it all, and changes for
@@ -417,6 +416,7 @@ impl Runtime {
         // small partition (see `send_snapshot`) is rebuilt here at once.
         let (service, p) = (slot.service.clone(), header.partition);
         let size: usize = received.iter().map(Bytes::len).sum();
+        let chunk_count = received.len();
         let rebuilt = if size < SMALL_COPY {
             service.rebuild(p, received)
         } else {
@@ -436,6 +436,9 @@ impl Runtime {
         debug!(
             member = %self.inner.me,
             partition = p,
+            epoch = header.epoch,
+            version = header.version,
+            chunks = chunk_count,
             ?first_ms,
             received_ms,
             installed_ms = opened.elapsed().as_secs_f64() * 1e3,
@@ -471,8 +474,8 @@ impl Runtime {
             return Err(format!("{destination} is not a live member"));
         }
         let mut total = MigrateResponse::default();
-        let started = Instant::now();
         for slot in self.slots() {
+            let started = Instant::now();
             let not_owner = |table: &PartitionTable| {
                 format!(
                     "not the owner of partition {p} in table {}",
