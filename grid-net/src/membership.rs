@@ -216,10 +216,12 @@ impl Cluster {
         *self.shared.joined.borrow()
     }
 
-    /// Waits until [`Cluster::has_joined`].
+    /// Waits until [`Cluster::has_joined`] (for ever if the member stops before).
     pub async fn joined(&self) {
         let mut rx = self.shared.joined.clone();
-        let _ = rx.wait_for(|joined| *joined).await;
+        if rx.wait_for(|joined| *joined).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Waits until `pred` holds for the member list, at most `timeout`. Returns whether it
