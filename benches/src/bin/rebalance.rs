@@ -41,7 +41,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// mimalloc's transparent huge pages, off unless the environment says otherwise: the new
 /// member's partitions are fresh memory, and with them on the copy moved at 240–307 MB/s
-/// instead of 301–434 (BENCHMARKS.md). mimalloc reads the setting once, before `main`, so
+/// (6 runs) instead of 301–699 (12 runs; BENCHMARKS.md). mimalloc reads the setting once, before `main`, so
 /// the harness runs itself again with it set.
 #[cfg(all(feature = "mimalloc", target_os = "linux"))]
 fn without_transparent_huge_pages() -> anyhow::Result<()> {
