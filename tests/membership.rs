@@ -194,13 +194,8 @@ async fn a_restarted_member_replaces_its_old_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_joins_once_its_seed_comes_up() {
     init_tracing();
-    // Reserve a port for the seed, then free it: the seed is not up yet.
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let seed_addr = format!("127.0.0.1:{port}");
+    // The seed is not up yet.
+    let seed_addr = common::unused_loopback_addr().to_string();
     let early = member("late-seed", "early")
         .seed(&seed_addr)
         .start()

@@ -498,11 +498,7 @@ async fn a_member_reads_the_clusters_data_from_the_moment_it_starts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_whose_seeds_never_answer_starts_its_own_cluster() {
     init_tracing();
-    // A port nothing listens on: bound, then released.
-    let silent = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let silent = common::unused_loopback_addr();
     let builder = member("p-join-alone", "m0").seeds([silent]);
     let mut config = builder.build_config().clone();
     config.membership.join_timeout_ms = 1000;

@@ -32,6 +32,15 @@ pub fn member(cluster: &str, id: &str) -> GridBuilder {
         .no_seeds()
 }
 
+/// A loopback address nothing listens on: a port bound, then released (a seed that is not
+/// up yet, or never will be).
+pub fn unused_loopback_addr() -> std::net::SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .expect("bind a loopback port")
+        .local_addr()
+        .expect("its address")
+}
+
 /// Starts `n` members m0..m{n-1}, all seeded with m0, and waits until every member sees all.
 pub async fn cluster(name: &str, n: usize) -> Vec<Grid> {
     init_tracing();
