@@ -8,9 +8,11 @@ use bytes::Bytes;
 use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
 
-/// The version of the wire protocol; also in the ALPN name `grid/2`. (2: an owner's
-/// `Unreplicated` answer carries the service's answer; members report their status.)
-pub const PROTOCOL_VERSION: u32 = 2;
+/// The version of the wire protocol; also in the ALPN name `grid/3`. (2: an owner's
+/// `Unreplicated` answer carries the service's answer; members report their status. 3:
+/// changes, copies and version checks carry the sender's table version, so that an owner
+/// paused past failure detection is refused; an owner may answer `Confirming`.)
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The first byte of every stream says what the stream carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

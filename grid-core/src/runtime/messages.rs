@@ -41,6 +41,9 @@ pub(crate) enum OpResponse {
     WrongOwner { table_version: u64 },
     /// The partition is being handed over: retry shortly.
     Frozen,
+    /// The owner was paused (or starved) long enough to have been declared failed, and is
+    /// asking the cluster whether it still owns its partitions: retry shortly.
+    Confirming,
     /// Applied on the owner, but a synchronous backup did not confirm it: the change may
     /// not survive the owner's death.
     Unreplicated {
@@ -58,6 +61,9 @@ pub(crate) enum OpResponse {
 pub(crate) struct BackupRequest {
     pub(crate) service: String,
     pub(crate) partition: u32,
+    /// The version of the sender's table: a backup whose newer table names another owner
+    /// refuses the change.
+    pub(crate) table_version: u64,
     pub(crate) epoch: u64,
     pub(crate) version: u64,
     #[serde(with = "grid_net::codec::bin")]
@@ -70,6 +76,11 @@ pub(crate) enum BackupResponse {
     Applied,
     /// The backup missed changes or follows another epoch: send it the whole partition.
     NeedSync,
+    /// The backup's table of this version names another owner: the sender must not
+    /// apply or acknowledge the change.
+    Superseded {
+        table_version: u64,
+    },
 }
 
 /// Header of a full partition sync (a bulk stream of snapshot chunks follows).
@@ -77,6 +88,8 @@ pub(crate) enum BackupResponse {
 pub(crate) struct SyncHeader {
     pub(crate) service: String,
     pub(crate) partition: u32,
+    /// The version of the sender's table (see [`BackupRequest::table_version`]).
+    pub(crate) table_version: u64,
     pub(crate) epoch: u64,
     pub(crate) version: u64,
 }
@@ -110,6 +123,9 @@ pub(crate) struct FreezeRequest {
 /// Owner to backup: the (epoch, version) of each replica the backup should hold like ours.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct VersionCheck {
+    /// The version of the owner's table: a backup whose newer table names another owner
+    /// refuses the check (and so the repair that would follow).
+    pub(crate) table_version: u64,
     /// (service, partition, epoch, version).
     pub(crate) replicas: Vec<(String, u32, u64, u64)>,
 }

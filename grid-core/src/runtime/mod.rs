@@ -30,7 +30,9 @@ mod background;
 pub(crate) mod coordinator;
 mod driver;
 pub(crate) mod messages;
+mod pause_guard;
 mod replica;
+mod replica_state;
 pub mod service;
 
 use std::collections::HashMap;
@@ -49,6 +51,8 @@ pub use service::{PartitionService, Prepared, Rebuilt, Snapshot};
 use crate::partition::table::{Candidate, PartitionTable, TableConfig};
 use crate::GridError;
 use messages::{routes, OpRequest, OpResponse, TableMessage};
+use pause_guard::PauseGuard;
+use replica_state::ReplicaState;
 
 /// Settings of the runtime.
 #[derive(Debug, Clone)]
@@ -72,6 +76,14 @@ pub struct RuntimeConfig {
     /// Scheduling of the threads that rebuild partition copies (default: the
     /// idle class; the member's `network.bulk_priority`).
     pub copy_priority: grid_net::bulk_runtime::BulkPriority,
+    /// A gap this long in the member's own activity means it may have been paused past
+    /// failure detection: it serves nothing as an owner until the cluster's newest table
+    /// confirms it still owns its partitions (default 500 ms; keep it well below the
+    /// failure detection time).
+    pub pause_threshold: Duration,
+    /// The largest copy of one partition of one service this member accepts (default
+    /// 1 GiB): a larger one is refused as it arrives, before it is held in memory.
+    pub max_partition_copy_bytes: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -85,23 +97,10 @@ impl Default for RuntimeConfig {
             chunk_bytes: 1024 * 1024,
             anti_entropy_interval: Duration::from_secs(5),
             copy_priority: grid_net::bulk_runtime::BulkPriority::Idle,
+            pause_threshold: Duration::from_millis(500),
+            max_partition_copy_bytes: 1 << 30,
         }
     }
-}
-
-#[derive(Debug, Default)]
-struct ReplicaState {
-    epoch: u64,
-    version: u64,
-    /// While a migration streams a snapshot, the changes made since, so that it can catch
-    /// up without holding up writes; `None` when no migration is under way (no cost).
-    log: Option<std::collections::VecDeque<(u64, Vec<u8>)>>,
-    log_bytes: usize,
-    /// The log overflowed its bounds: the migration copies again, under the lock.
-    log_overflowed: bool,
-    /// Set when a migration filled this replica before the table that makes this member a
-    /// replica arrived: such data must survive the tables published in between.
-    incoming_since: Option<Instant>,
 }
 
 /// How long data copied in by a migration waits for the table that uses it before it is
@@ -109,48 +108,8 @@ struct ReplicaState {
 const INCOMING_GRACE: Duration = Duration::from_secs(60);
 /// Changes queued for this member as an asynchronous backup.
 const ASYNC_BACKUP_QUEUE: usize = 65_536;
-/// Bounds of an owner's change log (entries, bytes).
-const LOG_ENTRIES: usize = 16_384;
-const LOG_BYTES: usize = 16 * 1024 * 1024;
-
-impl ReplicaState {
-    /// Starts recording changes (a migration took its snapshot at the current version).
-    fn start_log(&mut self) {
-        self.log = Some(std::collections::VecDeque::new());
-        self.log_bytes = 0;
-        self.log_overflowed = false;
-    }
-
-    fn log_change(&mut self, version: u64, change: &[u8]) {
-        let Some(log) = self.log.as_mut() else { return };
-        log.push_back((version, change.to_vec()));
-        self.log_bytes += change.len();
-        if log.len() > LOG_ENTRIES || self.log_bytes > LOG_BYTES {
-            self.log = None;
-            self.log_bytes = 0;
-            self.log_overflowed = true;
-        }
-    }
-
-    /// Stops recording and returns the changes after `since`, if all were recorded.
-    fn take_log_since(&mut self, since: u64) -> Option<Vec<(u64, Vec<u8>)>> {
-        let log = self.log.take();
-        self.log_bytes = 0;
-        if std::mem::take(&mut self.log_overflowed) {
-            return None;
-        }
-        let changes: Vec<_> = log?.into_iter().filter(|(v, _)| *v > since).collect();
-        let complete = changes
-            .first()
-            .map_or(self.version == since, |(v, _)| *v == since + 1)
-            && changes.last().is_none_or(|(v, _)| *v == self.version);
-        complete.then_some(changes)
-    }
-
-    fn reset(&mut self) {
-        *self = Self::default();
-    }
-}
+/// How often a member checks that it was not paused (see `pause_guard`).
+const PAUSE_TICK: Duration = Duration::from_millis(100);
 
 struct ServiceSlot {
     service: Arc<dyn PartitionService>,
@@ -164,6 +123,48 @@ struct PartitionCtl {
     frozen: Mutex<Option<(u64, Instant)>>,
     /// Members being filled by a migration: they get every change, like backups.
     extras: Mutex<Vec<(Arc<str>, Instant)>>,
+}
+
+/// Why an operation is retried while its owner confirms its ownership after a pause.
+const CONFIRMING: &str = "the owner is confirming its ownership after a pause";
+/// At most this many members are asked for their table after a pause.
+const CONFIRM_FANOUT: usize = 16;
+/// How long a member waits for their answers.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Turns the pause guard every `PAUSE_TICK` for the life of the runtime, and confirms the
+/// member's ownership whenever it finds a gap.
+async fn pause_watch(weak: std::sync::Weak<Inner>) {
+    let mut tick = tokio::time::interval(PAUSE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = weak.upgrade() else { return };
+        let rt = Runtime { inner };
+        let turn = rt
+            .inner
+            .pause
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .turn(Instant::now());
+        if turn == pause_guard::Turn::Gap {
+            warn!(member = %rt.inner.me, "this member was paused or starved: confirming its ownership before it serves again");
+            metrics::counter!("grid_pauses_detected_total").increment(1);
+        }
+        if turn != pause_guard::Turn::Serving
+            && !rt
+                .inner
+                .confirming
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            tokio::spawn(async move {
+                rt.confirm_ownership().await;
+                rt.inner
+                    .confirming
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+    }
 }
 
 /// What the coordinator is doing, as seen from its member.
@@ -191,11 +192,15 @@ pub(crate) struct Inner {
     drains: mpsc::Sender<(Arc<str>, oneshot::Sender<()>)>,
     moved: Mutex<Copies>,
     /// Changes for this member as an asynchronous backup, applied in arrival order.
-    async_in: mpsc::Sender<messages::BackupRequest>,
+    async_in: mpsc::Sender<(Arc<str>, messages::BackupRequest)>,
     /// Where copies are rebuilt.
     background: background::Background,
     /// Backup requests still to refuse (fault injection for tests).
     refuse_backups: std::sync::atomic::AtomicU64,
+    /// Whether this member may act as an owner (see `pause_guard`).
+    pause: Mutex<PauseGuard>,
+    /// A confirmation of ownership after a pause is under way.
+    confirming: std::sync::atomic::AtomicBool,
 }
 
 /// A member's partition runtime as it reports itself: locally with [`Runtime::status`], from
@@ -308,18 +313,21 @@ impl Runtime {
                 config.copy_priority,
             ),
             refuse_backups: Default::default(),
+            pause: Mutex::new(PauseGuard::new(config.pause_threshold, Instant::now())),
+            confirming: Default::default(),
             config,
         });
         let rt = Self { inner };
         rt.register_routes();
         let weak = Arc::downgrade(&rt.inner);
         tokio::spawn(async move {
-            while let Some(req) = async_rx.recv().await {
+            while let Some((sender, req)) = async_rx.recv().await {
                 let Some(inner) = weak.upgrade() else { return };
-                Self { inner }.on_async_backup(req).await;
+                Self { inner }.on_async_backup(&sender, req).await;
             }
         });
         tokio::spawn(driver::run(Arc::downgrade(&rt.inner), drain_rx));
+        tokio::spawn(pause_watch(Arc::downgrade(&rt.inner)));
         tokio::spawn(replica::anti_entropy_loop(
             Arc::downgrade(&rt.inner),
             rt.inner.config.anti_entropy_interval,
@@ -390,11 +398,67 @@ impl Runtime {
         self.inner.table.subscribe()
     }
 
-    /// Whether this member owns `partition` in its table (for lock-free local reads).
+    /// Whether this member owns `partition` in its table and may serve it: not while it
+    /// confirms its ownership after a pause (for lock-free local reads).
     pub fn owns(&self, partition: u32) -> bool {
         self.table()
             .owner(partition)
             .is_some_and(|o| *o == self.inner.me)
+            && self.may_serve()
+    }
+
+    /// Whether this member may act as an owner now: it was not paused, or the cluster's
+    /// table has since confirmed what it owns (see `pause_guard`).
+    fn may_serve(&self) -> bool {
+        self.inner
+            .pause
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .may_serve(Instant::now())
+    }
+
+    /// After a pause: asks the other members for their tables, applies the newest, and
+    /// lifts the suspicion once one answered (or there is nobody to ask).
+    async fn confirm_ownership(&self) {
+        let asked_at = Instant::now();
+        let others: Vec<Member> = self
+            .inner
+            .cluster
+            .members()
+            .iter()
+            .filter(|m| m.id != self.inner.me)
+            .take(CONFIRM_FANOUT)
+            .cloned()
+            .collect();
+        let asks = others.iter().map(|m| {
+            let transport = self.inner.transport.clone();
+            async move {
+                let got: Result<TableMessage, _> = transport
+                    .request_typed(m.addr, routes::TABLE_GET, &(), CONFIRM_TIMEOUT)
+                    .await;
+                got.ok().map(|t| (m.id.clone(), t.table))
+            }
+        });
+        let answers: Vec<_> = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if !others.is_empty() && answers.is_empty() {
+            debug!("nobody confirmed this member's table after a pause; asking again");
+            return;
+        }
+        for (source, table) in answers {
+            if let Some(table) = table {
+                self.apply_table_from(&source, table);
+            }
+        }
+        info!(member = %self.inner.me, table = self.table().version(), "ownership confirmed after a pause");
+        self.inner
+            .pause
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .confirmed(asked_at);
     }
 
     /// This member's id.
@@ -576,6 +640,7 @@ impl Runtime {
                 OpResponse::Failed(e) => Attempt::Failed(e),
                 OpResponse::WrongOwner { .. } => Attempt::Retry("ownership moved".into()),
                 OpResponse::Frozen => Attempt::Retry("partition is changing hands".into()),
+                OpResponse::Confirming => Attempt::Retry(CONFIRMING.into()),
                 OpResponse::Unreplicated { why, answer } => Attempt::Unreplicated(why, answer),
             };
         }
@@ -600,6 +665,7 @@ impl Runtime {
                 ))
             }
             Ok(OpResponse::Frozen) => Attempt::Retry("partition is changing hands".into()),
+            Ok(OpResponse::Confirming) => Attempt::Retry(CONFIRMING.into()),
             Ok(OpResponse::Unreplicated { why, answer }) => Attempt::Unreplicated(why, answer),
             Err(NetError::Unreachable { reason, .. }) => Attempt::Retry(reason),
             Err(NetError::Refused { reason, .. }) => Attempt::Retry(reason),
@@ -687,7 +753,10 @@ impl Runtime {
     }
 
     /// Applies a table if it is newer than ours (or `force`): drops the partitions this
-    /// member no longer holds, lifts freezes the table supersedes.
+    /// member no longer holds, lifts freezes the table supersedes. `force` adopts the
+    /// cluster's table in place of one this member made alone: what it stored alone is
+    /// discarded, epochs and versions included (they count in another history, and a copy
+    /// from the cluster would look older than them).
     pub(crate) fn apply_table(&self, table: PartitionTable, force: bool) {
         let me = self.inner.me.clone();
         let new = Arc::new(table);
@@ -728,7 +797,10 @@ impl Runtime {
             // each): tables come often during a rebalance, partitions are many.
             let was_replica = old.rank_of(p, &me).is_some();
             let is_replica = new.rank_of(p, &me).is_some();
-            if was_replica && !is_replica {
+            if force && was_replica {
+                let rt = self.clone();
+                tokio::spawn(async move { rt.discard_partition(p).await });
+            } else if was_replica && !is_replica {
                 let rt = self.clone();
                 tokio::spawn(async move { rt.drop_partition(p, true).await });
             } else if !was_replica && is_replica {
@@ -756,6 +828,15 @@ impl Runtime {
                 slot.service.drop_partition(p);
                 st.reset();
             }
+        }
+    }
+
+    /// Forgets everything this member holds of `p`, whatever the table says.
+    async fn discard_partition(&self, p: u32) {
+        for slot in self.slots() {
+            let mut st = slot.replicas[p as usize].lock().await;
+            slot.service.drop_partition(p);
+            st.reset();
         }
     }
 
@@ -808,19 +889,20 @@ impl Runtime {
             }
         });
         let rt = self.clone();
-        t.on_request_typed(
-            routes::BACKUP,
-            move |_peer, req: messages::BackupRequest| {
-                let rt = rt.clone();
-                async move { rt.on_backup(req).await }
-            },
-        );
+        t.on_request_typed(routes::BACKUP, move |peer, req: messages::BackupRequest| {
+            let rt = rt.clone();
+            async move { rt.on_backup(&peer.member_id, req).await }
+        });
         let weak = Arc::downgrade(&self.inner);
         t.on_message(routes::BACKUP_ASYNC, move |peer, body| {
             let Some(inner) = weak.upgrade() else { return };
             match grid_net::codec::decode::<messages::BackupRequest>(&body) {
                 Ok(req) => {
-                    if inner.async_in.try_send(req).is_err() {
+                    if inner
+                        .async_in
+                        .try_send((peer.member_id.clone(), req))
+                        .is_err()
+                    {
                         // Anti-entropy repairs what a full queue drops.
                         metrics::counter!("grid_async_backups_dropped_total").increment(1);
                         debug!(peer = %peer.member_id, "asynchronous backup queue full; change dropped");
@@ -832,9 +914,9 @@ impl Runtime {
             }
         });
         let rt = self.clone();
-        t.on_bulk(routes::SYNC, move |_peer, header, chunks| {
+        t.on_bulk(routes::SYNC, move |peer, header, chunks| {
             let rt = rt.clone();
-            async move { rt.on_sync(header, chunks).await }
+            async move { rt.on_sync(&peer.member_id, header, chunks).await }
         });
         let rt = self.clone();
         t.on_request_typed(routes::TABLE_PUSH, move |peer, msg: TableMessage| {
@@ -878,9 +960,9 @@ impl Runtime {
         let rt = self.clone();
         t.on_request_typed(
             routes::ANTI_ENTROPY,
-            move |_peer, check: messages::VersionCheck| {
+            move |peer, check: messages::VersionCheck| {
                 let rt = rt.clone();
-                async move { rt.on_version_check(check).await }
+                async move { rt.on_version_check(&peer.member_id, check).await }
             },
         );
         let rt = self.clone();

@@ -15,6 +15,7 @@ use super::messages::{
     routes, BackupRequest, BackupResponse, FreezeRequest, MigrateRequest, MigrateResponse,
     OpResponse, Stale, SyncHeader, VersionCheck,
 };
+use super::replica_state::{digest, ChangeVerdict, CopyVerdict, Sender, TableView};
 use super::{ReplicaState, Runtime, ServiceSlot};
 use crate::partition::table::PartitionTable;
 
@@ -35,6 +36,7 @@ const DESTINATION_GRACE: Duration = Duration::from_secs(3);
 fn backup_request(
     slot: &ServiceSlot,
     p: u32,
+    table: &PartitionTable,
     st: &ReplicaState,
     version: u64,
     change: &[u8],
@@ -42,10 +44,32 @@ fn backup_request(
     BackupRequest {
         service: slot.service.name().to_string(),
         partition: p,
+        table_version: table.version(),
         epoch: st.epoch,
         version,
         change: change.to_vec(),
     }
+}
+
+/// What this member's `table` says about partition `p`, for judging what others send.
+fn view_of(table: &PartitionTable, p: u32) -> TableView<'_> {
+    TableView {
+        version: table.version(),
+        owner: table.owner(p).map(|o| &**o),
+        epoch: table.epoch(p),
+    }
+}
+
+/// How one backup took one change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replicated {
+    /// It has the change (or is no longer a live member: the next table drops it).
+    Acked,
+    /// It did not confirm the change: it is repaired later.
+    Missed,
+    /// Its table of this version names another owner: this member must not apply the
+    /// change, nor acknowledge it.
+    Superseded(u64),
 }
 
 impl Runtime {
@@ -96,6 +120,9 @@ impl Runtime {
                     table_version: table.version(),
                 };
             }
+            if !self.may_serve() {
+                return OpResponse::Confirming;
+            }
             return match slot.service.prepare(p, op) {
                 Ok(prepared) if prepared.change.is_none() => OpResponse::Ok(prepared.answer),
                 Ok(_) => OpResponse::Failed("a read-only operation tried to change state".into()),
@@ -113,6 +140,9 @@ impl Runtime {
         if self.frozen(p, &table) {
             return OpResponse::Frozen;
         }
+        if !self.may_serve() {
+            return OpResponse::Confirming;
+        }
         st.epoch = table.epoch(p);
         let prepared = match slot.service.prepare(p, op) {
             Ok(p) => p,
@@ -129,7 +159,7 @@ impl Runtime {
             // the ordered one-way channel; synchronous backups and migration targets are
             // waited for.
             for t in targets.iter().take(backups).skip(sync_backups) {
-                self.send_async_backup(&slot, p, &st, version, &change, t)
+                self.send_async_backup(&slot, p, &table, &st, version, &change, t)
                     .await;
             }
             let waited: Vec<&Arc<str>> = targets
@@ -139,15 +169,30 @@ impl Runtime {
                 .collect();
             let sends = waited
                 .iter()
-                .map(|t| self.replicate(&slot, p, &st, version, &change, t));
+                .map(|t| self.replicate(&slot, p, &table, &st, version, &change, t));
             let acked = futures::future::join_all(sends).await;
-            // The change is applied whatever the backups said: some may have it already,
-            // and the owner must not fall behind them.
+            // A backup whose table names another owner: this member was paused, or cut
+            // off, past failure detection, and the change must not happen here (a backup
+            // on the older table may have taken it: the new owner resynchronises it).
+            if let Some(newer) = waited.iter().zip(&acked).find_map(|(m, r)| match r {
+                Replicated::Superseded(v) => Some((m, *v)),
+                _ => None,
+            }) {
+                let (refuser, table_version) = newer;
+                warn!(partition = p, backup = %refuser, table_version, "a backup has a newer table without this member as owner; change refused");
+                if let Some(member) = self.inner.cluster.member(refuser) {
+                    self.fetch_table_from(&member).await;
+                }
+                return OpResponse::WrongOwner { table_version };
+            }
+            // Otherwise the change is applied whatever the backups said: some may have it
+            // already, and the owner must not fall behind them.
             if let Err(e) = slot.service.apply(p, &change, true) {
                 warn!(partition = p, error = %e, "owner could not apply its own change");
                 return OpResponse::Failed(e);
             }
-            st.version = version;
+            let epoch = st.epoch;
+            st.applied(epoch, version, digest(&change));
             st.log_change(version, &change);
             // An acknowledgement promises the change is on every live synchronous backup.
             // A backup (not a migration target) that did not confirm it breaks that promise:
@@ -157,7 +202,7 @@ impl Runtime {
                 .iter()
                 .zip(&acked)
                 .take(sync_backups)
-                .find(|(_, ok)| !**ok)
+                .find(|(_, r)| **r != Replicated::Acked)
             {
                 return OpResponse::Unreplicated {
                     why: format!("applied on the owner, but backup {missed} did not confirm it"),
@@ -170,10 +215,12 @@ impl Runtime {
 
     /// Queues one change for an asynchronous backup. Lost messages leave a gap the backup
     /// notices (its next change does not follow) and anti-entropy repairs.
+    #[allow(clippy::too_many_arguments)]
     async fn send_async_backup(
         &self,
         slot: &ServiceSlot,
         p: u32,
+        table: &PartitionTable,
         st: &ReplicaState,
         version: u64,
         change: &[u8],
@@ -182,7 +229,7 @@ impl Runtime {
         let Some(member) = self.inner.cluster.member(target) else {
             return;
         };
-        let req = backup_request(slot, p, st, version, change);
+        let req = backup_request(slot, p, table, st, version, change);
         let sent = match codec::encode(&req) {
             Ok(body) => self
                 .inner
@@ -199,10 +246,18 @@ impl Runtime {
     }
 
     /// An asynchronous backup's side of a change (in arrival order, one at a time).
-    pub(super) async fn on_async_backup(&self, req: BackupRequest) {
+    pub(super) async fn on_async_backup(&self, sender: &str, req: BackupRequest) {
         let p = req.partition;
-        match self.on_backup(req).await {
+        match self.on_backup(sender, req).await {
             Ok(BackupResponse::Applied) => {}
+            Ok(BackupResponse::Superseded { table_version }) => {
+                debug!(
+                    partition = p,
+                    %sender,
+                    table_version,
+                    "asynchronous backup from a replaced owner refused"
+                )
+            }
             Ok(BackupResponse::NeedSync) => {
                 debug!(
                     partition = p,
@@ -216,20 +271,22 @@ impl Runtime {
     /// Sends one change to one backup; a backup that fell behind gets the whole partition
     /// first. A backup that cannot be reached is left behind (and resynchronised by its next
     /// change) — the member list decides whether it is dead.
+    #[allow(clippy::too_many_arguments)]
     async fn replicate(
         &self,
         slot: &ServiceSlot,
         p: u32,
+        table: &PartitionTable,
         st: &ReplicaState,
         version: u64,
         change: &[u8],
         target: &Arc<str>,
-    ) -> bool {
+    ) -> Replicated {
         let Some(member) = self.inner.cluster.member(target) else {
             // No longer a live member: the next table drops it; nothing to wait for.
-            return true;
+            return Replicated::Acked;
         };
-        let req = backup_request(slot, p, st, version, change);
+        let req = backup_request(slot, p, table, st, version, change);
         let timeout = self.inner.config.backup_timeout;
         for attempt in 0..2 {
             let answer: Result<BackupResponse, _> = self
@@ -238,7 +295,10 @@ impl Runtime {
                 .request_typed_nested(member.addr, routes::BACKUP, &req, timeout)
                 .await;
             match answer {
-                Ok(BackupResponse::Applied) => return true,
+                Ok(BackupResponse::Applied) => return Replicated::Acked,
+                Ok(BackupResponse::Superseded { table_version }) => {
+                    return Replicated::Superseded(table_version)
+                }
                 Ok(BackupResponse::NeedSync) if attempt == 0 => {
                     if let Err(e) = self.sync_to(slot, p, st, &member.id).await {
                         warn!(partition = p, backup = %target, error = %e, "full sync failed");
@@ -253,7 +313,7 @@ impl Runtime {
             }
         }
         metrics::counter!("grid_backup_misses_total").increment(1);
-        false
+        Replicated::Missed
     }
 
     /// Copies the whole partition of one service to `target`, at the state `st` describes.
@@ -310,6 +370,7 @@ impl Runtime {
         let header = codec::encode(&SyncHeader {
             service: slot.service.name().to_string(),
             partition: p,
+            table_version: self.table().version(),
             epoch,
             version,
         })
@@ -357,8 +418,12 @@ impl Runtime {
         Ok((entries, bytes))
     }
 
-    /// A backup's side of a change.
-    pub(super) async fn on_backup(&self, req: BackupRequest) -> Result<BackupResponse, String> {
+    /// A backup's side of a change sent by `sender` (see `ReplicaState::judge_change`).
+    pub(super) async fn on_backup(
+        &self,
+        sender: &str,
+        req: BackupRequest,
+    ) -> Result<BackupResponse, String> {
         let refuse = self.inner.refuse_backups.fetch_update(
             std::sync::atomic::Ordering::SeqCst,
             std::sync::atomic::Ordering::SeqCst,
@@ -375,21 +440,74 @@ impl Runtime {
             .get(req.partition as usize)
             .ok_or_else(|| format!("no partition {}", req.partition))?;
         let mut st = replica.lock().await;
-        let next = st.version.saturating_add(1);
-        if req.epoch != st.epoch || req.version > next {
-            return Ok(BackupResponse::NeedSync);
+        let table = self.table();
+        let from = Sender {
+            member: sender,
+            table_version: req.table_version,
+            epoch: req.epoch,
+        };
+        let change_digest = digest(&req.change);
+        match st.judge_change(
+            &view_of(&table, req.partition),
+            &from,
+            req.version,
+            change_digest,
+        ) {
+            ChangeVerdict::Apply => {
+                slot.service.apply(req.partition, &req.change, false)?;
+                st.applied(req.epoch, req.version, change_digest);
+                Ok(BackupResponse::Applied)
+            }
+            ChangeVerdict::Duplicate => Ok(BackupResponse::Applied),
+            ChangeVerdict::NeedSync => Ok(BackupResponse::NeedSync),
+            ChangeVerdict::Diverged => {
+                warn!(partition = req.partition, %sender, version = req.version, "a change differs from the one this backup applied under its version; asking for the whole partition");
+                st.mark_diverged();
+                Ok(BackupResponse::NeedSync)
+            }
+            ChangeVerdict::Superseded { table_version } => {
+                warn!(partition = req.partition, %sender, table_version, "change from a member that no longer owns the partition refused");
+                metrics::counter!("grid_stale_owner_refusals_total").increment(1);
+                Ok(BackupResponse::Superseded { table_version })
+            }
         }
-        if req.version == next {
-            slot.service.apply(req.partition, &req.change, false)?;
-            st.version = req.version;
-        }
-        // Older versions are duplicates of changes already applied.
-        Ok(BackupResponse::Applied)
     }
 
-    /// A full partition copy arriving (resync or migration).
+    /// Judges a full copy of `slot`'s partition from `sender` against the replica's state.
+    fn judge_copy(
+        &self,
+        st: &ReplicaState,
+        sender: &str,
+        header: &SyncHeader,
+    ) -> Result<(), String> {
+        let table = self.table();
+        let from = Sender {
+            member: sender,
+            table_version: header.table_version,
+            epoch: header.epoch,
+        };
+        match st.judge_copy(&view_of(&table, header.partition), &from, header.version) {
+            CopyVerdict::Install => Ok(()),
+            CopyVerdict::Older => Err(format!(
+                "copy of partition {} at ({}, {}) refused: this replica is at ({}, {})",
+                header.partition, header.epoch, header.version, st.epoch, st.version
+            )),
+            CopyVerdict::Superseded { table_version } => {
+                metrics::counter!("grid_stale_owner_refusals_total").increment(1);
+                Err(format!(
+                    "copy of partition {} refused: {sender} does not own it in table {table_version}",
+                    header.partition
+                ))
+            }
+        }
+    }
+
+    /// A full partition copy from `sender` arriving (resync or migration). A copy this
+    /// replica must not take (see `ReplicaState::judge_copy`) is refused before it is
+    /// received, and again before it is installed; one over the size cap as it arrives.
     pub(super) async fn on_sync(
         &self,
+        sender: &str,
         header: Bytes,
         mut chunks: BulkReceiver,
     ) -> Result<Bytes, String> {
@@ -401,11 +519,25 @@ impl Runtime {
             .replicas
             .get(header.partition as usize)
             .ok_or_else(|| format!("no partition {}", header.partition))?;
+        if let Err(e) = self.judge_copy(&*replica.lock().await, sender, &header) {
+            warn!(partition = header.partition, %sender, error = %e, "partition copy refused");
+            return Err(e);
+        }
+        let cap = self.inner.config.max_partition_copy_bytes;
         let mut received = Vec::new();
+        let mut received_bytes = 0usize;
         let opened = Instant::now();
         let mut first_ms = None;
         while let Some(chunk) = chunks.next().await.map_err(|e| e.to_string())? {
             first_ms.get_or_insert_with(|| opened.elapsed().as_secs_f64() * 1e3);
+            received_bytes = received_bytes.saturating_add(chunk.len());
+            if received_bytes > cap {
+                warn!(partition = header.partition, %sender, cap, "partition copy over the size cap refused");
+                return Err(format!(
+                    "copy of partition {} is over this member's cap of {cap} bytes",
+                    header.partition
+                ));
+            }
             received.push(chunk);
         }
         let received_ms = opened.elapsed().as_secs_f64() * 1e3;
@@ -427,9 +559,13 @@ impl Runtime {
                 .map_err(|e| format!("restoring partition {p} failed: {e}"))?
         }?;
         let mut st = replica.lock().await;
+        // Changes or another copy may have come while this one arrived.
+        if let Err(e) = self.judge_copy(&st, sender, &header) {
+            warn!(partition = p, %sender, error = %e, "partition copy refused");
+            return Err(e);
+        }
         slot.service.install(p, rebuilt)?;
-        st.epoch = header.epoch;
-        st.version = header.version;
+        st.installed(header.epoch, header.version);
         // Possibly for a table still to come (a migration): kept until a table confirms it,
         // even if the tables in between say this member holds nothing of the partition.
         st.incoming_since = Some(Instant::now());
@@ -530,6 +666,7 @@ impl Runtime {
                         let req = BackupRequest {
                             service: slot.service.name().to_string(),
                             partition: p,
+                            table_version: table.version(),
                             epoch,
                             version,
                             change,
@@ -582,13 +719,18 @@ impl Runtime {
         let live = self.inner.cluster.member(&new_owner).is_some();
         for slot in self.slots() {
             // Waits out the operations already running (they hold the lock)...
-            let st = slot.replicas[p as usize].lock().await;
+            let mut st = slot.replicas[p as usize].lock().await;
             // ...then makes sure the new owner has everything: a change that missed it
             // would otherwise be lost at the switch.
             if !live {
                 continue;
             }
+            let table = self.table();
+            if table.owner(p) == Some(&self.inner.me) {
+                st.epoch = table.epoch(p);
+            }
             let check = VersionCheck {
+                table_version: table.version(),
                 replicas: vec![(slot.service.name().to_string(), p, st.epoch, st.version)],
             };
             let stale: Stale = self
@@ -614,7 +756,27 @@ impl Runtime {
 
 impl Runtime {
     /// A backup's side of anti-entropy: which of the owner's replicas it does not match.
-    pub(super) async fn on_version_check(&self, check: VersionCheck) -> Result<Stale, String> {
+    /// A check from a member that this one's table no longer names as the owner is
+    /// refused: its repairs would overwrite newer state.
+    pub(super) async fn on_version_check(
+        &self,
+        sender: &str,
+        check: VersionCheck,
+    ) -> Result<Stale, String> {
+        let table = self.table();
+        for (_, p, epoch, _) in &check.replicas {
+            let from = Sender {
+                member: sender,
+                table_version: check.table_version,
+                epoch: *epoch,
+            };
+            if let Some(newer) = view_of(&table, *p).superseded(&from) {
+                metrics::counter!("grid_stale_owner_refusals_total").increment(1);
+                return Err(format!(
+                    "{sender} does not own partition {p} in table {newer}"
+                ));
+            }
+        }
         let mut stale = Stale::default();
         for (service, p, epoch, version) in check.replicas {
             let Some(slot) = self.slot(&service) else {
@@ -638,6 +800,11 @@ impl Runtime {
     /// repairs a backup that missed a change on a partition that has not changed since (the
     /// next change would have resynchronised it anyway).
     pub(super) async fn anti_entropy_pass(&self) {
+        // A member that was paused must first learn whether it still owns anything: its
+        // timer fires at once when it resumes, with the table it had before.
+        if !self.may_serve() {
+            return;
+        }
         let table = self.table();
         let me = self.inner.me.clone();
         let mut per_backup: std::collections::BTreeMap<Arc<str>, Vec<ReplicaVersion>> =
@@ -647,7 +814,8 @@ impl Runtime {
                 if table.owner(p) != Some(&me) {
                     continue;
                 }
-                let st = slot.replicas[p as usize].lock().await;
+                let mut st = slot.replicas[p as usize].lock().await;
+                st.epoch = table.epoch(p);
                 for b in table.replicas(p).skip(1) {
                     per_backup.entry(b.clone()).or_default().push((
                         slot.service.name().to_string(),
@@ -668,7 +836,10 @@ impl Runtime {
                 .request_typed(
                     member.addr,
                     routes::ANTI_ENTROPY,
-                    &VersionCheck { replicas },
+                    &VersionCheck {
+                        table_version: table.version(),
+                        replicas,
+                    },
                     Duration::from_secs(10),
                 )
                 .await;
@@ -680,9 +851,13 @@ impl Runtime {
                 let Some(replica) = slot.replicas.get(p as usize) else {
                     continue;
                 };
-                let st = replica.lock().await;
+                let mut st = replica.lock().await;
                 let table = self.table();
-                if table.owner(p) == Some(&me) && table.rank_of(p, &backup).is_some() {
+                if table.owner(p) == Some(&me)
+                    && table.rank_of(p, &backup).is_some()
+                    && self.may_serve()
+                {
+                    st.epoch = table.epoch(p);
                     tracing::info!(partition = p, %backup, "anti-entropy: backup differs, resynchronising");
                     metrics::counter!("grid_anti_entropy_repairs_total").increment(1);
                     if let Err(e) = self.sync_to(&slot, p, &st, &backup).await {
