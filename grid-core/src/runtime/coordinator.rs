@@ -492,25 +492,76 @@ mod tests {
         assert!(retry
             .iter()
             .any(|e| matches!(e, Effect::Migrate { partition: q, .. } if *q == partition)));
-        // The destination dies mid-migration: its moves are dropped, nothing hangs.
+        // The destination dies mid-migration: its moves are dropped, nothing hangs — the
+        // coordinator settles with nothing left waiting for the dead member.
         let effects = c.on_members(&members(&["a", "b"]), &[]);
         drive(&mut c, effects);
-        let _ = c.on_migrated(partition, &destination, true); // a late answer is ignored
-        drive(&mut c, Vec::new());
+        assert!(
+            c.is_settled(),
+            "not settled after the destination died: {:?}",
+            c.stats()
+        );
+        assert_eq!(c.stats().in_flight, 0);
+        let version = c.published().version();
+        // A late answer is ignored: no effect, nothing published, still settled.
+        let late = c.on_migrated(partition, &destination, true);
+        assert!(late.is_empty(), "a late answer had effects: {late:?}");
+        assert!(c.flush().is_none(), "a late answer made something ready");
+        assert!(c.is_settled());
+        assert_eq!(c.published().version(), version);
         assert!(c.published().members().iter().all(|m| &**m != "c"));
     }
 
-    /// Which members hold which partitions' data, and the invariant every publication must
-    /// keep: a table names only replicas that hold the partition's data.
+    /// Which members hold which partitions' data, and the invariants every publication must
+    /// keep: a table names only replicas that hold the partition's data, and — as long as
+    /// no more members failed than there are backups — no partition is ever published
+    /// without a member that holds its data (the model does not re-seed it empty then).
     struct Model {
         holds: BTreeSet<(u32, Arc<str>)>,
         last: Option<PartitionTable>,
+        backups: usize,
+        /// Members killed since the coordinator last settled.
+        failures: usize,
     }
 
     impl Model {
+        fn new(cfg: &TableConfig) -> Self {
+            Self {
+                holds: BTreeSet::new(),
+                last: None,
+                backups: cfg.backups as usize,
+                failures: 0,
+            }
+        }
+
         fn publish(&mut self, t: &PartitionTable) {
+            // Losing data is allowed only for a brand new table's partitions, or after more
+            // failures than backups.
+            let may_lose = self.last.is_none() || self.failures > self.backups;
             for p in 0..t.partitions() {
                 let any_holder = self.holds.iter().any(|(q, _)| *q == p);
+                assert!(
+                    may_lose || any_holder,
+                    "table {} publishes partition {p} on {:?}, but no member holds its data: \
+                     lost after {} failure(s) with {} backup(s)",
+                    t.version(),
+                    t.replicas(p).collect::<Vec<_>>(),
+                    self.failures,
+                    self.backups
+                );
+                assert!(
+                    may_lose || t.replicas(p).next().is_some(),
+                    "table {} publishes partition {p} with no replica, dropping the data {:?} \
+                     hold, after {} failure(s) with {} backup(s)",
+                    t.version(),
+                    self.holds
+                        .iter()
+                        .filter(|(q, _)| *q == p)
+                        .map(|(_, m)| m)
+                        .collect::<Vec<_>>(),
+                    self.failures,
+                    self.backups
+                );
                 for m in t.replicas(p) {
                     assert!(
                         !any_holder || self.holds.contains(&(p, m.clone())),
@@ -519,7 +570,7 @@ mod tests {
                     );
                 }
                 if !any_holder {
-                    // Lost (or brand new): the new replicas start empty.
+                    // Brand new (or lost beyond the backups): the new replicas start empty.
                     for m in t.replicas(p) {
                         self.holds.insert((p, m.clone()));
                     }
@@ -537,6 +588,7 @@ mod tests {
 
         fn kill(&mut self, dead: &str) {
             self.holds.retain(|(_, m)| &**m != dead);
+            self.failures += 1;
         }
 
         /// Carries out effects, completing at most `budget` migrations (the rest stay in
@@ -580,16 +632,17 @@ mod tests {
                 }
                 queue = next;
             }
+            if c.is_settled() {
+                // Every backup restored: the next failures start from a full count.
+                self.failures = 0;
+            }
             stalled
         }
     }
 
     fn start(ids: &[&str], cfg: &TableConfig) -> (Coordinator, Model) {
         let mut c = Coordinator::new(PartitionTable::empty(cfg.partitions), cfg.clone(), 4);
-        let mut m = Model {
-            holds: BTreeSet::new(),
-            last: None,
-        };
+        let mut m = Model::new(cfg);
         let e = c.on_members(&members(ids), &[]);
         m.run(&mut c, e, usize::MAX);
         assert!(c.is_settled());
