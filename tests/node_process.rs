@@ -143,3 +143,151 @@ async fn separate_processes_form_a_cluster_report_status_and_hand_off_on_sigint(
     }
     lite.shutdown().await;
 }
+
+/// What one writer saw of its keys: the value last acknowledged for each, and every answer
+/// older than an acknowledged write.
+#[derive(Default)]
+struct WriterReport {
+    acked: std::collections::BTreeMap<u64, u64>,
+    acked_puts: u64,
+    failed_puts: u64,
+    stale: Vec<String>,
+}
+
+/// One writer: puts increasing values to its own keys and reads each back. A put's previous
+/// value and a read after an acknowledged put must be at least the acknowledged value (a
+/// write that failed may or may not have happened, so higher values are fine).
+async fn write_and_check(
+    cache: grid::Cache<u64, u64>,
+    keys: std::ops::Range<u64>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> WriterReport {
+    let mut report = WriterReport::default();
+    let mut next = 0u64;
+    while !*stop.borrow() {
+        for k in keys.clone() {
+            next += 1;
+            let before = report.acked.get(&k).copied().unwrap_or(0);
+            match cache.put(&k, &next).await {
+                Ok(previous) => {
+                    report.acked_puts += 1;
+                    if previous.unwrap_or(0) < before {
+                        report.stale.push(format!(
+                            "put {k}={next} saw {previous:?} after {before} was acknowledged"
+                        ));
+                    }
+                    report.acked.insert(k, next);
+                }
+                Err(_) => report.failed_puts += 1,
+            }
+            let acked = report.acked.get(&k).copied().unwrap_or(0);
+            if let Ok(read) = cache.get(&k).await {
+                if read.unwrap_or(0) < acked {
+                    report.stale.push(format!(
+                        "get {k} read {read:?} after {acked} was acknowledged"
+                    ));
+                }
+            }
+        }
+    }
+    report
+}
+
+/// The paused owner (issue 13): a member stopped with SIGSTOP past failure detection, under
+/// a write load, is declared failed and its backups promoted; when it resumes it must not
+/// serve, acknowledge or push anything for the partitions it no longer owns. Every
+/// acknowledged write is still there, and no read or put answered with a value older than
+/// an acknowledged one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_paused_past_failure_detection_loses_no_acknowledged_write() {
+    let (_a, a_addr, _a_out) = node("a", None).await;
+    let mut others = Vec::new();
+    for id in ["b", "c", "d", "e"] {
+        others.push(node(id, Some(a_addr)).await);
+    }
+    let lite = Grid::builder()
+        .cluster_name(CLUSTER)
+        .member_id("lite")
+        .secret(SECRET)
+        .bind("127.0.0.1:0")
+        .seed(a_addr)
+        .lite_member()
+        .start()
+        .await
+        .expect("the lite member starts");
+    let rt = lite.runtime().clone();
+    wait_for("a settled table of five members", || {
+        let rt = rt.clone();
+        async move {
+            let Ok(s) = rt.member_status("a", false).await else {
+                return false;
+            };
+            s.coordinator.settled && s.table_members == 5 && rt.table().version() == s.table_version
+        }
+    })
+    .await;
+
+    let cache = lite.cache::<u64, u64>("paused").await.expect("a cache");
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let writers: Vec<_> = (0..16u64)
+        .map(|w| {
+            tokio::spawn(write_and_check(
+                cache.clone(),
+                w * 8..w * 8 + 8,
+                stop.clone(),
+            ))
+        })
+        .collect();
+    // Load first, then the pause: the member's partitions have writes in flight.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (paused, _, _) = &others[1];
+    let pid = rustix::process::Pid::from_raw(paused.id().expect("c runs") as i32).expect("a pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).expect("SIGSTOP");
+    // Past failure detection (about 1.5 s) and the promotion of c's backups: the scenario,
+    // not a wait for a condition.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let table_without_c = rt.table();
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).expect("SIGCONT");
+    // Writes go on while c comes back, finds it was paused and learns the new table.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stop_tx.send(true).expect("writers listen");
+    let mut acked = std::collections::BTreeMap::new();
+    let (mut acked_puts, mut failed_puts, mut stale) = (0, 0, Vec::new());
+    for w in writers {
+        let r = w.await.expect("writer");
+        acked.extend(r.acked);
+        acked_puts += r.acked_puts;
+        failed_puts += r.failed_puts;
+        stale.extend(r.stale);
+    }
+    eprintln!(
+        "{acked_puts} puts acknowledged, {failed_puts} failed; table {} while c was paused",
+        table_without_c.version()
+    );
+    assert!(
+        !table_without_c.members().iter().any(|m| &**m == "c"),
+        "c was declared failed while paused (table {})",
+        table_without_c.version()
+    );
+    assert!(
+        stale.is_empty(),
+        "{} stale answers: {:?}",
+        stale.len(),
+        &stale[..stale.len().min(10)]
+    );
+    let mut lost = Vec::new();
+    for (k, v) in &acked {
+        let read = cache.get(k).await.expect("get");
+        if read.unwrap_or(0) < *v {
+            lost.push(format!("{k}: acknowledged {v}, read {read:?}"));
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert_eq!(acked.len(), 128, "every key was written");
+    lite.shutdown().await;
+}
