@@ -291,8 +291,12 @@ impl ServerCertVerifier for ClusterServerVerifier {
 /// or leaving, which gossip runs into all the time).
 pub(crate) fn explain_handshake_error(err: &str) -> (bool, &'static str) {
     let e = err.to_ascii_lowercase();
-    if e.contains("error 120") || e.contains("known protocol") || e.contains("application protocol")
-    {
+    // quinn's generic "the application or application protocol caused the connection to be
+    // closed during the handshake" is a peer closing its endpoint, not an ALPN mismatch
+    // (TLS alert 120, or rustls's "doesn't support any known protocol").
+    if e.contains("caused the connection to be closed") {
+        (false, "the peer closed the connection during the handshake")
+    } else if e.contains("error 120") || e.contains("known protocol") {
         (
             true,
             "the peer speaks another grid protocol version (ALPN mismatch)",
@@ -320,9 +324,87 @@ pub(crate) fn explain_handshake_error(err: &str) -> (bool, &'static str) {
     }
 }
 
+/// How often a refused handshake from one address is logged as a warning; the others in
+/// between are counted and reported with the next one.
+const HANDSHAKE_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// Addresses remembered by the limiter; past this it starts over (a scan from many
+/// addresses then logs at most this many warnings per period).
+const HANDSHAKE_WARNING_PEERS: usize = 1024;
+
+/// Limits the warnings about refused handshakes: a misconfigured peer retries every few
+/// hundred milliseconds, and a log line each time drowns everything else.
+#[derive(Debug, Default)]
+pub(crate) struct HandshakeWarnings {
+    /// Per peer: when it was last warned about, and the failures since.
+    peers: std::sync::Mutex<
+        std::collections::HashMap<std::net::SocketAddr, (std::time::Instant, u64)>,
+    >,
+}
+
+impl HandshakeWarnings {
+    /// Whether a failure from `peer` at `now` is to be logged as a warning: `Some(n)`
+    /// with the `n` failures suppressed since the last warning, or `None` to count it only.
+    pub(crate) fn admit(&self, peer: std::net::SocketAddr, now: std::time::Instant) -> Option<u64> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if peers.len() >= HANDSHAKE_WARNING_PEERS && !peers.contains_key(&peer) {
+            peers.clear();
+        }
+        match peers.get_mut(&peer) {
+            Some((last, suppressed))
+                if now.saturating_duration_since(*last) < HANDSHAKE_WARNING_EVERY =>
+            {
+                *suppressed += 1;
+                None
+            }
+            Some((last, suppressed)) => {
+                *last = now;
+                Some(std::mem::take(suppressed))
+            }
+            None => {
+                peers.insert(peer, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_closing_during_the_handshake_is_not_an_alpn_mismatch() {
+        let closed = "the application or application protocol caused the connection to be \
+                      closed during the handshake";
+        let (serious, why) = explain_handshake_error(closed);
+        assert!(!serious);
+        assert!(!why.contains("ALPN"), "{why}");
+        let (serious, why) =
+            explain_handshake_error("the cryptographic handshake failed: error 120");
+        assert!(serious);
+        assert!(why.contains("ALPN"), "{why}");
+    }
+
+    #[test]
+    fn refused_handshakes_warn_once_per_period_per_peer() {
+        let limiter = HandshakeWarnings::default();
+        let a: std::net::SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let b: std::net::SocketAddr = "127.0.0.1:2000".parse().unwrap();
+        let t0 = std::time::Instant::now();
+        assert_eq!(limiter.admit(a, t0), Some(0));
+        for i in 1..=5 {
+            assert_eq!(
+                limiter.admit(a, t0 + std::time::Duration::from_millis(i * 300)),
+                None
+            );
+        }
+        assert_eq!(
+            limiter.admit(b, t0),
+            Some(0),
+            "another peer has its own budget"
+        );
+        assert_eq!(limiter.admit(a, t0 + HANDSHAKE_WARNING_EVERY), Some(5));
+    }
 
     #[test]
     fn same_secret_same_ca_other_secret_other_ca() {

@@ -35,7 +35,7 @@ use crate::codec;
 use crate::frame::{read_frame, FrameError, FrameReader};
 use crate::mux::{self, LaneClass, MuxClient, MuxError, Outgoing, MAX_LANE_TASKS, MUX_MAX_PAYLOAD};
 use crate::socket::{FaultSwitch, FaultySocket};
-use crate::tls::{explain_handshake_error, Identity, SERVER_NAME};
+use crate::tls::{explain_handshake_error, HandshakeWarnings, Identity, SERVER_NAME};
 use crate::wire::{
     codes, decode_routed, Hello, HelloReply, StreamKind, MAX_ROUTE_LEN, PROTOCOL_VERSION,
     RESPONSE_ERR, RESPONSE_OK,
@@ -252,10 +252,18 @@ impl std::fmt::Debug for Transport {
 
 /// Logs a failed handshake — a warning for what configuration must fix (certificates,
 /// protocol version), debug for a peer that is down or leaving — and returns why.
+/// Warnings are limited per peer address ([`HandshakeWarnings`]).
 fn log_handshake_failure(peer: SocketAddr, text: &str, context: &str) -> &'static str {
+    static WARNINGS: std::sync::OnceLock<HandshakeWarnings> = std::sync::OnceLock::new();
     let (serious, why) = explain_handshake_error(text);
     if serious {
-        warn!(%peer, error = %text, "{context}: {why}");
+        match WARNINGS
+            .get_or_init(HandshakeWarnings::default)
+            .admit(peer, Instant::now())
+        {
+            Some(suppressed) => warn!(%peer, error = %text, suppressed, "{context}: {why}"),
+            None => debug!(%peer, error = %text, "{context}: {why}"),
+        }
     } else {
         debug!(%peer, error = %text, "{context}: {why}");
     }

@@ -8,6 +8,10 @@
 //! - `coordinator`: the coordinator's decisions, without IO (sans-IO state machine).
 //! - `driver`: the coordinator's IO — runs on the oldest data member.
 //! - `replica`: the owner's and the backups' side of an operation; full syncs; migrations.
+//! - `replica_state`: one replica's state and the rules by which it takes or refuses the
+//!   changes and copies others send it (sans-IO, unit-tested).
+//! - `pause_guard`: how a member notices it was paused, and stops serving until the
+//!   cluster's table confirms what it owns (sans-IO, unit-tested).
 //! - `messages`: what the runtime sends between members.
 //! - `background`: the lower-priority threads that rebuild partition copies.
 //!
@@ -25,6 +29,16 @@
 //!   Either way the retry applies the change again, after any change made in between.
 //! - Reads right after an ownership change may briefly go to the old owner, which answers
 //!   from its (complete) copy until the new table reaches it.
+//! - A member paused past failure detection (SIGSTOP, a frozen VM) is declared failed and
+//!   its backups take over. When it runs again it serves nothing as an owner until it has
+//!   asked the others for their newest table (`pause_guard`), and whatever it still sends
+//!   for partitions it no longer owns — changes, copies, repairs — carries the version of
+//!   its table and is refused by members whose newer table names another owner
+//!   (`replica_state`); the change it was making is then neither applied nor acknowledged.
+//!   What this does not cover: a member cut off by the network (not paused) keeps serving
+//!   reads from its copy until it hears of the new table, and with no live backup in its
+//!   view it acknowledges writes alone. Closing that takes quorum leases, which the lock
+//!   service brings.
 
 mod background;
 pub(crate) mod coordinator;
