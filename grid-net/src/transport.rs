@@ -254,7 +254,7 @@ impl std::fmt::Debug for Transport {
 /// protocol version), debug for a peer that is down or leaving — and returns why.
 /// Warnings are limited per peer address ([`HandshakeWarnings`]).
 fn log_handshake_failure(peer: SocketAddr, text: &str, context: &str) -> &'static str {
-    static WARNINGS: std::sync::OnceLock<HandshakeWarnings> = std::sync::OnceLock::new();
+    static WARNINGS: OnceLock<HandshakeWarnings> = OnceLock::new();
     let (serious, why) = explain_handshake_error(text);
     if serious {
         match WARNINGS
