@@ -30,12 +30,15 @@
 //! - [`Cluster`]: members, events, the leader (re-exported from `grid-net`).
 //! - [`Topic`]: cluster messages (re-exported from `grid-net`).
 //! - [`GridConfig`]: the configuration file and its environment overrides (`grid-core`).
+//! - [`METRICS`]: every metric grid records; a member serves them for Prometheus, with
+//!   health probes, when `metrics.listen` is set ([`GridBuilder::metrics_listen`]).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,11 +46,13 @@ use grid_core::runtime::Runtime;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+mod observe;
+
 pub use grid_cache::{
     Cache, CacheBuilder, CacheEvent, CacheListener, CacheMode, CacheSettings, CacheStatistics,
-    CachedReference, Eviction, Expiry, ProcessorEntry,
+    CachedReference, Eviction, Expiry, MemberCacheSizes, ProcessorEntry,
 };
-pub use grid_core::config::PartitionConfig;
+pub use grid_core::config::{MetricsConfig, PartitionConfig};
 pub use grid_core::runtime::{CoordinatorStatus, MemberStatus, MigrationStats};
 pub use grid_core::{codec, GridConfig, GridError};
 pub use grid_net::bulk_runtime::BulkPriority;
@@ -56,11 +61,14 @@ pub use grid_net::malloc::keep_freed_memory;
 pub use grid_net::membership::{Cluster, Member, MemberEvent, MembershipEvents};
 pub use grid_net::topic::{Subscription, Topic, TopicError};
 pub use grid_net::NetError;
+pub use observe::{metrics_markdown, MetricDoc, METRICS};
 
 /// Builds a member's configuration and starts it. Start from [`Grid::builder`].
 #[derive(Debug, Clone, Default)]
 pub struct GridBuilder {
     config: GridConfig,
+    /// A listener for the metrics endpoint, bound by the caller.
+    metrics_listener: Option<Arc<std::net::TcpListener>>,
 }
 
 impl GridBuilder {
@@ -205,6 +213,38 @@ impl GridBuilder {
         self
     }
 
+    /// Serves Prometheus metrics (`/metrics`) and health probes (`/healthz`, `/readyz`) on
+    /// `addr` over HTTP (the `metrics.listen` key; off by default). The first member of a
+    /// process that serves metrics installs grid's recorder as the process's `metrics`
+    /// recorder; starting fails if the process already has another one. Every metric is
+    /// listed in [`METRICS`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), grid::GridError> {
+    /// let grid = grid::Grid::builder()
+    ///     .cluster_name("metrics-doc")
+    ///     .bind("127.0.0.1:0")
+    ///     .no_seeds()
+    ///     .metrics_listen("127.0.0.1:0".parse().unwrap())
+    ///     .start()
+    ///     .await?;
+    /// println!("scrape http://{}/metrics", grid.metrics_addr().unwrap());
+    /// grid.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn metrics_listen(mut self, addr: SocketAddr) -> Self {
+        self.config.metrics.listen = Some(addr);
+        self
+    }
+
+    /// Serves metrics and health probes (see [`GridBuilder::metrics_listen`]) on a listener
+    /// the caller bound (e.g. after trying several ports). It wins over `metrics.listen`.
+    pub fn metrics_listener(mut self, listener: std::net::TcpListener) -> Self {
+        self.metrics_listener = Some(Arc::new(listener));
+        self
+    }
+
     /// The configuration built so far.
     pub fn build_config(&self) -> &GridConfig {
         &self.config
@@ -217,6 +257,21 @@ impl GridBuilder {
     /// instead of running against a cluster of one.
     pub async fn start(self) -> Result<Grid, GridError> {
         self.config.validate()?;
+        let listen = match (&self.metrics_listener, self.config.metrics.listen) {
+            (Some(l), _) => Some(observe::Listen::Listener(l.try_clone().map_err(|e| {
+                GridError::ConfigInvalid {
+                    path: None,
+                    message: format!("metrics listener: {e}"),
+                }
+            })?)),
+            (None, Some(addr)) => Some(observe::Listen::Addr(addr)),
+            (None, None) => None,
+        };
+        // Before anything records: what is recorded with no recorder is lost.
+        let prometheus = listen
+            .as_ref()
+            .map(|_| observe::install_recorder())
+            .transpose()?;
         let node = grid_net::node::Node::start(self.config.to_net_config()).await?;
         let runtime = Runtime::start(
             node.transport().clone(),
@@ -228,10 +283,36 @@ impl GridBuilder {
             node.transport().clone(),
             node.cluster().clone(),
         );
+        let probe = observe::Probe {
+            runtime: runtime.clone(),
+            cluster: node.cluster().clone(),
+            caches: caches.clone(),
+            cluster_name: self.config.cluster_name.as_str().into(),
+            leaving: Arc::new(AtomicBool::new(false)),
+        };
+        let endpoint = match (listen, prometheus) {
+            (Some(listen), Some(handle)) => {
+                let endpoint = match observe::serve(listen, handle, probe.clone()).await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        node.shutdown().await;
+                        return Err(e);
+                    }
+                };
+                tracing::info!(
+                    addr = %endpoint.addr(),
+                    "serving /metrics, /healthz and /readyz over HTTP"
+                );
+                Some(Arc::new(endpoint))
+            }
+            _ => None,
+        };
         Ok(Grid {
             node: Arc::new(node),
             runtime,
             caches,
+            probe,
+            endpoint,
         })
     }
 }
@@ -243,6 +324,9 @@ pub struct Grid {
     node: Arc<grid_net::node::Node>,
     runtime: Runtime,
     caches: grid_cache::Caches,
+    probe: observe::Probe,
+    /// The metrics and health endpoint, when served; it stops with the last clone.
+    endpoint: Option<Arc<observe::Endpoint>>,
 }
 
 impl Grid {
@@ -253,7 +337,52 @@ impl Grid {
 
     /// Starts a member from a configuration.
     pub async fn start(config: GridConfig) -> Result<Self, GridError> {
-        GridBuilder { config }.start().await
+        GridBuilder {
+            config,
+            metrics_listener: None,
+        }
+        .start()
+        .await
+    }
+
+    /// Where the metrics and health endpoint listens, when it is served (see
+    /// [`GridBuilder::metrics_listen`]).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.as_ref().map(|e| e.addr())
+    }
+
+    /// Why this member is not ready, or `None` when it is: it has joined its cluster and
+    /// holds the cluster's partition table, and it is not leaving. `/readyz` answers this.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), grid::GridError> {
+    /// let grid = grid::Grid::builder().cluster_name("ready-doc").bind("127.0.0.1:0").no_seeds().start().await?;
+    /// grid.cluster().joined().await;
+    /// # let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    /// # while grid.not_ready_reason().is_some() && std::time::Instant::now() < deadline {
+    /// #     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    /// # }
+    /// assert_eq!(grid.not_ready_reason(), None);
+    /// grid.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        self.probe.not_ready()
+    }
+
+    /// Sets the metrics that are read from the member's state rather than recorded as
+    /// things happen (those marked "at scrape" in [`METRICS`]). The metrics endpoint calls
+    /// this at every scrape; a service that exports grid's metrics with a recorder of its
+    /// own calls it before each export.
+    pub fn record_metrics(&self) {
+        self.probe.record();
+    }
+
+    /// Every cache's size on every live member (each member is asked; one that does not
+    /// answer is reported with the reason) — what `grid status` prints.
+    pub async fn cache_sizes(&self) -> Result<Vec<MemberCacheSizes>, GridError> {
+        self.caches.sizes().await
     }
 
     /// The cluster as this member sees it.
@@ -312,6 +441,7 @@ impl Grid {
     /// (so nothing is lost even without backups), then tells every member it is leaving —
     /// they report it as left at once.
     pub async fn shutdown(&self) {
+        self.probe.leaving.store(true, Ordering::Relaxed);
         if self.cluster().local_member().is_data_member() && self.cluster().members().len() > 1 {
             if let Err(e) = self.runtime.drain(Duration::from_secs(60)).await {
                 tracing::warn!(error = %e, "partitions not fully handed off before leaving");

@@ -1,5 +1,6 @@
 //! The `grid` binary: with no arguments, a demo cluster on loopback; `grid node` runs one
-//! member from a configuration file and the `GRID_*` environment.
+//! member from a configuration file and the `GRID_*` environment; `grid status` joins a
+//! cluster as a lite member with the same configuration and prints what it sees.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -9,6 +10,9 @@ use clap::{Parser, Subcommand};
 use grid::{CacheEvent, CacheSettings, Grid, GridConfig, MemberEvent};
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
+
+mod logging;
+mod status;
 
 #[derive(Parser)]
 #[command(name = "grid", version, about = "A peer-to-peer in-memory data grid")]
@@ -28,38 +32,94 @@ enum Command {
         /// TOML configuration file (every key optional; GRID_* variables override it).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Serve no metrics and health probes (by default they are served on
+        /// metrics.listen, else on 127.0.0.1:9701 or the next free port).
+        #[arg(long)]
+        no_metrics: bool,
     },
+    /// Join the cluster as a lite member (same configuration file and GRID_* variables as a
+    /// member), print its members, partition table, migrations and caches, and leave.
+    Status(status::StatusArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    // The demo narrates what happens itself; a member run with `grid node` logs at info.
-    let default_level = match cli.command {
-        None | Some(Command::Demo) => "error",
-        Some(Command::Node { .. }) => "info",
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("GRID_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),
-        )
-        .with_target(false)
-        .init();
-    match cli.command.unwrap_or(Command::Demo) {
-        Command::Demo => demo().await,
-        Command::Node { config } => node(config).await,
+/// The port `grid node` serves metrics on when `metrics.listen` is not set (or the next
+/// free one of the following 99).
+const DEFAULT_METRICS_PORT: u16 = 9701;
+
+fn main() {
+    // Errors are printed whole and briefly (no backtrace): `grid status` is run by scripts.
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
     }
 }
 
-async fn node(config: Option<PathBuf>) -> anyhow::Result<()> {
-    let config = GridConfig::load(config.as_deref())?;
-    let grid = Grid::start(config).await?;
+#[tokio::main]
+async fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The demo narrates what happens itself; a member run with `grid node` logs at info.
+    let default_level = match cli.command {
+        None | Some(Command::Demo) | Some(Command::Status(_)) => "error",
+        Some(Command::Node { .. }) => "info",
+    };
+    let filter =
+        EnvFilter::try_from_env("GRID_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    logging::init(filter, std::env::var("GRID_LOG_FORMAT").ok().as_deref())?;
+    match cli.command.unwrap_or(Command::Demo) {
+        Command::Demo => demo().await,
+        Command::Node { config, no_metrics } => node(config, no_metrics).await,
+        Command::Status(args) => status::run(args).await,
+    }
+}
+
+/// The member id of a member started without one: random, like the library's, but chosen
+/// here so that every log line of the member, the first included, can carry it.
+fn random_member_id() -> String {
+    use std::hash::BuildHasher;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{:016x}",
+        std::collections::hash_map::RandomState::new().hash_one((seed, std::process::id()))
+    )
+}
+
+/// A listener on 127.0.0.1 at the default metrics port or the next free one.
+fn default_metrics_listener() -> Option<std::net::TcpListener> {
+    (DEFAULT_METRICS_PORT..DEFAULT_METRICS_PORT + 100)
+        .find_map(|port| std::net::TcpListener::bind(("127.0.0.1", port)).ok())
+}
+
+async fn node(config: Option<PathBuf>, no_metrics: bool) -> anyhow::Result<()> {
+    let mut config = GridConfig::load(config.as_deref())?;
+    let id = config
+        .member_id
+        .get_or_insert_with(random_member_id)
+        .clone();
+    logging::set_member(&id, &config.cluster_name);
+    let mut builder = Grid::builder();
+    if no_metrics {
+        config.metrics.listen = None;
+    } else if config.metrics.listen.is_none() {
+        match default_metrics_listener() {
+            Some(listener) => builder = builder.metrics_listener(listener),
+            None => tracing::warn!(
+                "no free port in 127.0.0.1:{DEFAULT_METRICS_PORT}-{}: no metrics endpoint",
+                DEFAULT_METRICS_PORT + 99
+            ),
+        }
+    }
+    let grid = builder.config(config).start().await?;
     println!(
         "member {} listening on {} (cluster {:?}); Ctrl-C to leave",
         grid.cluster().local_member().id,
         grid.addr(),
         grid.cluster().local_member().attributes
     );
+    if let Some(addr) = grid.metrics_addr() {
+        println!("metrics on http://{addr}/metrics; health on /healthz and /readyz");
+    }
     let mut events = grid.cluster().events();
     // One listener for the whole run: a signal that arrives while an event is printed is
     // kept for the next turn.

@@ -211,16 +211,49 @@ pub(crate) async fn execute(
     op: &CacheOp,
     kind: OpKind,
 ) -> Result<Vec<u8>, GridError> {
-    if let Some(local) = &shared.local {
-        return local.run(op.clone());
+    let started = Instant::now();
+    let result = if let Some(local) = &shared.local {
+        local.run(op.clone())
+    } else {
+        let runtime = &caches.inner.runtime;
+        let p = runtime.partition_of(key);
+        match codec::encode(op) {
+            Ok(encoded) => runtime.execute(SERVICE, p, encoded, kind).await,
+            Err(e) => Err(e.into()),
+        }
+    };
+    observe(op.name(), started, &result);
+    result
+}
+
+/// Records one cache operation: its latency, and its error if it failed.
+fn observe<T>(op: &'static str, started: Instant, result: &Result<T, GridError>) {
+    metrics::histogram!("grid_operation_duration_seconds", "service" => SERVICE, "op" => op)
+        .record(started.elapsed().as_secs_f64());
+    if let Err(e) = result {
+        metrics::counter!(
+            "grid_operation_errors_total",
+            "service" => SERVICE,
+            "op" => op,
+            "error" => e.kind()
+        )
+        .increment(1);
     }
-    let runtime = &caches.inner.runtime;
-    let p = runtime.partition_of(key);
-    runtime.execute(SERVICE, p, codec::encode(op)?, kind).await
 }
 
 /// The current value of an encoded key, as this member sees it: no loader, no statistics.
 pub(crate) async fn lookup(
+    caches: &Caches,
+    shared: &Shared,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>, GridError> {
+    let started = Instant::now();
+    let result = lookup_untimed(caches, shared, key).await;
+    observe("get", started, &result);
+    result
+}
+
+async fn lookup_untimed(
     caches: &Caches,
     shared: &Shared,
     key: &[u8],

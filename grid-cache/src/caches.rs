@@ -47,6 +47,17 @@ mod routes {
     pub(super) const LOAD: &str = "cache.load";
     pub(super) const STATS: &str = "cache.stats";
     pub(super) const COUNT: &str = "cache.count";
+    pub(super) const SIZES: &str = "cache.sizes";
+}
+
+/// The caches' sizes on one member, as [`Caches::sizes`] reports them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberCacheSizes {
+    /// The member's id.
+    pub member: String,
+    /// Entries per cache on that member (the entries it owns; its copy for replicated and
+    /// local caches), by cache name; or why the member did not answer.
+    pub sizes: Result<Vec<(String, u64)>, String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -398,6 +409,72 @@ impl Caches {
         local_statistics(&self.inner, cache)
     }
 
+    /// This member's statistics of each cache opened on it, by name.
+    pub fn opened_statistics(&self) -> Vec<(String, CacheStatistics)> {
+        let mut names: Vec<String> = self
+            .inner
+            .open_now
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        names.sort_unstable();
+        names
+            .into_iter()
+            .map(|n| {
+                let s = local_statistics(&self.inner, &n);
+                (n, s)
+            })
+            .collect()
+    }
+
+    /// The name of every cache opened in the cluster so far (each one's settings are
+    /// recorded when it is first opened), sorted.
+    pub async fn cluster_cache_names(&self) -> Result<Vec<String>, GridError> {
+        let mut names = Vec::new();
+        for (key, _, _, _) in self.all_entries(SETTINGS_CACHE, false).await? {
+            names.push(codec::decode::<String>(&key)?);
+        }
+        names.sort_unstable();
+        Ok(names)
+    }
+
+    /// Every cache's size on every live member, asked of each (this one included); a
+    /// member that does not answer within the operation timeout is reported with the
+    /// reason.
+    pub async fn sizes(&self) -> Result<Vec<MemberCacheSizes>, GridError> {
+        let names = self.cluster_cache_names().await?;
+        let timeout = self.inner.runtime.config().op_timeout;
+        let me = self.inner.runtime.member_id().clone();
+        let members = self.inner.cluster.members();
+        let asks = members.iter().map(|m| {
+            let names = &names;
+            let me = &me;
+            async move {
+                let sizes = if m.id == *me {
+                    Ok(sizes_here(&self.inner, names))
+                } else {
+                    self.inner
+                        .transport
+                        .request_typed::<_, Vec<(String, u64)>>(
+                            m.addr,
+                            routes::SIZES,
+                            names,
+                            timeout,
+                        )
+                        .await
+                        .map_err(|e| e.to_string())
+                };
+                MemberCacheSizes {
+                    member: m.id.to_string(),
+                    sizes,
+                }
+            }
+        });
+        Ok(futures::future::join_all(asks).await)
+    }
+
     /// Asks every live member: the others over the network, this one by `local`.
     async fn ask_all<Req, Resp>(
         &self,
@@ -648,8 +725,28 @@ fn local_statistics(inner: &Inner, cache: &str) -> CacheStatistics {
     stats
 }
 
+/// The size of each of `names` on this member.
+fn sizes_here(inner: &Inner, names: &[String]) -> Vec<(String, u64)> {
+    names
+        .iter()
+        .take(MAX_SIZES)
+        .map(|n| (n.clone(), local_statistics(inner, n).size))
+        .collect()
+}
+
+/// Caches one size request may ask about.
+const MAX_SIZES: usize = 10_000;
+
 fn register_routes(inner: &Arc<Inner>) {
     let t = &inner.transport;
+    let weak = Arc::downgrade(inner);
+    t.on_request_typed(routes::SIZES, move |_peer, names: Vec<String>| {
+        let inner = weak.upgrade();
+        async move {
+            let inner = inner.ok_or("member stopped")?;
+            Ok(sizes_here(&inner, &names))
+        }
+    });
     let weak = Arc::downgrade(inner);
     t.on_request_typed(routes::LOAD, move |_peer, req: LoadRequest| {
         let inner = weak.upgrade();

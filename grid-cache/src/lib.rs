@@ -28,7 +28,7 @@ pub mod stats;
 pub mod store;
 
 pub use cache::{Cache, CacheBuilder, CacheEvent, CacheListener};
-pub use caches::Caches;
+pub use caches::{Caches, MemberCacheSizes};
 pub use events::EventKind;
 pub use processor::ProcessorEntry;
 pub use reference::CachedReference;

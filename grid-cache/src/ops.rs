@@ -82,6 +82,22 @@ pub enum CacheOp {
     },
 }
 
+impl CacheOp {
+    /// The operation's name, as metrics label it (`get`, `put`, …).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Get { .. } => "get",
+            Self::ContainsKey { .. } => "contains_key",
+            Self::Put { .. } => "put",
+            Self::Remove { .. } => "remove",
+            Self::Process { .. } => "process",
+            Self::Entries { .. } => "entries",
+            Self::Clear { .. } => "clear",
+            Self::Expire { .. } => "expire",
+        }
+    }
+}
+
 /// The condition of a [`CacheOp::Put`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PutIf {

@@ -85,3 +85,29 @@ pub enum GridError {
     #[error("not allowed: {0}")]
     NotAllowed(String),
 }
+
+impl GridError {
+    /// A short name of the error's kind (`timeout`, `indeterminate`, …), as metrics label
+    /// errors.
+    ///
+    /// ```
+    /// let e = grid_core::GridError::Service("no".into());
+    /// assert_eq!(e.kind(), "service");
+    /// ```
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ConfigRead { .. } | Self::ConfigInvalid { .. } | Self::ConfigEnv { .. } => {
+                "config"
+            }
+            Self::Net(_) => "net",
+            Self::Topic(_) => "topic",
+            Self::Service(_) => "service",
+            Self::Indeterminate(_) => "indeterminate",
+            Self::Timeout { .. } => "timeout",
+            Self::Codec(_) => "codec",
+            Self::Loader { .. } => "loader",
+            Self::SettingsConflict { .. } => "settings_conflict",
+            Self::NotAllowed(_) => "not_allowed",
+        }
+    }
+}

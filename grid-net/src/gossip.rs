@@ -56,6 +56,14 @@ impl Socket for QuicGossipSocket {
         to: SocketAddr,
         envelope: ChitchatEnvelope,
     ) -> anyhow::Result<SendOutcome> {
+        // A round contacts a few peers, each with a Syn: one exchange per Syn.
+        let kind = match envelope.message {
+            chitchat::ChitchatMessage::Syn { .. } => "syn",
+            chitchat::ChitchatMessage::SynAck { .. } => "synack",
+            chitchat::ChitchatMessage::Ack { .. } => "ack",
+            chitchat::ChitchatMessage::BadCluster => "bad_cluster",
+        };
+        metrics::counter!("grid_gossip_messages_sent_total", "kind" => kind).increment(1);
         let payload = envelope.serialize_to_vec();
         let num_bytes_sent = payload.len();
         // Never awaits the network: see `Transport::send_gossip`.
@@ -81,7 +89,11 @@ impl Socket for QuicGossipSocket {
                 }
                 Err(e) => {
                     warn!(%from_addr, error = %e, "undecodable gossip message dropped");
-                    metrics::counter!("grid_net_bad_input_total", "kind" => "gossip").increment(1);
+                    metrics::counter!(
+                        "grid_net_frames_refused_total",
+                        "reason" => "bad_gossip"
+                    )
+                    .increment(1);
                 }
             }
         }

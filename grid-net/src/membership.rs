@@ -373,9 +373,12 @@ pub(crate) fn start(
                     // A member's `leaving` status can reach us by gossip before its direct
                     // leave notice does: either one makes its disappearance a departure, not
                     // a failure.
+                    let mut leaving_now = 0;
                     for (id, generation) in leaving(&live_now) {
                         shared.record_departure(id, generation);
+                        leaving_now += 1;
                     }
+                    metrics::gauge!("grid_members", "state" => "leaving").set(leaving_now as f64);
                     let departed = shared
                         .departed
                         .lock()
@@ -407,9 +410,17 @@ pub(crate) fn start(
                             }
                             MemberEvent::Joined(_) => {}
                         }
-                        metrics::gauge!("grid_members").set(next.len() as f64);
+                        let name = match &event {
+                            MemberEvent::Joined(_) => "joined",
+                            MemberEvent::Left(_) => "left",
+                            MemberEvent::Failed(_) => "failed",
+                        };
+                        metrics::counter!("grid_member_events_total", "event" => name).increment(1);
                         let _ = shared.events.send(event);
                     }
+                    metrics::gauge!("grid_members", "state" => "alive").set(next.len() as f64);
+                    let data = next.iter().filter(|m| m.is_data_member()).count();
+                    metrics::gauge!("grid_data_members").set(data as f64);
                     current = next.clone();
                     let _ = view_tx.send(Arc::new(next));
                 }

@@ -251,7 +251,35 @@ impl Node {
         } else {
             None
         };
-        info!(member = %member_id, %advertise, cluster = %config.cluster_name, "member started");
+        // What is in force, for whoever reads the log first (never the secret itself).
+        let tls_mode = match (&config.tls.ca, &config.tls.secret) {
+            (Some(ca), _) => format!("certificates (CA {})", ca.display()),
+            (None, Some(_)) => "secret-derived CA".to_string(),
+            (None, None) => "CA derived from the cluster name (development)".to_string(),
+        };
+        let discovery = match (config.multicast.enabled, config.network.seeds.is_empty()) {
+            (true, true) => format!(
+                "multicast {}:{}",
+                config.multicast.group, config.multicast.port
+            ),
+            (true, false) => format!(
+                "seeds and multicast {}:{}",
+                config.multicast.group, config.multicast.port
+            ),
+            (false, false) => "seeds".to_string(),
+            (false, true) => "none (a cluster of its own until others seed it)".to_string(),
+        };
+        info!(
+            member = %member_id,
+            cluster = %config.cluster_name,
+            %advertise,
+            bind = %transport.local_addr(),
+            bulk = %transport.bulk_local_addr().map_or_else(|| "off (copies on the main port)".to_string(), |a| a.to_string()),
+            tls = %tls_mode,
+            seeds = %config.network.seeds.join(","),
+            %discovery,
+            "member started"
+        );
         Ok(Self {
             transport,
             cluster,

@@ -868,7 +868,8 @@ impl Transport {
             Ok(h) => h,
             Err(e) => {
                 warn!(%remote, error = %e, "closing connection: bad handshake");
-                metrics::counter!("grid_net_bad_input_total", "kind" => "hello").increment(1);
+                metrics::counter!("grid_net_frames_refused_total", "reason" => "bad_hello")
+                    .increment(1);
                 conn.close(codes::CLOSE_PROTOCOL, b"bad handshake");
                 return;
             }
@@ -991,7 +992,7 @@ impl Transport {
         recv: &mut RecvStream,
     ) {
         warn!(peer = %live.peer.member_id, addr = %live.peer.addr, kind, %detail, "bad input from peer, stream closed");
-        metrics::counter!("grid_net_bad_input_total", "kind" => kind).increment(1);
+        metrics::counter!("grid_net_frames_refused_total", "reason" => kind).increment(1);
         let _ = recv.stop(codes::STREAM_BAD_INPUT);
         if let Some(send) = send {
             let _ = send.reset(codes::STREAM_BAD_INPUT);

@@ -116,9 +116,8 @@ async fn coordinate(
             }
         }
         let stats = c.stats();
+        // Completed and failed are counters, set from the status at scrape (grid's observe).
         metrics::gauge!("grid_migrations_in_flight").set(stats.in_flight as f64);
-        metrics::gauge!("grid_migrations_completed").set(stats.completed as f64);
-        metrics::gauge!("grid_migrations_failed").set(stats.failed as f64);
         rt.inner.status.send_replace(CoordinatorStatus {
             active: true,
             settled: c.is_settled(),
