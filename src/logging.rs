@@ -1,7 +1,7 @@
 //! The binary's logs, on stderr: `GRID_LOG` chooses what is logged, `GRID_LOG_FORMAT` how (`text`, the
 //! default, or `json`: one object per line). Once the member's id is known, every line
-//! carries it and the cluster's name (`member=… cluster=…`, or `"member"` and `"cluster"`
-//! keys), whichever task or span logged it.
+//! carries it and the cluster's name (`member{id=… cluster=…}:` after the level, as a span
+//! shows, or `"member"` and `"cluster"` keys), whichever task or span logged it.
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -81,6 +81,18 @@ where
             }
             return writeln!(writer, "{line}");
         }
-        writeln!(writer, "{line} member={member} cluster={cluster}")
+        // As a span would show: `… INFO member{id=a cluster=orders}: message fields` (the
+        // event's own `member` field, when it has one, is the member it is about).
+        let level = event.metadata().level().as_str();
+        match line.find(level) {
+            Some(at) => {
+                let (head, rest) = line.split_at(at + level.len());
+                writeln!(
+                    writer,
+                    "{head} member{{id={member} cluster={cluster}}}:{rest}"
+                )
+            }
+            None => writeln!(writer, "{line} member{{id={member} cluster={cluster}}}"),
+        }
     }
 }

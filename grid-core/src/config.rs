@@ -191,8 +191,11 @@ impl GridConfig {
             let message = if let Some(unknown) = message.strip_prefix("unknown field `") {
                 // "unknown field `bnd`, expected one of …": the whole dotted key.
                 let (name, rest) = unknown.split_once('`').unwrap_or((unknown, ""));
+                // The path may stop at the table, or include the unknown key itself.
                 let full = if key == "." {
                     name.to_string()
+                } else if key == name || key.ends_with(&format!(".{name}")) {
+                    key.clone()
                 } else {
                     format!("{key}.{name}")
                 };
@@ -906,11 +909,11 @@ mod tests {
         let e = GridConfig::from_toml_str("[network]\nbnd = \"x\"")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("network.bnd"), "{e}");
+        assert!(e.contains("unknown key `network.bnd`,"), "{e}");
         let e = GridConfig::from_toml_str("clustr_name = \"typo\"")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("clustr_name"), "{e}");
+        assert!(e.contains("unknown key `clustr_name`,"), "{e}");
         let e = GridConfig::from_toml_str("[network]\nbulk_priority = \"low\"")
             .unwrap_err()
             .to_string();
