@@ -32,15 +32,17 @@ async fn five_members_agree_on_the_member_set_and_the_leader() {
     }
 }
 
-/// Waits on each watcher for the event about `who` that `is_it` accepts, and returns how
-/// long each took.
+/// Waits on every watcher at once for the event about `who` that `is_it` accepts, and
+/// returns how long each took from `start` (taken before the kill or the shutdown). Every
+/// watcher must see it within `deadline` of that same start: one overall deadline, not one
+/// per watcher after the previous one.
 async fn time_until(
+    start: Instant,
     watchers: Vec<grid::MembershipEvents>,
     who: &str,
     is_it: fn(&MemberEvent) -> bool,
     deadline: Duration,
 ) -> Vec<Duration> {
-    let start = Instant::now();
     let mut tasks = Vec::new();
     for mut events in watchers {
         let who = who.to_string();
@@ -53,15 +55,22 @@ async fn time_until(
             None
         }));
     }
+    let until = tokio::time::Instant::from_std(start + deadline);
     let mut took = Vec::new();
-    for t in tasks {
-        let r = tokio::time::timeout(deadline, t).await;
-        took.push(
-            r.ok()
-                .and_then(|j| j.ok())
-                .flatten()
-                .unwrap_or_else(|| panic!("event about {who} not seen within {deadline:?}")),
+    for (i, t) in tasks.into_iter().enumerate() {
+        let seen = tokio::time::timeout_at(until, t)
+            .await
+            .ok()
+            .and_then(|j| j.ok())
+            .flatten();
+        let Some(after) = seen else {
+            panic!("watcher {i} did not see the event about {who} within {deadline:?} (others: {took:?})");
+        };
+        assert!(
+            after <= deadline,
+            "watcher {i} saw the event about {who} after {after:?}, not within {deadline:?}"
         );
+        took.push(after);
     }
     took
 }
@@ -70,8 +79,10 @@ async fn time_until(
 async fn a_killed_member_is_reported_failed_by_all_others_within_3s() {
     let grids = cluster("kill", 5).await;
     let watchers = grids[..4].iter().map(|g| g.cluster().events()).collect();
+    let start = Instant::now();
     grids[4].kill();
     let took = time_until(
+        start,
         watchers,
         "m4",
         |e| matches!(e, MemberEvent::Failed(_)),
@@ -127,9 +138,11 @@ async fn a_graceful_shutdown_is_reported_as_left_at_once() {
         .expect("partitions handed off");
     let watchers = grids[..4].iter().map(|g| g.cluster().events()).collect();
     let leaving = grids[4].clone();
+    let start = Instant::now();
     let shutdown = tokio::spawn(async move { leaving.shutdown().await });
     // "At once": well before failure detection could have noticed (about 1 s).
     let took = time_until(
+        start,
         watchers,
         "m4",
         |e| matches!(e, MemberEvent::Left(_)),
@@ -194,10 +207,10 @@ async fn a_restarted_member_replaces_its_old_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_joins_once_its_seed_comes_up() {
     init_tracing();
-    // The seed is not up yet.
-    let seed_addr = common::unused_loopback_addr().to_string();
+    // The seed is not up yet: its port is held by a socket that never answers.
+    let silent = common::SilentAddr::new();
     let early = member("late-seed", "early")
-        .seed(&seed_addr)
+        .seed(silent.addr())
         .start()
         .await
         .unwrap();
@@ -207,6 +220,7 @@ async fn a_member_joins_once_its_seed_comes_up() {
             .wait_until(Duration::from_millis(500), |m| m.len() > 1)
             .await
     );
+    let seed_addr = silent.release().to_string();
     let seed = member("late-seed", "seed")
         .bind(&seed_addr)
         .start()
@@ -222,6 +236,30 @@ async fn a_member_joins_once_its_seed_comes_up() {
         );
     }
     early.shutdown().await;
+    seed.shutdown().await;
+}
+
+/// Seeds may be DNS names: `localhost:<port>` is resolved to the member listening there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_given_as_a_dns_name_is_resolved() {
+    init_tracing();
+    let seed = member("dns-seed", "seed").start().await.unwrap();
+    let by_name = format!("localhost:{}", seed.addr().port());
+    let other = member("dns-seed", "other")
+        .seed(&by_name)
+        .start()
+        .await
+        .unwrap();
+    for g in [&seed, &other] {
+        assert!(
+            g.cluster()
+                .wait_until(Duration::from_secs(10), |m| m.len() == 2)
+                .await,
+            "{} did not see the other member (seed {by_name})",
+            g.cluster().local_member().id
+        );
+    }
+    other.shutdown().await;
     seed.shutdown().await;
 }
 

@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -141,31 +141,56 @@ async fn with_two_backups_killing_two_of_five_at_once_loses_nothing() {
     }
 }
 
+/// Writes go on while a member joins and partitions change hands: each write is
+/// acknowledged (a write that meets a partition frozen for its switch waits and goes to the
+/// new owner, within the operation's deadline), and every acknowledged write can be read
+/// back afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_write_survives_a_join_under_64_writers() {
     let mut grids = data_cluster("p-join", 3, 1).await;
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<HashMap<(u32, u32), u32>>> = Arc::default();
+    let acked_writes = Arc::new(AtomicU64::new(0));
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
     let mut writers = Vec::new();
     for w in 0..64u32 {
         let cache = grids[(w % 3) as usize]
             .cache::<(u32, u32), u32>("w")
             .await
             .unwrap();
-        let (stop, acked) = (stop.clone(), acked.clone());
+        let (stop, acked, acked_writes, failures) = (
+            stop.clone(),
+            acked.clone(),
+            acked_writes.clone(),
+            failures.clone(),
+        );
         writers.push(tokio::spawn(async move {
             let mut n = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 let key = (w, n % 50);
-                if cache.put(&key, &n).await.is_ok() {
-                    acked.lock().unwrap().insert(key, n);
+                match cache.put(&key, &n).await {
+                    Ok(_) => {
+                        acked.lock().unwrap().insert(key, n);
+                        acked_writes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => failures.lock().unwrap().push(format!("{key:?}: {e}")),
                 }
                 n += 1;
             }
             n
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Some acknowledged writes before the join.
+    assert!(
+        eventually(Duration::from_secs(10), || acked_writes
+            .load(Ordering::Relaxed)
+            >= 500)
+        .await,
+        "the writers barely ran before the join: {} acknowledged, failures {:?}",
+        acked_writes.load(Ordering::Relaxed),
+        failures.lock().unwrap().iter().take(5).collect::<Vec<_>>()
+    );
+    let before_join = acked_writes.load(Ordering::Relaxed);
     let joiner = member("p-join", "m3")
         .backups(1)
         .seed(grids[0].addr())
@@ -174,15 +199,45 @@ async fn every_acknowledged_write_survives_a_join_under_64_writers() {
         .unwrap();
     grids.push(joiner);
     assert!(settled(&grids, 4).await, "rebalancing did not finish");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let during_join = acked_writes.load(Ordering::Relaxed) - before_join;
+    // And some after it, on the new table.
+    let after_join = acked_writes.load(Ordering::Relaxed);
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            acked_writes.load(Ordering::Relaxed) >= after_join + 500
+        })
+        .await,
+        "the writers stalled after the join"
+    );
     stop.store(true, Ordering::Relaxed);
     let mut total = 0;
     for w in writers {
         total += w.await.unwrap();
     }
     let acked = acked.lock().unwrap().clone();
-    println!("{total} writes, {} keys acknowledged", acked.len());
-    assert!(total > 1000, "the writers barely ran");
+    let acked_writes = acked_writes.load(Ordering::Relaxed);
+    let failures = failures.lock().unwrap().clone();
+    println!(
+        "{total} writes: {acked_writes} acknowledged ({during_join} while the member joined), \
+         {} failed; {} keys acknowledged",
+        failures.len(),
+        acked.len()
+    );
+    assert_eq!(
+        acked_writes + failures.len() as u64,
+        total as u64,
+        "every write either acknowledged or failed"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {total} writes failed during the join, e.g. {:?}",
+        failures.len(),
+        failures.iter().take(5).collect::<Vec<_>>()
+    );
+    assert!(
+        during_join > 0,
+        "no write was acknowledged while the member joined"
+    );
     let reader = grids[3].cache::<(u32, u32), u32>("w").await.unwrap();
     for (key, value) in &acked {
         let p = grids[0]
@@ -198,6 +253,127 @@ async fn every_acknowledged_write_survives_a_join_under_64_writers() {
         );
     }
     for g in &grids {
+        g.shutdown().await;
+    }
+}
+
+/// A write that arrives while its partition is frozen for a switch waits (the owner answers
+/// "frozen", the caller tries again), then succeeds on the new owner once the table moves
+/// the partition. The partitions are frozen on their owner by the coordinator's own request
+/// (route and message as the runtime defines them), renewed until the switch, so that the
+/// old owner never takes the write; then the owner drains, which switches them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_a_frozen_partition_waits_and_succeeds_on_the_new_owner() {
+    /// `grid_core::runtime::messages::FreezeRequest`, encoded the same way.
+    #[derive(serde::Serialize)]
+    struct FreezeRequest {
+        table_version: u64,
+        partition: u32,
+        new_owner: String,
+    }
+    let grids = data_cluster("p-frozen", 3, 1).await;
+    let old_owner = grids[2].clone();
+    let old_id = old_owner.cluster().local_member().id.clone();
+    let table = grids[0].runtime().table();
+    // One key in each of five partitions the old owner holds.
+    let mut keys: Vec<(u32, u32)> = Vec::new();
+    for k in 0..100_000u32 {
+        let p = grids[0]
+            .runtime()
+            .partition_of(&grid::codec::encode(&k).unwrap());
+        if table.owner(p) == Some(&old_id) && !keys.iter().any(|(q, _)| *q == p) {
+            keys.push((p, k));
+            if keys.len() == 5 {
+                break;
+            }
+        }
+    }
+    assert_eq!(keys.len(), 5, "m2 owns partitions");
+    let cache = grids[0].cache::<u32, u32>("c").await.unwrap();
+    for (_, k) in &keys {
+        cache.put(k, &1).await.unwrap();
+    }
+    // Freeze them (a new owner that is no member: nothing to check first), and keep them
+    // frozen: a freeze lapses after a few seconds without the table that ends it.
+    let freeze = {
+        let (from, to) = (grids[0].clone(), old_owner.addr());
+        let partitions: Vec<u32> = keys.iter().map(|(p, _)| *p).collect();
+        let version = table.version();
+        move || {
+            let (from, partitions) = (from.clone(), partitions.clone());
+            async move {
+                for &partition in &partitions {
+                    let req = FreezeRequest {
+                        table_version: version,
+                        partition,
+                        new_owner: "nobody".into(),
+                    };
+                    from.transport()
+                        .request_typed::<_, ()>(to, "grid.rt.freeze", &req, Duration::from_secs(5))
+                        .await
+                        .expect("freeze");
+                }
+            }
+        }
+    };
+    freeze().await;
+    let renew = tokio::spawn({
+        let freeze = freeze.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                freeze().await;
+            }
+        }
+    });
+    let mut writes = tokio::task::JoinSet::new();
+    for (_, k) in &keys {
+        let (cache, k) = (cache.clone(), *k);
+        writes.spawn(async move { (k, cache.put(&k, &2).await) });
+    }
+    // The writes wait: none is acknowledged while the partitions are frozen.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), writes.join_next())
+            .await
+            .is_err(),
+        "a write to a frozen partition finished"
+    );
+    // The old owner hands its partitions off: the switch ends the freeze.
+    old_owner
+        .runtime()
+        .drain(Duration::from_secs(8))
+        .await
+        .expect("partitions handed off");
+    while let Some(done) = writes.join_next().await {
+        let (k, r) = done.unwrap();
+        assert_eq!(
+            r.unwrap(),
+            Some(1),
+            "key {k}: the write saw the value before it"
+        );
+    }
+    renew.abort();
+    let table = grids[0].runtime().table();
+    for (p, k) in &keys {
+        let owner = table.owner(*p).expect("owned");
+        assert_ne!(owner, &old_id, "partition {p} moved");
+        let new_owner = grids
+            .iter()
+            .find(|g| g.cluster().local_member().id == *owner)
+            .unwrap();
+        let on_owner = new_owner.cache::<u32, u32>("c").await.unwrap();
+        assert_eq!(
+            on_owner.get(k).await.unwrap(),
+            Some(2),
+            "key {k} on {owner}"
+        );
+    }
+    // The old owner never held the write: gone, and the value is still there.
+    old_owner.kill();
+    for (_, k) in &keys {
+        assert_eq!(cache.get(k).await.unwrap(), Some(2), "key {k}");
+    }
+    for g in &grids[..2] {
         g.shutdown().await;
     }
 }
@@ -498,8 +674,8 @@ async fn a_member_reads_the_clusters_data_from_the_moment_it_starts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_whose_seeds_never_answer_starts_its_own_cluster() {
     init_tracing();
-    let silent = common::unused_loopback_addr();
-    let builder = member("p-join-alone", "m0").seeds([silent]);
+    let silent = common::SilentAddr::new();
+    let builder = member("p-join-alone", "m0").seeds([silent.addr()]);
     let mut config = builder.build_config().clone();
     config.membership.join_timeout_ms = 1000;
     let alone = builder.config(config).start().await.unwrap();

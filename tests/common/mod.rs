@@ -32,13 +32,32 @@ pub fn member(cluster: &str, id: &str) -> GridBuilder {
         .no_seeds()
 }
 
-/// A loopback address nothing listens on: a port bound, then released (a seed that is not
-/// up yet, or never will be).
-pub fn unused_loopback_addr() -> std::net::SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .expect("bind a loopback port")
-        .local_addr()
-        .expect("its address")
+/// A loopback UDP port held by a socket that never reads or answers: a seed that is not
+/// up yet, or never will be. Bound to port 0 and kept bound, so that nothing else (another
+/// test process, or the member under test binding its own port 0) can take the port while
+/// the test relies on it being silent.
+pub struct SilentAddr {
+    socket: std::net::UdpSocket,
+    addr: std::net::SocketAddr,
+}
+
+impl SilentAddr {
+    pub fn new() -> Self {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a loopback port");
+        let addr = socket.local_addr().expect("its address");
+        Self { socket, addr }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Gives the port up, for a member to bind it at once (a seed coming up late). The port
+    /// is free only between this call and that bind.
+    pub fn release(self) -> std::net::SocketAddr {
+        drop(self.socket);
+        self.addr
+    }
 }
 
 /// Starts `n` members m0..m{n-1}, all seeded with m0, and waits until every member sees all.
