@@ -41,21 +41,52 @@ where
     caches
 }
 
+/// Waits until `n` callers wait on the load of `key` (on its owner), or `loads` reached
+/// `n`: every caller waiting, merged into one load or (if single flight broke) each in a
+/// load of its own. Panics if neither happens.
+async fn until_every_caller_waits(grids: &[Grid], key: u32, n: usize, loads: impl Fn() -> u32) {
+    let encoded = grid::codec::encode(&key).unwrap();
+    let waiting = || {
+        grids
+            .iter()
+            .map(|g| g.caches().callers_waiting_for_load("loaded", &encoded))
+            .sum::<usize>()
+    };
+    assert!(
+        common::eventually(Duration::from_secs(10), || waiting() >= n
+            || loads() as usize >= n)
+        .await,
+        "{} of {n} callers wait on the load of {key}, {} loads",
+        waiting(),
+        loads()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loader_runs_once_when_sixty_callers_on_three_members_miss_together() {
     let grids = data_cluster("c-loader", 3, |b| b).await;
     let calls = Arc::new(AtomicU32::new(0));
+    // The loads of keys 7 and 13 wait for their gate, opened once every caller waits.
+    let (gate7, _) = tokio::sync::watch::channel(false);
+    let (gate13, _) = tokio::sync::watch::channel(false);
+    let (gate7, gate13) = (Arc::new(gate7), Arc::new(gate13));
     let mut caches = Vec::new();
     for g in &grids {
-        let calls = calls.clone();
+        let (calls, gate7, gate13) = (calls.clone(), gate7.clone(), gate13.clone());
         caches.push(
             g.cache::<u32, String>("loaded")
                 .loader(move |k: u32| {
                     let calls = calls.clone();
+                    let gate = match k {
+                        7 => Some(gate7.subscribe()),
+                        13 => Some(gate13.subscribe()),
+                        _ => None,
+                    };
                     async move {
                         calls.fetch_add(1, Ordering::SeqCst);
-                        // Slow enough that every caller misses while it runs.
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        if let Some(mut gate) = gate {
+                            let _ = gate.wait_for(|open| *open).await;
+                        }
                         if k == 13 {
                             Err(format!("no value for {k}"))
                         } else {
@@ -73,6 +104,8 @@ async fn loader_runs_once_when_sixty_callers_on_three_members_miss_together() {
             tokio::spawn(async move { c.get(&7).await })
         })
         .collect();
+    until_every_caller_waits(&grids, 7, 60, || calls.load(Ordering::SeqCst)).await;
+    gate7.send_replace(true);
     for g in gets {
         assert_eq!(g.await.unwrap().unwrap(), Some("loaded 7".to_string()));
     }
@@ -91,6 +124,8 @@ async fn loader_runs_once_when_sixty_callers_on_three_members_miss_together() {
             tokio::spawn(async move { c.get(&13).await })
         })
         .collect();
+    until_every_caller_waits(&grids, 13, 30, || calls.load(Ordering::SeqCst) - 1).await;
+    gate13.send_replace(true);
     for g in gets {
         match g.await.unwrap() {
             Err(GridError::Loader { cache, message }) => {
@@ -100,7 +135,11 @@ async fn loader_runs_once_when_sixty_callers_on_three_members_miss_together() {
             other => panic!("expected a loader error, got {other:?}"),
         }
     }
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "loader calls for the failing key"
+    );
     assert!(caches[0].get(&13).await.is_err());
     assert_eq!(calls.load(Ordering::SeqCst), 3, "errors are not cached");
     let stats = caches[0].cluster_statistics().await.unwrap();

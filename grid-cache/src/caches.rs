@@ -357,6 +357,22 @@ impl Caches {
         self.inner.hub.fail_next_announcements(n);
     }
 
+    /// For tests: how many callers wait on this member's load of the encoded `key` of
+    /// `cache` (callers on other members wait here too, through the key's owner); 0 when no
+    /// load of it is under way.
+    #[doc(hidden)]
+    pub fn callers_waiting_for_load(&self, cache: &str, key: &[u8]) -> usize {
+        let id: (Arc<str>, Vec<u8>) = (Arc::from(cache), key.to_vec());
+        self.inner
+            .flights
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            // One clone is the map's own.
+            .and_then(|f| f.strong_count())
+            .map_or(0, |n| n.saturating_sub(1))
+    }
+
     /// Every live entry of `cache`, read from each partition's owner (keys only unless
     /// `values`): (key, value, expire_at, idle_ms). One bounded answer per partition.
     pub(crate) async fn all_entries(
