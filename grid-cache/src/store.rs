@@ -49,6 +49,8 @@ pub struct CacheService {
     processors: RwLock<HashMap<(String, String), ErasedProcessor>>,
     sink: OnceLock<Arc<dyn EventSink>>,
     counters: RwLock<HashMap<String, Arc<StoreCounters>>>,
+    /// How far tests moved this store's clock ahead of the wall clock, in ms.
+    clock_ahead_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for CacheService {
@@ -78,7 +80,23 @@ impl CacheService {
             processors: RwLock::new(HashMap::new()),
             sink: OnceLock::new(),
             counters: RwLock::new(HashMap::new()),
+            clock_ahead_ms: AtomicU64::new(0),
         }
+    }
+
+    /// This store's clock, in ms since the Unix epoch, by which entries are written, read,
+    /// expired and evicted: the wall clock, plus what tests moved it ahead by.
+    pub(crate) fn now(&self) -> u64 {
+        now_ms().saturating_add(self.clock_ahead_ms.load(Ordering::Relaxed))
+    }
+
+    /// For tests: moves this store's clock `by` ahead (expiry and eviction then see the
+    /// later time). Only the store's: near and replicated copies keep the wall clock, so
+    /// move every member's store alike and test partitioned caches with it.
+    #[doc(hidden)]
+    pub fn advance_clock_for_tests(&self, by: std::time::Duration) {
+        self.clock_ahead_ms
+            .fetch_add(by.as_millis() as u64, Ordering::Relaxed);
     }
 
     fn part(&self, p: u32) -> Result<&RwLock<Partition>, String> {
@@ -148,7 +166,7 @@ impl CacheService {
         touch: bool,
     ) -> Option<Vec<u8>> {
         let part = self.read(p)?;
-        let now = now_ms();
+        let now = self.now();
         let e = part.get(cache)?.live(key, now)?;
         if touch {
             e.touch(now);
@@ -164,7 +182,7 @@ impl CacheService {
         key: &[u8],
     ) -> Option<(Vec<u8>, u64)> {
         let part = self.read(p)?;
-        let now = now_ms();
+        let now = self.now();
         let e = part.get(cache)?.live(key, now)?;
         e.touch(now);
         Some((e.value.to_vec(), e.deadline()))
@@ -172,7 +190,7 @@ impl CacheService {
 
     /// Live entries of `cache` in the given partitions.
     pub(crate) fn count(&self, cache: &str, partitions: impl Iterator<Item = u32>) -> usize {
-        let now = now_ms();
+        let now = self.now();
         partitions
             .filter_map(|p| {
                 let part = self.read(p)?;
@@ -201,7 +219,7 @@ impl CacheService {
         partitions: impl Iterator<Item = u32>,
         with_values: bool,
     ) -> Vec<(Vec<u8>, Vec<u8>, u64, u32)> {
-        let now = now_ms();
+        let now = self.now();
         let mut out = Vec::new();
         for p in partitions {
             let Some(part) = self.read(p) else { continue };
@@ -220,7 +238,7 @@ impl CacheService {
 
     /// Partitions among `partitions` holding an entry that expired.
     pub(crate) fn with_expired(&self, partitions: impl Iterator<Item = u32>) -> Vec<u32> {
-        let now = now_ms();
+        let now = self.now();
         partitions
             .filter(|p| {
                 self.read(*p).is_some_and(|part| {
@@ -234,7 +252,7 @@ impl CacheService {
     /// The write `op` would make (and its answer), without making it.
     pub(crate) fn prepare_op(&self, p: u32, op: CacheOp) -> Result<Prepared, String> {
         let part = self.part(p)?.read().unwrap_or_else(|e| e.into_inner());
-        let now = now_ms();
+        let now = self.now();
         Ok(match op {
             CacheOp::Get { cache, key } => {
                 let found = part.get(cache.as_str()).and_then(|m| m.live(&key.0, now));
@@ -448,7 +466,7 @@ impl CacheService {
     ) -> Result<(), String> {
         let sink = if primary { self.sink.get() } else { None };
         let mut part = self.part(p)?.write().unwrap_or_else(|e| e.into_inner());
-        let now = now_ms();
+        let now = self.now();
         let mut events = Vec::new();
         apply_to(&mut part, p, change, now, sink, &mut events);
         drop(part);
@@ -734,7 +752,7 @@ impl PartitionService for CacheService {
                 Ok(())
             })?;
         }
-        let now = now_ms();
+        let now = self.now();
         let mut fresh = Partition::new();
         for (cache, (n, bytes, metas)) in &sizes {
             // Room to double, as a map that grew by itself would have: the partition keeps
@@ -872,6 +890,191 @@ mod tests {
             assert!(t
                 .restore(0, vec![bytes::Bytes::copy_from_slice(junk)])
                 .is_err());
+        }
+    }
+
+    fn bounded(max_entries: u32, eviction: crate::settings::Eviction) -> WriteParams {
+        WriteParams {
+            max_entries,
+            eviction,
+            ..Default::default()
+        }
+    }
+
+    fn key(i: u32) -> [u8; 4] {
+        i.to_be_bytes()
+    }
+
+    /// The keys of cache "c" in partition 0, in the map's order (the order eviction samples
+    /// in).
+    fn keys_in_order(s: &CacheService) -> Vec<Vec<u8>> {
+        let part = s.read(0).unwrap();
+        part.get("c")
+            .map(|m| m.iter().map(|e| e.key.to_vec()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Reads `k` once, one ms after the previous step (every access at its own time).
+    fn read(s: &CacheService, k: u32) {
+        s.advance_clock_for_tests(std::time::Duration::from_millis(1));
+        assert!(
+            s.get_local(0, "c", &key(k), true).is_some(),
+            "key {k} present"
+        );
+    }
+
+    /// Puts `k`, one ms after the previous step; returns the keys it evicted.
+    fn put_evicting(s: &CacheService, k: u32, params: WriteParams) -> Vec<Vec<u8>> {
+        s.advance_clock_for_tests(std::time::Duration::from_millis(1));
+        let before = keys_in_order(s);
+        run(s, put("c", &key(k), b"v", params));
+        let after = keys_in_order(s);
+        before.into_iter().filter(|b| !after.contains(b)).collect()
+    }
+
+    fn seeded() -> (u64, rand::rngs::StdRng) {
+        use rand::SeedableRng;
+        let seed: u64 = rand::random();
+        println!("seed {seed}");
+        (seed, rand::rngs::StdRng::seed_from_u64(seed))
+    }
+
+    /// With no more entries than the sample (16), the sample is the whole map: LRU evicts
+    /// exactly the least recently used entry.
+    #[test]
+    fn lru_evicts_the_least_recently_used_entry_of_a_small_map() {
+        use rand::seq::SliceRandom;
+        let (seed, mut rng) = seeded();
+        let s = CacheService::new(1);
+        s.set_owned(1);
+        let params = bounded(10, crate::settings::Eviction::Lru);
+        for k in 0..10 {
+            assert!(put_evicting(&s, k, params).is_empty());
+        }
+        // Read in a random order: that order, oldest first, is the order of eviction.
+        let mut order: Vec<u32> = (0..10).collect();
+        order.shuffle(&mut rng);
+        for &k in &order {
+            read(&s, k);
+        }
+        for (round, &oldest) in order.iter().enumerate() {
+            let evicted = put_evicting(&s, 100 + round as u32, params);
+            assert_eq!(
+                evicted,
+                vec![key(oldest).to_vec()],
+                "round {round}: read order {order:?} (seed {seed})"
+            );
+        }
+    }
+
+    /// LFU evicts the entry read least often; a new entry, never read, goes next.
+    #[test]
+    fn lfu_evicts_the_least_frequently_used_entry_of_a_small_map() {
+        use rand::seq::SliceRandom;
+        let (seed, mut rng) = seeded();
+        let s = CacheService::new(1);
+        s.set_owned(1);
+        let params = bounded(10, crate::settings::Eviction::Lfu);
+        for k in 0..10 {
+            assert!(put_evicting(&s, k, params).is_empty());
+        }
+        // Key k is read reads[k] times, each a different count (1..=10); reads interleaved
+        // at random so that recency says nothing.
+        let mut counts: Vec<u32> = (1..=10).collect();
+        counts.shuffle(&mut rng);
+        let mut reads: Vec<u32> = (0..10u32)
+            .flat_map(|k| std::iter::repeat_n(k, counts[k as usize] as usize))
+            .collect();
+        reads.shuffle(&mut rng);
+        for &k in &reads {
+            read(&s, k);
+        }
+        let mut by_use: Vec<u32> = (0..10).collect();
+        by_use.sort_by_key(|&k| counts[k as usize]);
+        let evicted = put_evicting(&s, 100, params);
+        assert_eq!(
+            evicted,
+            vec![key(by_use[0]).to_vec()],
+            "read counts {counts:?} (seed {seed})"
+        );
+        // The newcomer has no reads: it is the least frequently used now.
+        let evicted = put_evicting(&s, 101, params);
+        assert_eq!(evicted, vec![key(100).to_vec()], "seed {seed}");
+        // Read once, it still has fewer reads than everyone but the next least used.
+        read(&s, 101);
+        let evicted = put_evicting(&s, 102, params);
+        assert_eq!(
+            evicted,
+            vec![key(101).to_vec()],
+            "1 read against at least 2 (seed {seed})"
+        );
+    }
+
+    /// In a map larger than the sample, each victim is the lowest-ranked entry of some run
+    /// of 16 consecutive entries of the map (cyclically): the documented sampling slack, and
+    /// nothing more.
+    #[test]
+    fn eviction_in_a_large_map_takes_the_lowest_ranked_of_a_sample() {
+        use rand::seq::SliceRandom;
+        use std::collections::HashMap;
+        for policy in [
+            crate::settings::Eviction::Lru,
+            crate::settings::Eviction::Lfu,
+        ] {
+            let (seed, mut rng) = seeded();
+            let s = CacheService::new(1);
+            s.set_owned(1);
+            let n = 200u32;
+            let params = bounded(n, policy);
+            // rank[k]: last access time (LRU) or reads (LFU), all different.
+            let mut rank: HashMap<Vec<u8>, u64> = HashMap::new();
+            for k in 0..n {
+                put_evicting(&s, k, params);
+            }
+            let mut order: Vec<u32> = (0..n).collect();
+            order.shuffle(&mut rng);
+            for (i, &k) in order.iter().enumerate() {
+                let times = match policy {
+                    crate::settings::Eviction::Lru => 1,
+                    crate::settings::Eviction::Lfu => i + 1,
+                };
+                for _ in 0..times {
+                    read(&s, k);
+                }
+                rank.insert(key(k).to_vec(), i as u64 + 1);
+            }
+            let sample = crate::settings::EVICTION_SAMPLE;
+            for round in 0..40u32 {
+                let in_order = keys_in_order(&s);
+                let evicted = put_evicting(&s, 10_000 + round, params);
+                assert_eq!(evicted.len(), 1, "{policy:?} round {round} (seed {seed})");
+                let victim = &evicted[0];
+                let len = in_order.len();
+                let at = in_order.iter().position(|k| k == victim).unwrap();
+                let lowest_of_a_window = (0..sample).any(|back| {
+                    let start = (at + len - back) % len;
+                    (0..sample)
+                        .map(|j| &in_order[(start + j) % len])
+                        .all(|k| rank[k] >= rank[victim])
+                });
+                assert!(
+                    lowest_of_a_window,
+                    "{policy:?} round {round}: victim of rank {} is not the lowest of any \
+                     {sample} consecutive entries (seed {seed})",
+                    rank[victim]
+                );
+                // The newcomer ranks above everyone (LRU: latest; LFU: given more reads).
+                let newcomer = 10_000 + round;
+                let reads = match policy {
+                    crate::settings::Eviction::Lru => 1,
+                    crate::settings::Eviction::Lfu => n as usize + 1,
+                };
+                for _ in 0..reads {
+                    read(&s, newcomer);
+                }
+                rank.insert(key(newcomer).to_vec(), n as u64 + 1 + round as u64);
+                rank.remove(victim);
+            }
         }
     }
 
