@@ -159,6 +159,15 @@ async fn loader_runs_once_when_sixty_callers_on_three_members_miss_together() {
     }
 }
 
+/// Moves every member's store clock ahead by `by`: what expiry sees, with no waiting.
+fn advance(grids: &[Grid], by: Duration) {
+    for g in grids {
+        g.caches().service().advance_clock_for_tests(by);
+    }
+}
+
+/// Expiry driven by the stores' clock (moved ahead, not waited for): entries are there before
+/// their time on every member, gone after it, and reported expired by their owners.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttl_and_idle_expiry_hold_on_every_member() {
     let grids = data_cluster("c-expiry", 3, |b| b).await;
@@ -166,31 +175,34 @@ async fn ttl_and_idle_expiry_hold_on_every_member() {
         &grids,
         "ttl",
         &CacheSettings::builder()
-            .expire_after_write(Duration::from_millis(400))
+            .expire_after_write(Duration::from_secs(60))
             .build(),
     )
     .await;
     let mut expired = ttl[2].listen().await;
-    let first_write = Instant::now();
     for k in 0..20 {
         ttl[k as usize % 3].put(&k, &format!("v{k}")).await.unwrap();
     }
-    let written = Instant::now();
     // Per-entry expiry overrides the cache's.
     ttl[0]
         .put_with(
             &100,
             &"long".into(),
-            Expiry::after_write(Duration::from_secs(60)),
+            Expiry::after_write(Duration::from_secs(600)),
         )
         .await
         .unwrap();
+    advance(&grids, Duration::from_secs(59));
     for c in &ttl {
-        if first_write.elapsed() < Duration::from_millis(300) {
-            assert_eq!(c.get(&3).await.unwrap(), Some("v3".into()));
+        for k in 0..20 {
+            assert_eq!(
+                c.get(&k).await.unwrap(),
+                Some(format!("v{k}")),
+                "key {k} before its ttl"
+            );
         }
     }
-    tokio::time::sleep(Duration::from_millis(400).saturating_sub(written.elapsed())).await;
+    advance(&grids, Duration::from_secs(2));
     for c in &ttl {
         for k in 0..20 {
             assert_eq!(c.get(&k).await.unwrap(), None, "key {k} outlived its ttl");
@@ -211,32 +223,112 @@ async fn ttl_and_idle_expiry_hold_on_every_member() {
     assert_eq!(seen, 20, "expired events");
     assert_eq!(ttl[1].len().await.unwrap(), 1);
 
-    // Idle expiry: reads from any member keep an entry alive; without them it goes.
+    // Idle expiry: reads from any member keep an entry alive; without them it goes. The
+    // cache's idle time, and one given to an entry of a cache without expiry.
     let idle = open::<String>(
         &grids,
         "idle",
         &CacheSettings::builder()
-            .expire_after_access(Duration::from_millis(500))
+            .expire_after_access(Duration::from_secs(60))
             .build(),
     )
     .await;
+    let plain = open::<String>(&grids, "per-entry-idle", &CacheSettings::default()).await;
     idle[0].put(&1, &"kept".into()).await.unwrap();
     idle[0].put(&2, &"idle".into()).await.unwrap();
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_millis(1200) {
-        for c in &idle {
-            assert_eq!(c.get(&1).await.unwrap(), Some("kept".into()));
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    let per_entry = Expiry::after_access(Duration::from_secs(60));
+    plain[0]
+        .put_with(&1, &"kept".into(), per_entry)
+        .await
+        .unwrap();
+    plain[0]
+        .put_with(&2, &"idle".into(), per_entry)
+        .await
+        .unwrap();
+    plain[0].put(&3, &"forever".into()).await.unwrap();
+    // 40 s steps, each ending with a read of key 1 from one member: 120 s in all, never
+    // 60 s without a read of key 1, none of key 2.
+    for step in 0..3 {
+        advance(&grids, Duration::from_secs(40));
+        for caches in [&idle, &plain] {
+            assert_eq!(
+                caches[step].get(&1).await.unwrap(),
+                Some("kept".into()),
+                "step {step}"
+            );
         }
     }
-    for c in &idle {
-        assert_eq!(
-            c.get(&2).await.unwrap(),
-            None,
-            "idle entry outlived its idle time"
-        );
-        assert_eq!(c.get(&1).await.unwrap(), Some("kept".into()));
+    for caches in [&idle, &plain] {
+        for c in caches {
+            assert_eq!(
+                c.get(&2).await.unwrap(),
+                None,
+                "idle entry outlived its idle time"
+            );
+            assert_eq!(c.get(&1).await.unwrap(), Some("kept".into()));
+        }
     }
+    assert_eq!(plain[1].get(&3).await.unwrap(), Some("forever".into()));
+    for g in grids {
+        g.shutdown().await;
+    }
+}
+
+/// `get_or_insert_with` on a cache without a loader: the supplier runs on a miss and its
+/// value is stored; a stored value is returned without calling it; of two callers that
+/// missed together, the one that stores second gets the first one's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_or_insert_with_without_a_loader_stores_the_supplied_value() {
+    let grids = data_cluster("c-supply", 2, |b| b).await;
+    let caches = open::<String>(&grids, "supplied", &CacheSettings::default()).await;
+    let v = caches[0]
+        .get_or_insert_with(&1, || async { "made".to_string() })
+        .await
+        .unwrap();
+    assert_eq!(v, "made");
+    assert_eq!(
+        caches[1].get(&1).await.unwrap(),
+        Some("made".into()),
+        "stored"
+    );
+    let v = caches[1]
+        .get_or_insert_with(&1, || async { panic!("called for a stored value") })
+        .await
+        .unwrap();
+    assert_eq!(v, "made");
+    // Two callers miss together (both suppliers run); the first stores, the second gets
+    // the first's value rather than its own.
+    let both_missed = Arc::new(tokio::sync::Barrier::new(2));
+    let (first_stored_tx, first_stored_rx) = tokio::sync::oneshot::channel::<()>();
+    let first = {
+        let (c, both) = (caches[0].clone(), both_missed.clone());
+        tokio::spawn(async move {
+            c.get_or_insert_with(&2, || async move {
+                both.wait().await;
+                "first".to_string()
+            })
+            .await
+        })
+    };
+    let second = {
+        let (c, both) = (caches[1].clone(), both_missed.clone());
+        tokio::spawn(async move {
+            c.get_or_insert_with(&2, || async move {
+                both.wait().await;
+                let _ = first_stored_rx.await;
+                "second".to_string()
+            })
+            .await
+        })
+    };
+    assert_eq!(first.await.unwrap().unwrap(), "first");
+    first_stored_tx.send(()).unwrap();
+    assert_eq!(
+        second.await.unwrap().unwrap(),
+        "first",
+        "the value stored first"
+    );
+    assert_eq!(caches[1].get(&2).await.unwrap(), Some("first".into()));
     for g in grids {
         g.shutdown().await;
     }
