@@ -405,8 +405,10 @@ mod tests {
 
     #[test]
     fn the_change_log_returns_a_complete_tail_or_nothing() {
-        let mut st = ReplicaState::default();
-        st.version = 3;
+        let mut st = ReplicaState {
+            version: 3,
+            ..ReplicaState::default()
+        };
         st.start_log();
         for v in 4..=6 {
             st.log_change(v, &[v as u8]);
