@@ -155,12 +155,7 @@ async fn pause_watch(weak: std::sync::Weak<Inner>) {
         tick.tick().await;
         let Some(inner) = weak.upgrade() else { return };
         let rt = Runtime { inner };
-        let turn = rt
-            .inner
-            .pause
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .turn(Instant::now());
+        let turn = rt.with_pause_guard(|g| g.turn(Instant::now()));
         if turn == pause_guard::Turn::Gap {
             warn!(member = %rt.inner.me, "this member was paused or starved: confirming its ownership before it serves again");
             metrics::counter!("grid_pauses_detected_total").increment(1);
@@ -211,8 +206,13 @@ pub(crate) struct Inner {
     background: background::Background,
     /// Backup requests still to refuse (fault injection for tests).
     refuse_backups: std::sync::atomic::AtomicU64,
-    /// Whether this member may act as an owner (see `pause_guard`).
+    /// Whether this member may act as an owner (see `pause_guard`); turned by one task.
     pause: Mutex<PauseGuard>,
+    /// What `pause` says, for the operations' hot path: until when (nanoseconds after
+    /// `started`) this member may serve as an owner; 0 while it confirms a pause.
+    serving_until_ns: std::sync::atomic::AtomicU64,
+    /// When the runtime started: the origin of `serving_until_ns`.
+    started: Instant,
     /// A confirmation of ownership after a pause is under way.
     confirming: std::sync::atomic::AtomicBool,
 }
@@ -309,6 +309,7 @@ impl Runtime {
         let partitions = config.table.partitions;
         let (drain_tx, drain_rx) = mpsc::channel(64);
         let (async_tx, mut async_rx) = mpsc::channel(ASYNC_BACKUP_QUEUE);
+        let started = Instant::now();
         let inner = Arc::new(Inner {
             transport,
             cluster,
@@ -327,7 +328,11 @@ impl Runtime {
                 config.copy_priority,
             ),
             refuse_backups: Default::default(),
-            pause: Mutex::new(PauseGuard::new(config.pause_threshold, Instant::now())),
+            pause: Mutex::new(PauseGuard::new(config.pause_threshold, started)),
+            serving_until_ns: std::sync::atomic::AtomicU64::new(
+                config.pause_threshold.as_nanos() as u64
+            ),
+            started,
             confirming: Default::default(),
             config,
         });
@@ -424,11 +429,24 @@ impl Runtime {
     /// Whether this member may act as an owner now: it was not paused, or the cluster's
     /// table has since confirmed what it owns (see `pause_guard`).
     fn may_serve(&self) -> bool {
+        let now = self.inner.started.elapsed().as_nanos() as u64;
+        now <= self
+            .inner
+            .serving_until_ns
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Changes the pause guard and publishes what it then says (see `serving_until_ns`).
+    fn with_pause_guard<T>(&self, change: impl FnOnce(&mut PauseGuard) -> T) -> T {
+        let mut guard = self.inner.pause.lock().unwrap_or_else(|e| e.into_inner());
+        let out = change(&mut guard);
+        let until = guard.serving_until().map_or(0, |u| {
+            u.saturating_duration_since(self.inner.started).as_nanos() as u64
+        });
         self.inner
-            .pause
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .may_serve(Instant::now())
+            .serving_until_ns
+            .store(until, std::sync::atomic::Ordering::Release);
+        out
     }
 
     /// After a pause: asks the other members for their tables, applies the newest, and
@@ -468,11 +486,7 @@ impl Runtime {
             }
         }
         info!(member = %self.inner.me, table = self.table().version(), "ownership confirmed after a pause");
-        self.inner
-            .pause
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .confirmed(asked_at);
+        self.with_pause_guard(|g| g.confirmed(asked_at));
     }
 
     /// This member's id.

@@ -61,10 +61,20 @@ impl PauseGuard {
         }
     }
 
-    /// Whether the member may act as an owner at `now`: no gap found, none under way.
+    /// Whether the member may act as an owner at `now`: no gap found, none under way. (The
+    /// runtime reads the same answer through [`PauseGuard::serving_until`].)
+    #[cfg(test)]
     pub(crate) fn may_serve(&self, now: Instant) -> bool {
-        self.suspect_since.is_none()
-            && now.saturating_duration_since(self.last_turn) <= self.max_gap
+        self.serving_until().is_some_and(|until| now <= until)
+    }
+
+    /// Until when the member may act as an owner without another turn; `None` while it
+    /// confirms a gap. (The runtime publishes this in an atomic, so that the operations'
+    /// hot path reads it without taking the guard's lock.)
+    pub(crate) fn serving_until(&self) -> Option<Instant> {
+        self.suspect_since
+            .is_none()
+            .then(|| self.last_turn + self.max_gap)
     }
 
     /// The cluster's table, asked for at `asked_at`, has been applied: a suspicion that
