@@ -5,12 +5,15 @@
 //! stands on.)
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use grid::{Grid, MemberStatus};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::io::{BufReader, Lines};
+use tokio::process::{Child, ChildStdout};
+
+mod common;
+
+use common::process::{grid_command, spawn_listening};
 
 const CLUSTER: &str = "node-process-test";
 const SECRET: &str = "node process test";
@@ -20,46 +23,34 @@ async fn node(
     id: &str,
     seed: Option<SocketAddr>,
 ) -> (Child, SocketAddr, Lines<BufReader<ChildStdout>>) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_grid"));
-    // Only this test's settings: GRID_* variables of the shell would override them.
-    for (name, _) in std::env::vars_os() {
-        if name.to_str().is_some_and(|n| n.starts_with("GRID_")) {
-            command.env_remove(name);
-        }
-    }
-    let mut child = command
-        .arg("node")
-        .env("GRID_CLUSTER_NAME", CLUSTER)
-        .env("GRID_MEMBER_ID", id)
-        .env("GRID_BIND", "127.0.0.1:0")
-        .env(
-            "GRID_SEEDS",
-            seed.map(|s| s.to_string()).unwrap_or_default(),
-        )
-        .env("GRID_CLUSTER_SECRET", SECRET)
-        .env("GRID_MULTICAST_ENABLED", "false")
-        .env("GRID_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("grid node starts");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let line = lines.next_line().await.expect("output").expect("a line");
-            if let Some(rest) = line.split(" listening on ").nth(1) {
-                break rest
-                    .split_whitespace()
-                    .next()
-                    .expect("an address")
-                    .parse()
-                    .expect("an address");
-            }
-        }
-    })
+    spawn_listening(
+        grid_command()
+            .arg("node")
+            .env("GRID_CLUSTER_NAME", CLUSTER)
+            .env("GRID_MEMBER_ID", id)
+            .env("GRID_BIND", "127.0.0.1:0")
+            .env(
+                "GRID_SEEDS",
+                seed.map(|s| s.to_string()).unwrap_or_default(),
+            )
+            .env("GRID_CLUSTER_SECRET", SECRET)
+            .env("GRID_LOG", "warn"),
+    )
     .await
-    .expect("the node listens within 30 s");
-    (child, addr, lines)
+}
+
+/// A lite member of the test's cluster, seeded with `seed`.
+async fn lite_member(seed: SocketAddr) -> Grid {
+    Grid::builder()
+        .cluster_name(CLUSTER)
+        .member_id("lite")
+        .secret(SECRET)
+        .bind("127.0.0.1:0")
+        .seed(seed)
+        .lite_member()
+        .start()
+        .await
+        .expect("the lite member starts")
 }
 
 async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, mut cond: impl FnMut() -> F) {
@@ -74,16 +65,7 @@ async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, mut cond: i
 async fn separate_processes_form_a_cluster_report_status_and_hand_off_on_sigint() {
     let (_a, a_addr, _a_out) = node("a", None).await;
     let (mut b, _b_addr, mut b_out) = node("b", Some(a_addr)).await;
-    let lite = Grid::builder()
-        .cluster_name(CLUSTER)
-        .member_id("lite")
-        .secret(SECRET)
-        .bind("127.0.0.1:0")
-        .seed(a_addr)
-        .lite_member()
-        .start()
-        .await
-        .expect("the lite member starts");
+    let lite = lite_member(a_addr).await;
     let rt = lite.runtime().clone();
     wait_for("a table of both processes", || {
         let rt = rt.clone();
@@ -205,16 +187,7 @@ async fn a_member_paused_past_failure_detection_loses_no_acknowledged_write() {
     for id in ["b", "c", "d", "e"] {
         others.push(node(id, Some(a_addr)).await);
     }
-    let lite = Grid::builder()
-        .cluster_name(CLUSTER)
-        .member_id("lite")
-        .secret(SECRET)
-        .bind("127.0.0.1:0")
-        .seed(a_addr)
-        .lite_member()
-        .start()
-        .await
-        .expect("the lite member starts");
+    let lite = lite_member(a_addr).await;
     let rt = lite.runtime().clone();
     // A fresh cluster of five processes sometimes publishes a partition with one replica
     // and never settles (issue 13, not fixed yet): then a pause may lose that partition

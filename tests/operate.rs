@@ -11,9 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::process::{grid_command, spawn_listening};
 use grid::{Grid, GridConfig, METRICS};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+use tokio::process::{Child, ChildStderr, ChildStdout};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -308,21 +311,6 @@ async fn readyz_is_false_before_joining_and_true_after() {
     a.shutdown().await;
 }
 
-/// A `grid node` command with only this test's settings (GRID_* variables of the shell
-/// would override them).
-fn grid_command() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_grid"));
-    for (name, _) in std::env::vars_os() {
-        if name.to_str().is_some_and(|n| n.starts_with("GRID_")) {
-            command.env_remove(name);
-        }
-    }
-    command
-        .env("GRID_MULTICAST_ENABLED", "false")
-        .kill_on_drop(true);
-    command
-}
-
 const CLUSTER: &str = "operate-processes";
 const SECRET: &str = "operate processes secret";
 
@@ -334,39 +322,23 @@ struct Node {
 }
 
 async fn node(id: &str, seed: Option<SocketAddr>) -> Node {
-    let mut child = grid_command()
-        .arg("node")
-        .env("GRID_CLUSTER_NAME", CLUSTER)
-        .env("GRID_MEMBER_ID", id)
-        .env("GRID_BIND", "127.0.0.1:0")
-        .env(
-            "GRID_SEEDS",
-            seed.map(|s| s.to_string()).unwrap_or_default(),
-        )
-        .env("GRID_CLUSTER_SECRET", SECRET)
-        .env("GRID_LOG", "info")
-        .env("GRID_LOG_FORMAT", "json")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("grid node starts");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let (mut child, addr, stdout) = spawn_listening(
+        grid_command()
+            .arg("node")
+            .env("GRID_CLUSTER_NAME", CLUSTER)
+            .env("GRID_MEMBER_ID", id)
+            .env("GRID_BIND", "127.0.0.1:0")
+            .env(
+                "GRID_SEEDS",
+                seed.map(|s| s.to_string()).unwrap_or_default(),
+            )
+            .env("GRID_CLUSTER_SECRET", SECRET)
+            .env("GRID_LOG", "info")
+            .env("GRID_LOG_FORMAT", "json")
+            .stderr(Stdio::piped()),
+    )
+    .await;
     let stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let line = stdout.next_line().await.expect("output").expect("a line");
-            if let Some(rest) = line.split(" listening on ").nth(1) {
-                break rest
-                    .split_whitespace()
-                    .next()
-                    .expect("an address")
-                    .parse()
-                    .expect("an address");
-            }
-        }
-    })
-    .await
-    .expect("the node listens within 30 s");
     Node {
         _child: child,
         addr,

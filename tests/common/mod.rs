@@ -2,6 +2,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod process;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
