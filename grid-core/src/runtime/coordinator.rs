@@ -266,22 +266,31 @@ impl Coordinator {
         if !self.in_flight.remove(&key) {
             return effects; // superseded by a membership change
         }
+        let wanted = self.target.rank_of(partition, destination).is_some();
         if ok {
             self.stats.completed += 1;
-            let still_moving = self
-                .pending
-                .iter()
-                .chain(self.in_flight.iter())
-                .any(|(q, _)| *q == partition);
-            let wanted = self.target.rank_of(partition, destination).is_some();
-            if !still_moving && wanted {
-                self.partition_done(partition, &mut effects);
-            }
         } else {
             self.stats.failed += 1;
-            if self.target.rank_of(partition, destination).is_some() {
+            if wanted {
                 self.pending.insert(key);
             }
+        }
+        // The partition is done once no move the target still wants is left, whichever
+        // move ended last. Counting moves the target no longer wants (a destination dropped
+        // from the plan by a later membership change, still copying) left a partition whose
+        // wanted copies were done switched by nobody: published with one replica where two
+        // were planned, nothing pending, never settled until membership changed again.
+        let still_moving = self
+            .pending
+            .iter()
+            .chain(self.in_flight.iter())
+            .any(|(q, d)| *q == partition && self.target.rank_of(partition, d).is_some());
+        let differs = !self
+            .published
+            .replicas(partition)
+            .eq(self.target.replicas(partition));
+        if !still_moving && differs && (ok || !wanted) {
+            self.partition_done(partition, &mut effects);
         }
         self.start_moves(&mut effects);
         effects
@@ -432,6 +441,64 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The unsettled fresh cluster (issue 13): a partition copying to two members, one of
+    /// which a later join drops from the plan. The wanted copy ends first, the unwanted one
+    /// last: the partition must still switch, and the cluster settle.
+    #[test]
+    fn a_partition_whose_last_move_is_no_longer_wanted_still_switches() {
+        let cfg = config(271, 1);
+        let mut c = Coordinator::new(PartitionTable::empty(271), cfg.clone(), 10_000);
+        c.on_members(&members(&["a"]), &[]);
+        // d joins: every partition copies to d.
+        let first = c.on_members(&members(&["a", "d"]), &[]);
+        // e joins while those copies run: some partitions now want e and not d.
+        let second = c.on_members(&members(&["a", "d", "e"]), &[]);
+        let moves = |effects: &[Effect]| -> Vec<(u32, Arc<str>)> {
+            effects
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::Migrate {
+                        partition,
+                        destination,
+                        ..
+                    } => Some((*partition, destination.clone())),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (to_d, to_e) = (moves(&first), moves(&second));
+        let unwanted: Vec<(u32, Arc<str>)> = to_d
+            .iter()
+            .filter(|(p, d)| c.target.rank_of(*p, d).is_none())
+            .cloned()
+            .collect();
+        assert!(
+            unwanted
+                .iter()
+                .any(|(p, _)| to_e.iter().any(|(q, _)| q == p)),
+            "the scenario needs a partition copying to d (no longer wanted) and to e"
+        );
+        // Wanted copies end first, then the unwanted ones; every freeze succeeds.
+        let mut effects = Vec::new();
+        for (p, d) in to_d.iter().chain(&to_e) {
+            if c.target.rank_of(*p, d).is_some() {
+                effects.extend(c.on_migrated(*p, d, true));
+            }
+        }
+        for (p, d) in &unwanted {
+            effects.extend(c.on_migrated(*p, d, true));
+        }
+        effects.extend(c.flush());
+        drive(&mut c, effects);
+        assert!(
+            c.is_settled(),
+            "not settled: {} partitions differ from the plan",
+            (0..271)
+                .filter(|p| !c.published().replicas(*p).eq(c.target.replicas(*p)))
+                .count()
+        );
     }
 
     fn c_on(c: &mut Coordinator, ids: &[&str]) -> Vec<Effect> {
