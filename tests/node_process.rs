@@ -13,7 +13,7 @@ use tokio::process::{Child, ChildStdout};
 
 mod common;
 
-use common::process::{grid_command, spawn_listening};
+use common::process::{node_command, spawn_listening};
 
 const CLUSTER: &str = "node-process-test";
 const SECRET: &str = "node process test";
@@ -23,20 +23,7 @@ async fn node(
     id: &str,
     seed: Option<SocketAddr>,
 ) -> (Child, SocketAddr, Lines<BufReader<ChildStdout>>) {
-    spawn_listening(
-        grid_command()
-            .arg("node")
-            .env("GRID_CLUSTER_NAME", CLUSTER)
-            .env("GRID_MEMBER_ID", id)
-            .env("GRID_BIND", "127.0.0.1:0")
-            .env(
-                "GRID_SEEDS",
-                seed.map(|s| s.to_string()).unwrap_or_default(),
-            )
-            .env("GRID_CLUSTER_SECRET", SECRET)
-            .env("GRID_LOG", "warn"),
-    )
-    .await
+    spawn_listening(node_command(CLUSTER, SECRET, id, seed).env("GRID_LOG", "warn")).await
 }
 
 /// A lite member of the test's cluster, seeded with `seed`.

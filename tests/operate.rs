@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::process::{grid_command, spawn_listening};
+use common::process::{grid_command, node_command, spawn_listening};
 use grid::{Grid, GridConfig, METRICS};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStderr, ChildStdout};
@@ -323,16 +323,7 @@ struct Node {
 
 async fn node(id: &str, seed: Option<SocketAddr>) -> Node {
     let (mut child, addr, stdout) = spawn_listening(
-        grid_command()
-            .arg("node")
-            .env("GRID_CLUSTER_NAME", CLUSTER)
-            .env("GRID_MEMBER_ID", id)
-            .env("GRID_BIND", "127.0.0.1:0")
-            .env(
-                "GRID_SEEDS",
-                seed.map(|s| s.to_string()).unwrap_or_default(),
-            )
-            .env("GRID_CLUSTER_SECRET", SECRET)
+        node_command(CLUSTER, SECRET, id, seed)
             .env("GRID_LOG", "info")
             .env("GRID_LOG_FORMAT", "json")
             .stderr(Stdio::piped()),

@@ -22,6 +22,23 @@ pub fn grid_command() -> Command {
     command
 }
 
+/// `grid node` as member `id` of `cluster` (development secret `secret`) on a loopback
+/// port of its own, seeded with `seed` (none: a cluster of its own).
+pub fn node_command(cluster: &str, secret: &str, id: &str, seed: Option<SocketAddr>) -> Command {
+    let mut command = grid_command();
+    command
+        .arg("node")
+        .env("GRID_CLUSTER_NAME", cluster)
+        .env("GRID_MEMBER_ID", id)
+        .env("GRID_BIND", "127.0.0.1:0")
+        .env(
+            "GRID_SEEDS",
+            seed.map(|s| s.to_string()).unwrap_or_default(),
+        )
+        .env("GRID_CLUSTER_SECRET", secret);
+    command
+}
+
 /// Starts `command` (a `grid node`) with its standard output piped, and returns once it
 /// printed the address it listens on: the child, that address and the rest of its output.
 pub async fn spawn_listening(
