@@ -48,22 +48,30 @@ async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, mut cond: i
     }
 }
 
+/// Waits until coordinator "a" reports a settled table of `members` data members and `rt`
+/// routes by it.
+async fn wait_for_settled(rt: &grid_core::runtime::Runtime, members: usize) {
+    wait_for("a settled table of every member", || {
+        let rt = rt.clone();
+        async move {
+            let Ok(s) = rt.member_status("a", false).await else {
+                return false;
+            };
+            s.coordinator.settled
+                && s.table_members == members
+                && rt.table().version() == s.table_version
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separate_processes_form_a_cluster_report_status_and_hand_off_on_sigint() {
     let (_a, a_addr, _a_out) = node("a", None).await;
     let (mut b, _b_addr, mut b_out) = node("b", Some(a_addr)).await;
     let lite = lite_member(a_addr).await;
     let rt = lite.runtime().clone();
-    wait_for("a table of both processes", || {
-        let rt = rt.clone();
-        async move {
-            let Ok(s) = rt.member_status("a", false).await else {
-                return false;
-            };
-            s.coordinator.settled && s.table_members == 2 && rt.table().version() == s.table_version
-        }
-    })
-    .await;
+    wait_for_settled(&rt, 2).await;
 
     let cache = lite.cache::<u32, String>("c").await.expect("a cache");
     for k in 0..200 {
@@ -176,16 +184,7 @@ async fn a_member_paused_past_failure_detection_loses_no_acknowledged_write() {
     }
     let lite = lite_member(a_addr).await;
     let rt = lite.runtime().clone();
-    wait_for("a settled table of five members", || {
-        let rt = rt.clone();
-        async move {
-            let Ok(s) = rt.member_status("a", false).await else {
-                return false;
-            };
-            s.coordinator.settled && s.table_members == 5 && rt.table().version() == s.table_version
-        }
-    })
-    .await;
+    wait_for_settled(&rt, 5).await;
 
     let cache = lite.cache::<u64, u64>("paused").await.expect("a cache");
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
