@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use grid_core::codec;
 use grid_core::runtime::{PartitionService, Prepared, Rebuilt, Snapshot};
@@ -21,13 +20,10 @@ use grid_net::buffers::BulkBuf;
 /// The runtime service name of the cache.
 pub const SERVICE: &str = "cache";
 
-/// Milliseconds since the Unix epoch: expiry times are absolute so that every replica
-/// agrees on them.
+/// Milliseconds since the Unix epoch on the runtime's clock: expiry times are absolute so
+/// that every replica agrees on them.
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    grid_core::clock::unix_ms()
 }
 
 type Partition = HashMap<Arc<str>, CacheMap>;

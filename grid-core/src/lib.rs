@@ -2,6 +2,8 @@
 //! and the member runtime that routes, replicates and migrates partitions.
 //!
 //! # Layout
+//! - [`clock`]: the one clock every decision reads (tokio's, so tests and the simulator
+//!   drive it).
 //! - [`config`]: [`GridConfig`], loaded from TOML with `GRID_*` environment overrides.
 //! - [`error`]: [`GridError`], the error of grid's public API.
 //! - [`partition`]: [`partition_of`](partition::partition_of) and the partition table planner,
@@ -13,6 +15,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod partition;

@@ -51,7 +51,8 @@ pub mod service;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use grid_net::membership::{Cluster, Member};
 use grid_net::transport::Transport;
@@ -245,9 +246,8 @@ pub struct MemberStatus {
 
 /// `at` as wall-clock microseconds since the Unix epoch.
 fn unix_us(at: Instant) -> u64 {
-    let wall = std::time::SystemTime::now() - Instant::now().saturating_duration_since(at);
-    wall.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
+    let back = Instant::now().saturating_duration_since(at).as_micros() as u64;
+    (crate::clock::unix_ms() * 1000).saturating_sub(back)
 }
 
 /// What a member copied out (migrations and syncs), and when.

@@ -14,7 +14,8 @@
 //! the default gossip settings), so that a pause the others can have noticed is always one
 //! this member notices too.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// What a turn of the ticker found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

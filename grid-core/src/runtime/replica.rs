@@ -4,7 +4,8 @@
 //! change) and freezes before a handoff.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use grid_net::codec;

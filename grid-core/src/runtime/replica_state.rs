@@ -12,7 +12,7 @@
 //! acknowledged data.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// How many recent changes a replica remembers (version and digest), to check that a
 /// duplicate it is sent is the change it already applied.
