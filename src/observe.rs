@@ -91,6 +91,8 @@ pub const METRICS: &[MetricDoc] = &[
     m("grid_pauses_detected_total", "counter", "", "Times this member found it had been paused or starved past failure detection (it confirms its ownership before serving again)."),
     m("grid_stale_owner_refusals_total", "counter", "", "Changes and partition copies refused because their sender no longer owns the partition (a paused or cut-off former owner)."),
     m("grid_async_backups_dropped_total", "counter", "", "Changes not sent to an asynchronous backup (its queue was full)."),
+    m("grid_service_timers_armed", "gauge", "", "Timers armed by partitioned services on this member (lock leases, expiry checks)."),
+    m("grid_service_effects_dropped_total", "counter", "", "Operations submitted and messages sent by partitioned services that were dropped because too many were already under way."),
     m("grid_op_seconds", "histogram", "", "Duration of partition operations (any service) that succeeded, retries included, from the member that asked."),
     m("grid_operation_duration_seconds", "histogram", "`service`: `cache`; `op`: `get`, `contains_key`, `put`, `remove`, `process`, `entries`, `clear`, `expire`", "Duration of operations by service and kind, from the caller's side (local reads included)."),
     m("grid_operation_errors_total", "counter", "`service`, `op` (as above); `error`: `timeout`, `indeterminate`, `service`, `net`, `codec`, `loader`, `not_allowed`, `settings_conflict`, `topic`, `config`", "Operations that failed, by error kind."),

@@ -215,12 +215,8 @@ pub(crate) async fn execute(
     let result = if let Some(local) = &shared.local {
         local.run(op.clone())
     } else {
-        let runtime = &caches.inner.runtime;
-        let p = runtime.partition_of(key);
-        match codec::encode(op) {
-            Ok(encoded) => runtime.execute(SERVICE, p, encoded, kind).await,
-            Err(e) => Err(e.into()),
-        }
+        let p = caches.inner.runtime.partition_of(key);
+        caches.inner.run(p, op.clone(), kind).await
     };
     observe(op.name(), started, &result);
     result
@@ -284,9 +280,7 @@ async fn lookup_untimed(
             cache: shared.name.to_string(),
             key: Blob(key.to_vec()),
         };
-        let answer = runtime
-            .execute(SERVICE, p, codec::encode(&op)?, OpKind::Read)
-            .await?;
+        let answer = caches.inner.run(p, op, OpKind::Read).await?;
         codec::decode::<Option<(Blob, u64)>>(&answer)?.map(|(b, d)| (b.0, d))
     };
     Ok(found.map(|(value, deadline)| {
@@ -621,15 +615,10 @@ where
             local.run(op)?;
             return Ok(());
         }
-        let runtime = &self.caches.inner.runtime;
-        let op = codec::encode(&op)?;
-        let clears = (0..runtime.table().partitions()).map(|p| {
+        let inner = &self.caches.inner;
+        let clears = (0..inner.runtime.table().partitions()).map(|p| {
             let op = op.clone();
-            async move {
-                runtime
-                    .execute(SERVICE, p, op, OpKind::IdempotentWrite)
-                    .await
-            }
+            async move { inner.run(p, op, OpKind::IdempotentWrite).await }
         });
         let mut results = futures::stream::iter(clears).buffer_unordered(FAN_OUT);
         while let Some(r) = results.next().await {

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use futures::future::{BoxFuture, FutureExt, Shared as SharedFuture};
 use futures::StreamExt;
 use grid_core::codec;
-use grid_core::runtime::{OpKind, Runtime};
+use grid_core::runtime::{OpKind, Runtime, ServiceHandle};
 use grid_core::GridError;
 use grid_net::membership::Cluster;
 use grid_net::transport::Transport;
@@ -21,10 +21,10 @@ use tracing::{debug, warn};
 
 use crate::copies::{NearCopy, ReplicatedCopy};
 use crate::events::{EventHub, EventKind, HandlerGuard, LocalSink, RawEvent, Want};
-use crate::ops::{Blob, CacheChange, CacheOp, PutIf};
+use crate::ops::{Blob, CacheOp, PutIf};
 use crate::settings::{CacheMode, CacheSettings, WriteParams};
 use crate::stats::{CacheStatistics, Counters};
-use crate::store::{CacheService, SERVICE};
+use crate::store::CacheService;
 
 /// A loader with its types erased: encoded key → encoded value (or none).
 pub(crate) type ErasedLoader =
@@ -39,8 +39,6 @@ const SETTINGS_CACHE: &str = "__grid.cache-settings";
 /// How often the owner looks for expired entries to remove (and report): one tenth of its
 /// partitions per tick, so each partition once a second. Reads never see an expired entry
 /// whatever the sweeper does; the sweep frees memory and tells listeners.
-const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
-const SWEEP_SLICES: u32 = 10;
 /// Near copies keep at most this many entries (or `max_entries`, if smaller).
 const NEAR_CAPACITY: usize = 100_000;
 
@@ -94,14 +92,11 @@ impl LocalStore {
     /// Runs an operation: prepare and apply under one lock, as the runtime would.
     pub(crate) fn run(&self, op: CacheOp) -> Result<Vec<u8>, GridError> {
         let _one_at_a_time = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-        let prepared = self.service.prepare_op(0, op).map_err(GridError::Service)?;
-        if let Some(change) = prepared.change {
-            let change: CacheChange = codec::decode(&change)?;
-            self.service
-                .apply_change(0, change, true)
-                .map_err(GridError::Service)?;
+        let decided = self.service.prepare_op(0, op)?;
+        if let Some(change) = decided.change {
+            self.service.apply_change(0, change, true)?;
         }
-        Ok(prepared.answer)
+        Ok(decided.answer.0)
     }
 }
 
@@ -130,6 +125,8 @@ impl Shared {
 
 pub(crate) struct Inner {
     pub(crate) runtime: Runtime,
+    /// The cache service's door to the runtime.
+    pub(crate) handle: ServiceHandle<CacheService>,
     pub(crate) transport: Transport,
     pub(crate) cluster: Cluster,
     pub(crate) service: Arc<CacheService>,
@@ -146,6 +143,18 @@ pub struct Caches {
     pub(crate) inner: Arc<Inner>,
 }
 
+impl Inner {
+    /// Runs `op` on partition `p`'s owner; the answer as the operation's caller decodes it.
+    pub(crate) async fn run(
+        &self,
+        p: u32,
+        op: CacheOp,
+        kind: OpKind,
+    ) -> Result<Vec<u8>, GridError> {
+        Ok(self.handle.execute(p, op, kind).await??.0)
+    }
+}
+
 impl std::fmt::Debug for Caches {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Caches").finish()
@@ -157,11 +166,12 @@ impl Caches {
     /// the event hub and the expiry sweeper.
     pub fn start(runtime: Runtime, transport: Transport, cluster: Cluster) -> Self {
         let service = Arc::new(CacheService::new(runtime.config().table.partitions));
-        runtime.register(service.clone());
+        let handle = runtime.register_service(service.clone());
         let hub = EventHub::start(transport.clone(), cluster.clone());
         service.set_sink(hub.clone());
         let inner = Arc::new(Inner {
             runtime,
+            handle,
             transport,
             cluster,
             service,
@@ -171,7 +181,6 @@ impl Caches {
             flights: Mutex::new(HashMap::new()),
         });
         register_routes(&inner);
-        tokio::spawn(follow_table(Arc::downgrade(&inner)));
         tokio::spawn(sweep(Arc::downgrade(&inner)));
         Self { inner }
     }
@@ -303,12 +312,7 @@ impl Caches {
             cond: PutIf::Absent,
             params: WriteParams::default(),
         };
-        let answer = match self
-            .inner
-            .runtime
-            .execute(SERVICE, p, codec::encode(&op)?, OpKind::Write)
-            .await
-        {
+        let answer = match self.inner.run(p, op, OpKind::Write).await {
             Ok(a) => a,
             // The owner vanished mid-call: read back what is recorded.
             Err(GridError::Indeterminate(_)) => {
@@ -316,13 +320,8 @@ impl Caches {
                     cache: SETTINGS_CACHE.into(),
                     key: Blob(codec::encode(name)?),
                 };
-                let got: Option<(Blob, u64)> = codec::decode(
-                    &self
-                        .inner
-                        .runtime
-                        .execute(SERVICE, p, codec::encode(&op)?, OpKind::Read)
-                        .await?,
-                )?;
+                let got: Option<(Blob, u64)> =
+                    codec::decode(&self.inner.run(p, op, OpKind::Read).await?)?;
                 codec::encode(&got.map(|(b, _)| b))?
             }
             Err(e) => return Err(e),
@@ -381,15 +380,15 @@ impl Caches {
         cache: &str,
         values: bool,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>, u64, u32)>, GridError> {
-        let runtime = &self.inner.runtime;
-        let op = codec::encode(&CacheOp::Entries {
+        let inner = &self.inner;
+        let op = CacheOp::Entries {
             cache: cache.to_string(),
             values,
-        })?;
-        let reads = (0..runtime.table().partitions()).map(|p| {
+        };
+        let reads = (0..inner.runtime.table().partitions()).map(|p| {
             let op = op.clone();
             async move {
-                let answer = runtime.execute(SERVICE, p, op, OpKind::Read).await?;
+                let answer = inner.run(p, op, OpKind::Read).await?;
                 Ok::<_, GridError>(codec::decode::<Vec<(Blob, Blob, u64, u32)>>(&answer)?)
             }
         });
@@ -799,48 +798,14 @@ fn register_routes(inner: &Arc<Inner>) {
     });
 }
 
-/// Keeps the store told how many partitions this member owns (its `max_entries` share).
-async fn follow_table(inner: std::sync::Weak<Inner>) {
-    let Some(mut table) = inner.upgrade().map(|i| i.runtime.watch_table()) else {
-        return;
-    };
-    loop {
-        {
-            let Some(inner) = inner.upgrade() else { return };
-            let owned = owned_partitions(&inner).len() as u32;
-            inner.service.set_owned(owned);
-        }
-        if table.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Removes expired entries the member owns (through the runtime, so backups follow and
-/// listeners hear of it), and those of its member-only stores.
+/// Removes the expired entries of the member-only stores (a partitioned cache's owners
+/// expire theirs on a timer of each partition: see `CacheService::on_timer`).
 async fn sweep(inner: std::sync::Weak<Inner>) {
-    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    let mut tick = tokio::time::interval(crate::store::EXPIRY_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for slice in (0..SWEEP_SLICES).cycle() {
+    loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let op = CacheOp::Expire { limit: 1024 };
-        let Ok(op_bytes) = codec::encode(&op) else {
-            return;
-        };
-        let mine = owned_partitions(&inner).into_iter();
-        for p in inner
-            .service
-            .with_expired(mine.filter(|p| p % SWEEP_SLICES == slice))
-        {
-            if let Err(e) = inner
-                .runtime
-                .execute(SERVICE, p, op_bytes.clone(), OpKind::IdempotentWrite)
-                .await
-            {
-                debug!(partition = p, error = %e, "expiry sweep failed; next pass retries");
-            }
-        }
         let locals: Vec<Arc<LocalStore>> = inner
             .open_now
             .read()
@@ -848,12 +813,14 @@ async fn sweep(inner: std::sync::Weak<Inner>) {
             .values()
             .filter_map(|s| s.local.clone())
             .collect();
-        for store in locals.into_iter().filter(|_| slice == 0) {
+        drop(inner);
+        for store in locals {
             if !store.service.with_expired(0..1).is_empty() {
-                let _ = store.run(op.clone());
+                let _ = store.run(CacheOp::Expire {
+                    limit: crate::store::EXPIRY_BATCH,
+                });
             }
         }
-        drop(inner);
     }
 }
 

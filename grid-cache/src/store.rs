@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use grid_core::codec;
-use grid_core::runtime::{PartitionService, Prepared, Rebuilt, Snapshot};
+use grid_core::runtime::{Ctx, Effects, PartitionService, Prepared, Rebuilt, Role, Snapshot};
+use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::events::{EventKind, EventSink, RawEvent};
@@ -19,6 +20,21 @@ use grid_net::buffers::BulkBuf;
 
 /// The runtime service name of the cache.
 pub const SERVICE: &str = "cache";
+
+/// How often an owner looks for expired entries in each of its partitions (the timers of
+/// the partitions are spread over it).
+pub(crate) const EXPIRY_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most entries one expiry operation removes.
+pub(crate) const EXPIRY_BATCH: u32 = 1024;
+/// The id of a partition's expiry timer.
+const EXPIRY_TIMER: u64 = 1;
+
+/// When partition `p`'s next expiry check is due after `now`: the partitions' checks are
+/// spread over the period, so they do not all run at once.
+fn next_expiry_check(p: u32, now: tokio::time::Instant) -> tokio::time::Instant {
+    let offset = EXPIRY_PERIOD.as_millis() as u64 * u64::from(p % 16) / 16;
+    now + EXPIRY_PERIOD + std::time::Duration::from_millis(offset)
+}
 
 /// Milliseconds since the Unix epoch on the runtime's clock: expiry times are absolute so
 /// that every replica agrees on them.
@@ -57,8 +73,61 @@ impl std::fmt::Debug for CacheService {
     }
 }
 
-fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, String> {
-    codec::encode(v).map_err(|e| e.to_string())
+fn encode<T: Serialize>(v: &T) -> Result<Blob, CacheError> {
+    codec::encode(v)
+        .map(Blob)
+        .map_err(|e| CacheError::Encode(e.to_string()))
+}
+
+/// Why the cache's store refused an operation or a copy: what crosses the runtime's
+/// service interface, typed. The cache's public API reports it as
+/// [`grid_core::GridError::Service`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum CacheError {
+    /// No such partition on this member (a peer's bad input).
+    #[error("no partition {0}")]
+    NoPartition(u32),
+    /// One cache's keys and values in one partition would pass 4 GiB.
+    #[error("partition full: 4 GiB of keys and values of one cache in one partition")]
+    PartitionFull,
+    /// The entry processor is not registered on the key's owner.
+    #[error("no entry processor {processor:?} registered for cache {cache:?} on the key's owner")]
+    NoProcessor {
+        /// The cache.
+        cache: String,
+        /// The processor's name.
+        processor: String,
+    },
+    /// The entry processor failed (its message).
+    #[error("entry processor failed: {0}")]
+    Processor(String),
+    /// An answer or change could not be encoded.
+    #[error("cannot encode: {0}")]
+    Encode(String),
+    /// A partition copy that does not decode, or is not the cache's.
+    #[error("bad partition copy: {0}")]
+    BadCopy(String),
+    /// A change that cannot be applied (the replica is resynchronised).
+    #[error("cannot apply change: {0}")]
+    Apply(String),
+    /// The operation is not a read (sent on the read path).
+    #[error("not a read: {0}")]
+    NotARead(String),
+}
+
+impl From<CacheError> for grid_core::GridError {
+    fn from(e: CacheError) -> Self {
+        Self::Service(e.to_string())
+    }
+}
+
+/// What the store decided for an operation (see [`CacheService::prepare_op`]).
+#[derive(Debug)]
+pub(crate) struct Decided {
+    /// The answer, encoded as the operation's caller decodes it.
+    pub(crate) answer: Blob,
+    /// The change, if the operation changes anything.
+    pub(crate) change: Option<CacheChange>,
 }
 
 fn blob(v: &[u8]) -> Blob {
@@ -72,7 +141,8 @@ impl CacheService {
             partitions: (0..partitions)
                 .map(|_| RwLock::new(Partition::new()))
                 .collect(),
-            owned: AtomicU32::new(partitions),
+            // Counted up by the runtime's ownership hooks.
+            owned: AtomicU32::new(0),
             processors: RwLock::new(HashMap::new()),
             sink: OnceLock::new(),
             counters: RwLock::new(HashMap::new()),
@@ -95,10 +165,10 @@ impl CacheService {
             .fetch_add(by.as_millis() as u64, Ordering::Relaxed);
     }
 
-    fn part(&self, p: u32) -> Result<&RwLock<Partition>, String> {
+    fn part(&self, p: u32) -> Result<&RwLock<Partition>, CacheError> {
         self.partitions
             .get(p as usize)
-            .ok_or_else(|| format!("no partition {p}"))
+            .ok_or(CacheError::NoPartition(p))
     }
 
     fn read(&self, p: u32) -> Option<std::sync::RwLockReadGuard<'_, Partition>> {
@@ -246,7 +316,7 @@ impl CacheService {
     }
 
     /// The write `op` would make (and its answer), without making it.
-    pub(crate) fn prepare_op(&self, p: u32, op: CacheOp) -> Result<Prepared, String> {
+    pub(crate) fn prepare_op(&self, p: u32, op: CacheOp) -> Result<Decided, CacheError> {
         let part = self.part(p)?.read().unwrap_or_else(|e| e.into_inner());
         let now = self.now();
         Ok(match op {
@@ -255,12 +325,12 @@ impl CacheService {
                 if let Some(e) = found {
                     e.touch(now);
                 }
-                Prepared {
+                Decided {
                     answer: encode(&found.map(|e| (blob(e.value), e.deadline())))?,
                     change: None,
                 }
             }
-            CacheOp::ContainsKey { cache, key } => Prepared {
+            CacheOp::ContainsKey { cache, key } => Decided {
                 answer: encode(
                     &part
                         .get(cache.as_str())
@@ -292,15 +362,15 @@ impl CacheService {
                 let change = if write {
                     check_room(map, &key.0, &value.0)?;
                     let evict = self.eviction(map, &key.0, &params, now);
-                    Some(encode(&with_evictions(
+                    Some(with_evictions(
                         &cache,
                         evict,
                         set(&cache, key, value.0, &params, now),
-                    ))?)
+                    ))
                 } else {
                     None
                 };
-                Prepared { answer, change }
+                Decided { answer, change }
             }
             CacheOp::Remove {
                 cache,
@@ -317,16 +387,12 @@ impl CacheService {
                     Some(_) => encode(&remove)?,
                     None => encode(&current.map(|e| blob(e.value)))?,
                 };
-                let change = remove
-                    .then(|| {
-                        encode(&CacheChange::Delete {
-                            cache,
-                            key,
-                            why: Removal::Removed,
-                        })
-                    })
-                    .transpose()?;
-                Prepared { answer, change }
+                let change = remove.then_some(CacheChange::Delete {
+                    cache,
+                    key,
+                    why: Removal::Removed,
+                });
+                Decided { answer, change }
             }
             CacheOp::Process {
                 cache,
@@ -341,12 +407,14 @@ impl CacheService {
                     .unwrap_or_else(|e| e.into_inner())
                     .get(&(cache.clone(), processor.clone()))
                     .cloned()
-                    .ok_or_else(|| {
-                        format!("no entry processor {processor:?} registered for cache {cache:?} on the key's owner")
+                    .ok_or_else(|| CacheError::NoProcessor {
+                        cache: cache.clone(),
+                        processor: processor.clone(),
                     })?;
                 let map = part.get(cache.as_str());
                 let current = map.and_then(|m| m.live(&key.0, now));
-                let (outcome, result) = f(&key.0, current.map(|e| e.value), &args.0)?;
+                let (outcome, result) =
+                    f(&key.0, current.map(|e| e.value), &args.0).map_err(CacheError::Processor)?;
                 let change = match outcome {
                     Outcome::Keep => None,
                     Outcome::Remove if current.is_none() => None,
@@ -365,9 +433,9 @@ impl CacheService {
                         ))
                     }
                 };
-                Prepared {
+                Decided {
                     answer: encode(&Blob(result))?,
-                    change: change.map(|c| encode(&c)).transpose()?,
+                    change,
                 }
             }
             CacheOp::Entries { cache, values } => {
@@ -387,18 +455,16 @@ impl CacheService {
                             .collect()
                     })
                     .unwrap_or_default();
-                Prepared {
+                Decided {
                     answer: encode(&entries)?,
                     change: None,
                 }
             }
             CacheOp::Clear { cache } => {
                 let n = part.get(cache.as_str()).map_or(0, CacheMap::len);
-                Prepared {
+                Decided {
                     answer: encode(&(n as u64))?,
-                    change: (n > 0)
-                        .then(|| encode(&CacheChange::Clear { cache }))
-                        .transpose()?,
+                    change: (n > 0).then_some(CacheChange::Clear { cache }),
                 }
             }
             CacheOp::Expire { limit } => {
@@ -417,11 +483,9 @@ impl CacheService {
                         }
                     }
                 }
-                Prepared {
+                Decided {
                     answer: encode(&(gone.len() as u32))?,
-                    change: (!gone.is_empty())
-                        .then(|| encode(&CacheChange::Many(gone)))
-                        .transpose()?,
+                    change: (!gone.is_empty()).then_some(CacheChange::Many(gone)),
                 }
             }
         })
@@ -459,7 +523,7 @@ impl CacheService {
         p: u32,
         change: CacheChange,
         primary: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), CacheError> {
         let sink = if primary { self.sink.get() } else { None };
         let mut part = self.part(p)?.write().unwrap_or_else(|e| e.into_inner());
         let now = self.now();
@@ -487,11 +551,11 @@ impl CacheService {
 }
 
 /// Refuses a write that would not fit its partition's arena.
-fn check_room(map: Option<&CacheMap>, key: &[u8], value: &[u8]) -> Result<(), String> {
+fn check_room(map: Option<&CacheMap>, key: &[u8], value: &[u8]) -> Result<(), CacheError> {
     if map.is_none_or(|m| m.fits(key.len() + value.len())) {
         Ok(())
     } else {
-        Err("partition full: 4 GiB of keys and values of one cache in one partition".into())
+        Err(CacheError::PartitionFull)
     }
 }
 
@@ -711,18 +775,71 @@ fn apply_to(
 }
 
 impl PartitionService for CacheService {
+    type Op = CacheOp;
+    type Change = CacheChange;
+    /// Encoded as each operation's caller decodes it (the cache owns that codec).
+    type Answer = Blob;
+    type Error = CacheError;
+    /// The cache's messages between members go through its event hub.
+    type Message = ();
+
     fn name(&self) -> &str {
         SERVICE
     }
 
-    fn prepare(&self, p: u32, op: &[u8]) -> Result<Prepared, String> {
-        let op: CacheOp = codec::decode(op).map_err(|e| e.to_string())?;
-        self.prepare_op(p, op)
+    fn read(&self, ctx: &Ctx, op: &CacheOp) -> Result<Blob, CacheError> {
+        match op {
+            CacheOp::Get { .. } | CacheOp::ContainsKey { .. } | CacheOp::Entries { .. } => {
+                // Reads change nothing but the entries' access records (atomics).
+                let decided = self.prepare_op(ctx.partition, op.clone())?;
+                debug_assert!(decided.change.is_none());
+                Ok(decided.answer)
+            }
+            _ => Err(CacheError::NotARead("a write sent as a read".into())),
+        }
     }
 
-    fn apply(&self, p: u32, change: &[u8], primary: bool) -> Result<(), String> {
-        let change: CacheChange = codec::decode(change).map_err(|e| e.to_string())?;
-        self.apply_change(p, change, primary)
+    fn prepare(&self, ctx: &Ctx, op: CacheOp) -> Result<Prepared<Self>, CacheError> {
+        let decided = self.prepare_op(ctx.partition, op)?;
+        Ok(match decided.change {
+            Some(change) => Prepared::change(decided.answer, change),
+            None => Prepared::answer(decided.answer),
+        })
+    }
+
+    fn apply(
+        &self,
+        ctx: &Ctx,
+        change: &CacheChange,
+        _effects: &mut Effects<Self>,
+    ) -> Result<(), CacheError> {
+        self.apply_change(ctx.partition, change.clone(), ctx.role == Role::Owner)
+    }
+
+    /// Counts the partition for `max_entries`' share, and starts its expiry checks.
+    fn on_owned(&self, ctx: &Ctx, effects: &mut Effects<Self>) {
+        self.owned.fetch_add(1, Ordering::Relaxed);
+        effects.arm_timer(EXPIRY_TIMER, next_expiry_check(ctx.partition, ctx.now));
+    }
+
+    /// Removes the partition's expired entries through the write path (so backups follow
+    /// and listeners hear of it), if it has any, and checks again a period later.
+    fn on_timer(&self, ctx: &Ctx, timer: u64, effects: &mut Effects<Self>) {
+        if timer != EXPIRY_TIMER {
+            return;
+        }
+        if !self.with_expired(std::iter::once(ctx.partition)).is_empty() {
+            effects.submit(CacheOp::Expire {
+                limit: EXPIRY_BATCH,
+            });
+        }
+        effects.arm_timer(EXPIRY_TIMER, ctx.now + EXPIRY_PERIOD);
+    }
+
+    fn on_disowned(&self, _partition: u32) {
+        let _ = self
+            .owned
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     /// The partition encoded under its read lock, straight from its maps: a copy of them
@@ -735,7 +852,7 @@ impl PartitionService for CacheService {
         }
     }
 
-    fn rebuild(&self, _partition: u32, chunks: Vec<bytes::Bytes>) -> Result<Rebuilt, String> {
+    fn rebuild(&self, _partition: u32, chunks: Vec<bytes::Bytes>) -> Result<Rebuilt, CacheError> {
         // Two passes: the first checks the structure and sizes every cache's map, so the
         // second copies each key and value once into arenas that do not grow meanwhile.
         let mut sizes: HashMap<&str, (usize, usize, usize)> = HashMap::new();
@@ -746,7 +863,8 @@ impl PartitionService for CacheService {
                 *bytes += k.len() + v.len();
                 *metas += meta.is_some() as usize;
                 Ok(())
-            })?;
+            })
+            .map_err(CacheError::BadCopy)?;
         }
         let now = self.now();
         let mut fresh = Partition::new();
@@ -761,18 +879,19 @@ impl PartitionService for CacheService {
             read_snapshot(chunk, |cache, k, v, meta| {
                 let map = fresh
                     .get_mut(cache)
-                    .ok_or("bad snapshot: a cache changed between passes")?;
+                    .ok_or_else(|| "bad snapshot: a cache changed between passes".to_string())?;
                 let meta = meta.map(|(expire_at, idle_ms)| Meta::new(expire_at, idle_ms, now));
                 map.insert(k, v, meta, now, false).map(drop)
-            })?;
+            })
+            .map_err(CacheError::BadCopy)?;
         }
         Ok(Box::new(fresh))
     }
 
-    fn install(&self, p: u32, rebuilt: Rebuilt) -> Result<(), String> {
-        let fresh = rebuilt
-            .downcast::<Partition>()
-            .map_err(|_| format!("partition {p}: not a cache partition to install"))?;
+    fn install(&self, p: u32, rebuilt: Rebuilt) -> Result<(), CacheError> {
+        let fresh = rebuilt.downcast::<Partition>().map_err(|_| {
+            CacheError::BadCopy(format!("partition {p}: not a cache partition to install"))
+        })?;
         let old = std::mem::replace(
             &mut *self.part(p)?.write().unwrap_or_else(|e| e.into_inner()),
             *fresh,
@@ -803,9 +922,15 @@ mod tests {
     fn run(s: &CacheService, op: CacheOp) -> Vec<u8> {
         let prepared = s.prepare_op(0, op).unwrap();
         if let Some(c) = prepared.change {
-            s.apply(0, &c, true).unwrap();
+            s.apply_change(0, c, true).unwrap();
         }
-        prepared.answer
+        prepared.answer.0
+    }
+
+    /// `rebuild` then `install`, as the runtime restores a copy.
+    fn restore(s: &CacheService, chunks: Vec<bytes::Bytes>) -> Result<(), CacheError> {
+        let rebuilt = s.rebuild(0, chunks)?;
+        s.install(0, rebuilt)
     }
 
     fn put(cache: &str, k: &[u8], v: &[u8], params: WriteParams) -> CacheOp {
@@ -844,7 +969,7 @@ mod tests {
         assert!(full.iter().all(|c| (4096..4096 + 140).contains(&c.len())));
         assert!(!last.is_empty() && last.len() < 4096 + 140);
         let t = CacheService::new(1);
-        t.restore(0, chunks).unwrap();
+        restore(&t, chunks).unwrap();
         assert_eq!(t.partition_len(0), 1000);
         let e = t.entries("a", 0..1, true);
         assert_eq!(e.len(), 500);
@@ -883,9 +1008,7 @@ mod tests {
             b"\xff\xff",
             b"\xc4\x01a\x01\xc4",
         ] {
-            assert!(t
-                .restore(0, vec![bytes::Bytes::copy_from_slice(junk)])
-                .is_err());
+            assert!(restore(&t, vec![bytes::Bytes::copy_from_slice(junk)]).is_err());
         }
     }
 

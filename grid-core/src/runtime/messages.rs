@@ -17,6 +17,15 @@ pub(crate) mod routes {
     pub(crate) const DRAIN: &str = "grid.rt.drain";
     pub(crate) const ANTI_ENTROPY: &str = "grid.rt.anti_entropy";
     pub(crate) const STATUS: &str = "grid.rt.status";
+    pub(crate) const SERVICE_MESSAGE: &str = "grid.rt.service";
+}
+
+/// A service's own message to the same service on another member.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ServiceMessage {
+    pub(crate) service: String,
+    #[serde(with = "grid_net::codec::bin")]
+    pub(crate) body: Vec<u8>,
 }
 
 /// An operation for a partition's owner.

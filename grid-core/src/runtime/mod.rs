@@ -4,7 +4,14 @@
 //! partitions when members come and go.
 //!
 //! # Layout
-//! - [`service`]: the SPI a partitioned service implements ([`PartitionService`]).
+//! - [`service`]: the interface a partitioned service implements ([`PartitionService`]):
+//!   typed operations, changes, answers, errors and messages; a context on every call;
+//!   effects; hooks; owner tasks. Its docs hold a complete example service.
+//! - `erased`: a service with its types erased to bytes, as the runtime holds it.
+//! - `handle`: [`ServiceHandle`], a registered service's typed door to the runtime.
+//! - `hooks`: carrying out services' effects; ownership, member and timer hooks; parked
+//!   calls.
+//! - `timers`: the services' timers as data (sans-IO, unit-tested).
 //! - `coordinator`: the coordinator's decisions, without IO (sans-IO state machine).
 //! - `driver`: the coordinator's IO — runs on the oldest data member.
 //! - `replica`: the owner's and the backups' side of an operation; full syncs; migrations.
@@ -43,11 +50,15 @@
 mod background;
 pub(crate) mod coordinator;
 mod driver;
+mod erased;
+mod handle;
+mod hooks;
 pub(crate) mod messages;
 mod pause_guard;
 mod replica;
 mod replica_state;
 pub mod service;
+mod timers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -61,7 +72,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 pub use coordinator::MigrationStats;
-pub use service::{PartitionService, Prepared, Rebuilt, Snapshot};
+pub use service::{
+    CallId, Ctx, Effects, OwnerTask, PartitionService, Prepared, Rebuilt, Reply, Role,
+    ServiceHandle, Snapshot, TimerCommand,
+};
 
 use crate::partition::table::{Candidate, PartitionTable, TableConfig};
 use crate::GridError;
@@ -127,8 +141,14 @@ const ASYNC_BACKUP_QUEUE: usize = 65_536;
 const PAUSE_TICK: Duration = Duration::from_millis(100);
 
 struct ServiceSlot {
-    service: Arc<dyn PartitionService>,
+    service: Arc<dyn erased::ErasedService>,
+    name: Arc<str>,
     replicas: Vec<tokio::sync::Mutex<ReplicaState>>,
+    /// The version of the last change applied on the owner, per partition, for the
+    /// context of lock-free reads.
+    applied: Vec<std::sync::atomic::AtomicU64>,
+    /// The owner tasks running for owned partitions.
+    owner_tasks: Mutex<HashMap<u32, tokio::task::AbortHandle>>,
 }
 
 #[derive(Default)]
@@ -216,6 +236,13 @@ pub(crate) struct Inner {
     started: Instant,
     /// A confirmation of ownership after a pause is under way.
     confirming: std::sync::atomic::AtomicBool,
+    /// The services' timers, and a nudge for the task that fires them.
+    timers: Mutex<timers::Timers>,
+    timers_changed: Arc<tokio::sync::Notify>,
+    /// Calls waiting on this member for a service to wake them.
+    parked: Mutex<HashMap<CallId, hooks::Parked>>,
+    /// The next [`CallId`].
+    next_call: std::sync::atomic::AtomicU64,
 }
 
 /// A member's partition runtime as it reports itself: locally with [`Runtime::status`], from
@@ -301,6 +328,24 @@ enum Attempt {
     Unreplicated(String, Vec<u8>),
 }
 
+/// A one-member runtime on loopback with `partitions` partitions, for the runnable
+/// examples of the documentation (keep the node: dropping it stops the member).
+#[doc(hidden)]
+pub async fn single_member_runtime_for_docs(
+    partitions: u32,
+) -> Result<(Runtime, grid_net::node::Node), GridError> {
+    let mut config = crate::GridConfig::default();
+    config.partitions.count = partitions;
+    config.partitions.backups = 0;
+    let node = grid_net::node::Node::start(config.to_net_config()).await?;
+    let runtime = Runtime::start(
+        node.transport().clone(),
+        node.cluster().clone(),
+        config.runtime_config(),
+    );
+    Ok((runtime, node))
+}
+
 impl Runtime {
     /// Starts the runtime on a member's transport and membership. Registers its routes and
     /// the coordinator duty (active while this member is the oldest data member).
@@ -334,6 +379,10 @@ impl Runtime {
             ),
             started,
             confirming: Default::default(),
+            timers: Mutex::new(timers::Timers::default()),
+            timers_changed: Arc::new(tokio::sync::Notify::new()),
+            parked: Mutex::new(HashMap::new()),
+            next_call: std::sync::atomic::AtomicU64::new(1),
             config,
         });
         let rt = Self { inner };
@@ -347,6 +396,8 @@ impl Runtime {
         });
         tokio::spawn(driver::run(Arc::downgrade(&rt.inner), drain_rx));
         tokio::spawn(pause_watch(Arc::downgrade(&rt.inner)));
+        tokio::spawn(hooks::fire_timers(Arc::downgrade(&rt.inner)));
+        tokio::spawn(hooks::follow_departures(Arc::downgrade(&rt.inner)));
         tokio::spawn(replica::anti_entropy_loop(
             Arc::downgrade(&rt.inner),
             rt.inner.config.anti_entropy_interval,
@@ -354,13 +405,19 @@ impl Runtime {
         rt
     }
 
-    /// Registers a partitioned service. Every member must register the same services.
-    pub fn register(&self, service: Arc<dyn PartitionService>) {
+    /// Registers a partitioned service and returns its handle. Every data member must
+    /// register the same services. Partitions this member already owns are announced to
+    /// it ([`PartitionService::on_owned`]) at once.
+    pub fn register_service<S: PartitionService>(&self, service: Arc<S>) -> ServiceHandle<S> {
+        let partitions = self.inner.config.table.partitions;
         let slot = ServiceSlot {
-            replicas: (0..self.inner.config.table.partitions)
+            replicas: (0..partitions)
                 .map(|_| tokio::sync::Mutex::new(ReplicaState::default()))
                 .collect(),
-            service,
+            applied: (0..partitions).map(|_| Default::default()).collect(),
+            owner_tasks: Mutex::new(HashMap::new()),
+            name: Arc::from(service.name()),
+            service: Arc::new(erased::Typed(service.clone())),
         };
         let name = slot.service.name().to_string();
         self.inner
@@ -368,6 +425,14 @@ impl Runtime {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name, Arc::new(slot));
+        let table = self.table();
+        for p in 0..partitions {
+            if table.owner(p) == Some(&self.inner.me) {
+                let rt = self.clone();
+                tokio::spawn(async move { rt.ownership_changed(p).await });
+            }
+        }
+        ServiceHandle::new(self.clone(), service)
     }
 
     /// Makes this member refuse the next `n` changes it gets as a backup, as a backup that
@@ -400,6 +465,37 @@ impl Runtime {
             lowest = Some(lowest.map_or(v, |l: u64| l.min(v)));
         }
         lowest.unwrap_or(0)
+    }
+
+    /// Waits (at most 10 s) until `partition` has an owner in this member's table and, if
+    /// that is this member, until the services were told (`on_owned`).
+    pub async fn wait_for_owner(&self, partition: u32) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut table = self.watch_table();
+        loop {
+            let owner = self.table().owner(partition).cloned();
+            if let Some(owner) = owner {
+                if owner != self.inner.me {
+                    return true;
+                }
+                let mut hooked = true;
+                for slot in self.slots() {
+                    hooked &= slot.replicas[partition as usize].lock().await.hooked;
+                }
+                if hooked {
+                    return true;
+                }
+            }
+            let wait = tokio::time::timeout_at(deadline, async {
+                tokio::select! {
+                    _ = table.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                }
+            });
+            if wait.await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// The partition of an encoded key.
@@ -646,22 +742,16 @@ impl Runtime {
             return Attempt::Retry(format!("partition {} has no owner yet", req.partition));
         };
         if owner == self.inner.me {
-            // A write runs in a task of its own: if the caller gives up (timeout, select),
-            // the write still completes on the owner as it did on the backups.
-            let response = if req.read_only {
-                self.execute_local(&req.service, req.partition, &req.op, true)
-                    .await
-            } else {
-                let rt = self.clone();
-                let (service, partition, op) = (req.service.clone(), req.partition, req.op.clone());
-                match tokio::spawn(async move {
-                    rt.execute_local(&service, partition, &op, false).await
-                })
-                .await
-                {
-                    Ok(r) => r,
-                    Err(e) => OpResponse::Failed(format!("operation task failed: {e}")),
-                }
+            let local = self.execute_local(
+                &req.service,
+                req.partition,
+                req.op.clone(),
+                req.read_only,
+                self.inner.me.clone(),
+            );
+            let Ok(response) = tokio::time::timeout_at(deadline, local).await else {
+                // A write goes on in its own task; a parked call is abandoned.
+                return Attempt::Indeterminate("no answer before the deadline".into());
             };
             return match response {
                 OpResponse::Ok(a) => Attempt::Done(a),
@@ -823,6 +913,10 @@ impl Runtime {
                 });
             // Only partitions whose replica set changed for this member need work (a task
             // each): tables come often during a rebalance, partitions are many.
+            if (old.owner(p) == Some(&me)) != (new.owner(p) == Some(&me)) {
+                let rt = self.clone();
+                tokio::spawn(async move { rt.ownership_changed(p).await });
+            }
             let was_replica = old.rank_of(p, &me).is_some();
             let is_replica = new.rank_of(p, &me).is_some();
             if force && was_replica {
@@ -905,15 +999,40 @@ impl Runtime {
     fn register_routes(&self) {
         let t = &self.inner.transport;
         let rt = self.clone();
-        t.on_request_typed(routes::OP, move |_peer, req: OpRequest| {
+        t.on_request_typed(routes::OP, move |peer, req: OpRequest| {
             let rt = rt.clone();
             async move {
                 if req.partition >= rt.inner.config.table.partitions {
                     return Err(format!("no partition {}", req.partition));
                 }
                 Ok(rt
-                    .execute_local(&req.service, req.partition, &req.op, req.read_only)
+                    .execute_local(
+                        &req.service,
+                        req.partition,
+                        req.op,
+                        req.read_only,
+                        peer.member_id.clone(),
+                    )
                     .await)
+            }
+        });
+        let weak = Arc::downgrade(&self.inner);
+        t.on_message(routes::SERVICE_MESSAGE, move |peer, body| {
+            let Some(inner) = weak.upgrade() else { return };
+            let rt = Self { inner };
+            let message = match grid_net::codec::decode::<messages::ServiceMessage>(&body) {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(peer = %peer.member_id, error = %e, "undecodable service message dropped");
+                    return;
+                }
+            };
+            let Some(slot) = rt.slot(&message.service) else {
+                debug!(peer = %peer.member_id, service = %message.service, "message for a service not on this member dropped");
+                return;
+            };
+            if let Err(e) = slot.service.on_message(&peer.member_id, &message.body) {
+                warn!(peer = %peer.member_id, service = %message.service, error = %e, "undecodable service message dropped");
             }
         });
         let rt = self.clone();

@@ -12,11 +12,13 @@ use grid_net::codec;
 use grid_net::transport::BulkReceiver;
 use tracing::{debug, warn};
 
+use super::hooks::Written;
 use super::messages::{
     routes, BackupRequest, BackupResponse, FreezeRequest, MigrateRequest, MigrateResponse,
     OpResponse, Stale, SyncHeader, VersionCheck,
 };
 use super::replica_state::{digest, ChangeVerdict, CopyVerdict, Sender, TableView};
+use super::service::{CallId, Ctx, Role};
 use super::{ReplicaState, Runtime, ServiceSlot};
 use crate::partition::table::PartitionTable;
 
@@ -100,13 +102,17 @@ impl Runtime {
         targets
     }
 
-    /// The owner's side of an operation.
+    /// The owner's side of an operation. A write runs in a task of its own: if the caller
+    /// gives up (timeout, select, or the transport cancelling its handler), the write still
+    /// completes on the owner as it did on the backups; only the wait of a parked call is
+    /// given up (and reported to the service, see `hooks`).
     pub(super) async fn execute_local(
         &self,
         service: &str,
         p: u32,
-        op: &[u8],
+        op: Vec<u8>,
         read_only: bool,
+        caller: Arc<str>,
     ) -> OpResponse {
         let Some(slot) = self.slot(service) else {
             return OpResponse::Failed(format!("no service {service:?} on this member"));
@@ -124,94 +130,165 @@ impl Runtime {
             if !self.may_serve() {
                 return OpResponse::Confirming;
             }
-            return match slot.service.prepare(p, op) {
-                Ok(prepared) if prepared.change.is_none() => OpResponse::Ok(prepared.answer),
-                Ok(_) => OpResponse::Failed("a read-only operation tried to change state".into()),
+            let ctx = Ctx {
+                partition: p,
+                epoch: table.epoch(p),
+                version: slot.applied[p as usize].load(std::sync::atomic::Ordering::Acquire),
+                table_version: table.version(),
+                member: self.inner.me.clone(),
+                caller: Some(caller),
+                call: None,
+                now: crate::clock::now(),
+                role: Role::Owner,
+            };
+            return match slot.service.read(&ctx, &op) {
+                Ok(answer) => OpResponse::Ok(answer),
                 Err(e) => OpResponse::Failed(e),
             };
         }
+        let rt = self.clone();
+        let written = tokio::spawn(async move { rt.write_local(&slot, p, &op, caller).await });
+        match written.await {
+            Ok(Written::Answered(response)) => response,
+            Ok(Written::Parked(call, answer)) => self.wait_parked(call, answer).await,
+            Err(e) => OpResponse::Failed(format!("operation task failed: {e}")),
+        }
+    }
+
+    /// A write on the owner, under the partition's lock: prepare, replicate, apply, carry
+    /// out the effects.
+    async fn write_local(
+        &self,
+        slot: &Arc<ServiceSlot>,
+        p: u32,
+        op: &[u8],
+        caller: Arc<str>,
+    ) -> Written {
         let mut st = slot.replicas[p as usize].lock().await;
         // Checked under the lock: the table or a freeze may have changed while we waited.
         let table = self.table();
         if table.owner(p) != Some(&self.inner.me) {
-            return OpResponse::WrongOwner {
+            return Written::Answered(OpResponse::WrongOwner {
                 table_version: table.version(),
-            };
+            });
         }
         if self.frozen(p, &table) {
-            return OpResponse::Frozen;
+            return Written::Answered(OpResponse::Frozen);
         }
         if !self.may_serve() {
-            return OpResponse::Confirming;
+            return Written::Answered(OpResponse::Confirming);
         }
         st.epoch = table.epoch(p);
-        let prepared = match slot.service.prepare(p, op) {
-            Ok(p) => p,
-            Err(e) => return OpResponse::Failed(e),
+        let call = CallId(
+            self.inner
+                .next_call
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        );
+        let mut ctx = Ctx {
+            partition: p,
+            epoch: st.epoch,
+            version: st.version,
+            table_version: table.version(),
+            member: self.inner.me.clone(),
+            caller: Some(caller),
+            call: Some(call),
+            now: crate::clock::now(),
+            role: Role::Owner,
         };
-        if let Some(change) = prepared.change {
-            let Some(version) = st.version.checked_add(1) else {
-                return OpResponse::Failed("partition version exhausted".into());
-            };
-            let targets = self.change_targets(p, &table);
-            let backups = table.replicas(p).count().saturating_sub(1);
-            let sync_backups = backups.saturating_sub(self.inner.config.async_backups as usize);
-            // Asynchronous backups (the ranks after the synchronous ones) get the change on
-            // the ordered one-way channel; synchronous backups and migration targets are
-            // waited for.
-            for t in targets.iter().take(backups).skip(sync_backups) {
-                self.send_async_backup(&slot, p, &table, &st, version, &change, t)
-                    .await;
-            }
-            let waited: Vec<&Arc<str>> = targets
-                .iter()
-                .take(sync_backups)
-                .chain(targets.iter().skip(backups))
-                .collect();
-            let sends = waited
-                .iter()
-                .map(|t| self.replicate(&slot, p, &table, &st, version, &change, t));
-            let acked = futures::future::join_all(sends).await;
-            // A backup whose table names another owner: this member was paused, or cut
-            // off, past failure detection, and the change must not happen here (a backup
-            // on the older table may have taken it: the new owner resynchronises it).
-            if let Some(newer) = waited.iter().zip(&acked).find_map(|(m, r)| match r {
-                Replicated::Superseded(v) => Some((m, *v)),
-                _ => None,
-            }) {
-                let (refuser, table_version) = newer;
-                warn!(partition = p, backup = %refuser, table_version, "a backup has a newer table without this member as owner; change refused");
-                if let Some(member) = self.inner.cluster.member(refuser) {
-                    self.fetch_table_from(&member).await;
-                }
-                return OpResponse::WrongOwner { table_version };
-            }
-            // Otherwise the change is applied whatever the backups said: some may have it
-            // already, and the owner must not fall behind them.
-            if let Err(e) = slot.service.apply(p, &change, true) {
-                warn!(partition = p, error = %e, "owner could not apply its own change");
-                return OpResponse::Failed(e);
-            }
-            let epoch = st.epoch;
-            st.applied(epoch, version, digest(&change));
-            st.log_change(version, &change);
-            // An acknowledgement promises the change is on every live synchronous backup.
-            // A backup (not a migration target) that did not confirm it breaks that promise:
-            // the caller hears the outcome is unknown, and the backup is repaired by its
-            // next change or by anti-entropy.
-            if let Some((missed, _)) = waited
-                .iter()
-                .zip(&acked)
-                .take(sync_backups)
-                .find(|(_, r)| **r != Replicated::Acked)
-            {
-                return OpResponse::Unreplicated {
-                    why: format!("applied on the owner, but backup {missed} did not confirm it"),
-                    answer: prepared.answer,
-                };
-            }
+        let prepared = match slot.service.prepare(&ctx, op) {
+            Ok(p) => p,
+            Err(e) => return Written::Answered(OpResponse::Failed(e)),
+        };
+        // A parked call is registered before its change is applied: the change (or one
+        // right after it) may wake it.
+        let parked = match prepared.reply {
+            Some(_) => None,
+            None => match self.park(&slot.name, p, call) {
+                Ok(rx) => Some(rx),
+                Err(response) => return Written::Answered(response),
+            },
+        };
+        let answered = |unreplicated: Option<String>| match (parked, &prepared.reply) {
+            (Some(rx), _) => Written::Parked(call, rx),
+            (None, Some(answer)) => Written::Answered(match unreplicated {
+                None => OpResponse::Ok(answer.clone()),
+                Some(why) => OpResponse::Unreplicated {
+                    why,
+                    answer: answer.clone(),
+                },
+            }),
+            (None, None) => Written::Answered(OpResponse::Failed("no answer".into())),
+        };
+        let Some(change) = prepared.change.as_deref() else {
+            return answered(None);
+        };
+        let Some(version) = st.version.checked_add(1) else {
+            self.unpark(call);
+            return Written::Answered(OpResponse::Failed("partition version exhausted".into()));
+        };
+        let targets = self.change_targets(p, &table);
+        let backups = table.replicas(p).count().saturating_sub(1);
+        let sync_backups = backups.saturating_sub(self.inner.config.async_backups as usize);
+        // Asynchronous backups (the ranks after the synchronous ones) get the change on
+        // the ordered one-way channel; synchronous backups and migration targets are
+        // waited for.
+        for t in targets.iter().take(backups).skip(sync_backups) {
+            self.send_async_backup(slot, p, &table, &st, version, change, t)
+                .await;
         }
-        OpResponse::Ok(prepared.answer)
+        let waited: Vec<&Arc<str>> = targets
+            .iter()
+            .take(sync_backups)
+            .chain(targets.iter().skip(backups))
+            .collect();
+        let sends = waited
+            .iter()
+            .map(|t| self.replicate(slot, p, &table, &st, version, change, t));
+        let acked = futures::future::join_all(sends).await;
+        // A backup whose table names another owner: this member was paused, or cut
+        // off, past failure detection, and the change must not happen here (a backup
+        // on the older table may have taken it: the new owner resynchronises it).
+        if let Some(newer) = waited.iter().zip(&acked).find_map(|(m, r)| match r {
+            Replicated::Superseded(v) => Some((m, *v)),
+            _ => None,
+        }) {
+            let (refuser, table_version) = newer;
+            warn!(partition = p, backup = %refuser, table_version, "a backup has a newer table without this member as owner; change refused");
+            self.unpark(call);
+            if let Some(member) = self.inner.cluster.member(refuser) {
+                self.fetch_table_from(&member).await;
+            }
+            return Written::Answered(OpResponse::WrongOwner { table_version });
+        }
+        // Otherwise the change is applied whatever the backups said: some may have it
+        // already, and the owner must not fall behind them.
+        ctx.version = version;
+        let effects = match slot.service.apply(&ctx, change) {
+            Ok(fx) => fx,
+            Err(e) => {
+                warn!(partition = p, error = %e, "owner could not apply its own change");
+                self.unpark(call);
+                return Written::Answered(OpResponse::Failed(e));
+            }
+        };
+        let epoch = st.epoch;
+        st.applied(epoch, version, digest(change));
+        st.log_change(version, change);
+        slot.applied[p as usize].store(version, std::sync::atomic::Ordering::Release);
+        // An acknowledgement promises the change is on every live synchronous backup.
+        // A backup (not a migration target) that did not confirm it breaks that promise:
+        // the caller hears the outcome is unknown, and the backup is repaired by its
+        // next change or by anti-entropy. Callers this change wakes hear the same.
+        let unreplicated = waited
+            .iter()
+            .zip(&acked)
+            .take(sync_backups)
+            .find(|(_, r)| **r != Replicated::Acked)
+            .map(|(missed, _)| {
+                format!("applied on the owner, but backup {missed} did not confirm it")
+            });
+        self.carry_out(slot, p, effects, unreplicated.as_deref());
+        answered(unreplicated)
     }
 
     /// Queues one change for an asynchronous backup. Lost messages leave a gap the backup
@@ -455,7 +532,19 @@ impl Runtime {
             change_digest,
         ) {
             ChangeVerdict::Apply => {
-                slot.service.apply(req.partition, &req.change, false)?;
+                let ctx = Ctx {
+                    partition: req.partition,
+                    epoch: req.epoch,
+                    version: req.version,
+                    table_version: table.version(),
+                    member: self.inner.me.clone(),
+                    caller: None,
+                    call: None,
+                    now: crate::clock::now(),
+                    role: Role::Backup,
+                };
+                // A backup's effects are discarded: only the owner acts.
+                slot.service.apply(&ctx, &req.change)?;
                 st.applied(req.epoch, req.version, change_digest);
                 Ok(BackupResponse::Applied)
             }

@@ -108,6 +108,9 @@ pub(crate) struct ReplicaState {
     /// Set when a migration filled this replica before the table that makes this member a
     /// replica arrived: such data must survive the tables published in between.
     pub(crate) incoming_since: Option<Instant>,
+    /// The service was told this member owns the partition (`on_owned`) and not yet that
+    /// it stopped (`on_disowned`): its timers, owner task and parked calls live here.
+    pub(crate) hooked: bool,
 }
 
 /// Bounds of an owner's change log (entries, bytes).
@@ -217,7 +220,11 @@ impl ReplicaState {
 
     /// Forgets everything: the member no longer holds the partition.
     pub(crate) fn reset(&mut self) {
+        // Whether the service was told about ownership is not the replica's data: only
+        // the ownership hooks change it.
+        let hooked = self.hooked;
         *self = Self::default();
+        self.hooked = hooked;
     }
 }
 
