@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
 use tracing::{debug, info, trace, warn};
 
+use crate::backoff::Backoff;
 use crate::bulk_runtime::BulkPriority;
 use crate::codec;
 use crate::frame::{read_frame, FrameError, FrameReader};
@@ -62,7 +63,9 @@ pub struct TransportConfig {
     /// Idle timeout of a connection; keep-alives go out at half of it (default 6 s).
     pub idle_timeout: Duration,
     /// First wait after a failed dial before the next one (default 50 ms), doubled on each
-    /// failure up to [`TransportConfig::max_backoff`].
+    /// failure up to [`TransportConfig::max_backoff`]. Each wait is jittered down by up to
+    /// half ([`crate::backoff`]), from a seed made of this member's id and generation and the
+    /// peer's address: members do not redial together, and a simulated run replays.
     pub initial_backoff: Duration,
     /// Longest wait between dials to an unreachable peer (default 1 s).
     pub max_backoff: Duration,
@@ -171,8 +174,10 @@ struct Live {
 #[derive(Default)]
 struct SlotState {
     conn: Option<Live>,
-    backoff: Duration,
-    retry_at: Option<Instant>,
+    /// Waits between failed dials; `None` until a dial fails, and again after one succeeds.
+    backoff: Option<Backoff>,
+    /// No dial before this (tokio's clock, which a simulator drives).
+    retry_at: Option<tokio::time::Instant>,
     last_error: String,
     ordered: Option<mpsc::Sender<Bytes>>,
 }
@@ -687,7 +692,7 @@ impl Transport {
         {
             let st = slot.lock();
             if let Some(at) = st.retry_at {
-                let now = Instant::now();
+                let now = tokio::time::Instant::now();
                 if at > now {
                     return Err(NetError::Unreachable {
                         addr,
@@ -715,7 +720,7 @@ impl Transport {
             Ok(live) => {
                 {
                     let mut st = slot.lock();
-                    st.backoff = Duration::ZERO;
+                    st.backoff = None;
                     st.retry_at = None;
                 }
                 self.spawn(self.clone().serve(live.clone()));
@@ -723,14 +728,34 @@ impl Transport {
             }
             Err(e) => {
                 let mut st = slot.lock();
-                st.backoff = (st.backoff * 2)
-                    .max(self.inner.config.initial_backoff)
-                    .min(self.inner.config.max_backoff);
-                st.retry_at = Some(Instant::now() + st.backoff);
+                let config = &self.inner.config;
+                let backoff = st.backoff.get_or_insert_with(|| {
+                    Backoff::new(
+                        config.initial_backoff,
+                        config.max_backoff,
+                        self.backoff_seed(addr),
+                    )
+                });
+                // No attempt cap: a peer is dialed again as long as someone asks for it.
+                let delay = backoff.next_delay().unwrap_or(config.max_backoff);
+                st.retry_at = Some(tokio::time::Instant::now() + delay);
                 st.last_error = e.to_string();
                 Err(e)
             }
         }
+    }
+
+    /// The seed of the dial backoff to `addr`: a function of who dials whom, so that
+    /// members do not redial a peer in step, and a simulated run (same ids, same
+    /// addresses) gets the same delays.
+    fn backoff_seed(&self, addr: SocketAddr) -> u64 {
+        use std::hash::{Hash, Hasher};
+        // Every `DefaultHasher::new` of one build hashes alike (not so across Rust releases).
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.inner.local.member_id.hash(&mut h);
+        self.inner.local.generation.hash(&mut h);
+        addr.hash(&mut h);
+        h.finish()
     }
 
     async fn dial(&self, addr: SocketAddr) -> Result<Live, NetError> {
