@@ -13,12 +13,14 @@
 //! - `socket`: the UDP socket with a fault-injection switch ([`FaultSwitch`]).
 //! - [`bulk_runtime`]: the lower-priority runtime that carries bulk streams.
 //! - [`malloc`]: glibc allocator settings for processes that run members.
+//! - [`backoff`]: exponential backoff with seeded jitter, for retry loops ([`backoff::Backoff`]).
 
 // `deny`, not `forbid`: two places allow it (`bulk_runtime::sched_idle` and
 // `malloc::keep_freed_memory`: system and libc calls, each with its proof).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod backoff;
 pub mod buffers;
 pub mod bulk_runtime;
 pub mod codec;

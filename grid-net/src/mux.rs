@@ -14,8 +14,18 @@
 //! answers instead of one each (a packet costs quinn and the kernel far more than a frame).
 //!
 //! Lane frames, inside the usual `u32` length prefix:
-//! - request: `[u64 id][u8 route length][route][body]`
+//! - request: `[u64 id][u8 route length][route][body]` (at least 9 bytes)
+//! - cancel: `[u64 id]` (exactly 8 bytes; since protocol 4): the caller gave up on request
+//!   `id`. The callee drops that handler and answers nothing; a cancel for an id it does not
+//!   run (answered already, never seen) is ignored.
 //! - response: `[u64 id][u8 status][body]`
+//!
+//! Cancels travel on the lane itself, behind the request they cancel, so a callee never
+//! sees a cancel before its request, and reads a lane's cancels in the order its callers
+//! gave up. The limit: a callee whose handler slots for a lane are all taken
+//! ([`MAX_LANE_TASKS`]) reads no further on it, so cancels queued behind a request waiting
+//! for a slot wait with it, until a handler finishes (or the connection closes, which drops
+//! them all). Cancels that are already read free slots for the requests behind them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -32,7 +42,8 @@ use crate::NetError;
 
 /// Requests with a body larger than this take a stream of their own.
 pub(crate) const MUX_MAX_PAYLOAD: usize = 64 * 1024;
-/// Frames queued for one lane's writer; past it, senders wait.
+/// Frames queued for one lane's writer; past it, senders wait (and a caller giving up
+/// hands its cancel to a task of its own).
 const LANE_QUEUE: usize = 512;
 /// Frames a writer takes from its queue at once.
 const WRITE_BATCH: usize = 64;
@@ -194,9 +205,10 @@ struct Lane {
     outbox: mpsc::Sender<Outgoing>,
     /// `None` once the lane is dead.
     pending: Arc<Pending>,
-    /// Requests queued or sent and not answered yet, including those whose callers gave up
-    /// (their handlers still run on the peer): at least the handlers the peer runs for
-    /// this lane.
+    /// Requests queued or sent whose callers still wait for the answer. A caller that gives
+    /// up sends a cancel behind its request, so the peer, reading the lane in order, runs
+    /// no more of this lane's handlers than this when it reads the next request (save the
+    /// few cancelled handlers whose tasks are still being dropped).
     unanswered: AtomicUsize,
 }
 
@@ -237,23 +249,67 @@ fn give_up(waiting: HashMap<u64, Waiter>, why: &str) {
     }
 }
 
-/// Removes a request's pending entry if the caller gives up (deadline), so that entries
-/// never outlive their callers.
+/// Removes a request's pending entry when its caller is done with it, so that entries never
+/// outlive their callers; and if the caller gave up (deadline, dropped future) after its
+/// request was queued and before the answer, tells the peer to drop the handler.
 struct PendingGuard<'a> {
     lane: &'a Lane,
     id: u64,
+    /// The request frame went to the lane's writer.
+    queued: bool,
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        if let Some(map) = self
+        let waiting = self
             .lane
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_mut()
-        {
-            map.remove(&self.id);
+            .and_then(|map| map.remove(&self.id));
+        // No entry: answered, or the lane is dead (the peer drops the handlers of a lane
+        // that closes). An entry left means the caller gave up.
+        if waiting.is_some() && self.queued {
+            let _ = self
+                .lane
+                .unanswered
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            send_cancel(&self.lane.outbox, self.id);
+        }
+    }
+}
+
+/// A cancel frame for a lane: `[u32 len = 8][u64 id]`.
+fn cancel_frame(id: u64) -> Bytes {
+    let mut frame = BytesMut::with_capacity(12);
+    frame.put_u32(8);
+    frame.put_u64(id);
+    frame.freeze()
+}
+
+/// Queues a cancel for request `id`, best effort. A full queue (the writer is behind) hands
+/// it to a task that waits for a place: one small task per caller that gave up, ended as
+/// soon as the lane has room or dies.
+fn send_cancel(outbox: &mpsc::Sender<Outgoing>, id: u64) {
+    let out = Outgoing::Frame {
+        id,
+        frame: cancel_frame(id),
+    };
+    match outbox.try_send(out) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(mpsc::error::TrySendError::Full(out)) => {
+            // A guard dropped outside any runtime (a runtime shutting down) sends nothing:
+            // the peer drops the handler when the connection closes.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let outbox = outbox.clone();
+                rt.spawn(async move {
+                    let _ = outbox.send(out).await;
+                });
+            } else {
+                debug!(id, "request cancel not sent: no runtime");
+            }
         }
     }
 }
@@ -407,7 +463,11 @@ impl MuxClient {
                 None => return Err(MuxError::NotSent("lane closed".into())),
             };
         }
-        let _guard = PendingGuard { lane: &lane, id };
+        let mut guard = PendingGuard {
+            lane: &lane,
+            id,
+            queued: false,
+        };
         let inner_len = 8 + 1 + route.len() + body.len();
         let mut frame = BytesMut::with_capacity(4 + inner_len);
         frame.put_u32(inner_len as u32);
@@ -441,6 +501,7 @@ impl MuxClient {
         };
         lane.unanswered.fetch_add(1, Ordering::Relaxed);
         place.send(out);
+        guard.queued = true;
         match rx.await {
             Ok(Ok(reply)) => Ok(reply),
             // A failed write may have sent part of the frame, never all of it: the peer
@@ -466,17 +527,22 @@ async fn read_responses(lane: Arc<Lane>, mut recv: RecvStream, limit: usize) {
                     )),
                     _ => Err(NetError::Protocol("response with unknown status".into())),
                 };
-                // Saturating: a peer answering an id twice must not wrap the count.
-                let _ = lane
-                    .unanswered
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
                 let waiter = lane
                     .pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .as_mut()
                     .and_then(|m| m.remove(&id));
+                // Only an answer someone waits for is counted off: a caller that gave up
+                // counted its request off when it sent the cancel (the peer may have
+                // answered before it read the cancel), and a peer answering an id twice
+                // must not wrap the count.
                 if let Some(w) = waiter {
+                    let _ =
+                        lane.unanswered
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                                n.checked_sub(1)
+                            });
                     let _ = w.answer.send(Ok(reply));
                 }
             }
@@ -511,12 +577,33 @@ pub(crate) fn response_frame(id: u64, result: &Result<Bytes, String>, limit: usi
     frame.freeze()
 }
 
-/// Splits a lane request frame into (id, route, body); `None` if malformed.
-pub(crate) fn parse_request(frame: &Bytes) -> Option<(u64, &str, Bytes)> {
+/// What a caller sent on a lane.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum LaneFrame<'a> {
+    /// Run the handler of `route` on `body`; answer with `id`.
+    Request {
+        id: u64,
+        route: &'a str,
+        body: Bytes,
+    },
+    /// The caller of request `id` gave up.
+    Cancel { id: u64 },
+}
+
+/// Splits a lane frame into a request (id, route, body) or a cancel (id); `None` if
+/// malformed.
+pub(crate) fn parse_lane_frame(frame: &Bytes) -> Option<LaneFrame<'_>> {
     let id = u64::from_be_bytes(frame.get(..8)?.try_into().ok()?);
+    if frame.len() == 8 {
+        return Some(LaneFrame::Cancel { id });
+    }
     let len = *frame.get(8)? as usize;
     let route = std::str::from_utf8(frame.get(9..9 + len)?).ok()?;
-    Some((id, route, frame.slice(9 + len..)))
+    Some(LaneFrame::Request {
+        id,
+        route,
+        body: frame.slice(9 + len..),
+    })
 }
 
 #[cfg(test)]
@@ -531,14 +618,34 @@ mod tests {
         f.put_slice(b"echo");
         f.put_slice(b"body");
         let f = f.freeze();
-        let (id, route, body) = parse_request(&f).unwrap();
-        assert_eq!((id, route, &body[..]), (7, "echo", &b"body"[..]));
+        assert_eq!(
+            parse_lane_frame(&f),
+            Some(LaneFrame::Request {
+                id: 7,
+                route: "echo",
+                body: Bytes::from_static(b"body")
+            })
+        );
         for bad in [
             &b""[..],
-            &b"\0\0\0\0\0\0\0\x07"[..],
+            &b"\0\0\0\0\0\0\x07"[..],
             &b"\0\0\0\0\0\0\0\x07\x09ab"[..],
+            &b"\0\0\0\0\0\0\0\x07\x01"[..],
         ] {
-            assert!(parse_request(&Bytes::copy_from_slice(bad)).is_none());
+            assert!(
+                parse_lane_frame(&Bytes::copy_from_slice(bad)).is_none(),
+                "{bad:?}"
+            );
         }
+    }
+
+    #[test]
+    fn cancel_frames_parse() {
+        let f = cancel_frame(u64::MAX - 3);
+        assert_eq!(&f[..4], &8u32.to_be_bytes());
+        assert_eq!(
+            parse_lane_frame(&f.slice(4..)),
+            Some(LaneFrame::Cancel { id: u64::MAX - 3 })
+        );
     }
 }

@@ -33,7 +33,7 @@ use crate::NetError;
 
 /// The ALPN name of grid's wire protocol. A peer speaking another version is refused during
 /// the TLS handshake.
-pub const ALPN: &[u8] = b"grid/3";
+pub const ALPN: &[u8] = b"grid/4";
 
 /// The server name a member presents when dialing. Not checked against the certificate (see
 /// [`ClusterServerVerifier`]).
@@ -189,7 +189,7 @@ impl Identity {
     }
 
     /// rustls server side: TLS 1.3 only, a client certificate signed by the CA required,
-    /// ALPN `grid/3` only.
+    /// ALPN `grid/4` only.
     pub fn server_config(&self) -> Result<rustls::ServerConfig, NetError> {
         let provider = Self::provider();
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone())
@@ -207,7 +207,7 @@ impl Identity {
     }
 
     /// rustls client side: TLS 1.3 only, the server's chain checked against the CA, our
-    /// certificate presented, ALPN `grid/3`.
+    /// certificate presented, ALPN `grid/4`.
     pub fn client_config(&self) -> Result<rustls::ClientConfig, NetError> {
         self.client_config_with_alpn(ALPN)
     }

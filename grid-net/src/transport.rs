@@ -28,12 +28,16 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Semaphore};
-use tracing::{debug, info, warn};
+use tokio::task::{AbortHandle, JoinSet};
+use tracing::{debug, info, trace, warn};
 
+use crate::backoff::Backoff;
 use crate::bulk_runtime::BulkPriority;
 use crate::codec;
 use crate::frame::{read_frame, FrameError, FrameReader};
-use crate::mux::{self, LaneClass, MuxClient, MuxError, Outgoing, MAX_LANE_TASKS, MUX_MAX_PAYLOAD};
+use crate::mux::{
+    self, LaneClass, LaneFrame, MuxClient, MuxError, Outgoing, MAX_LANE_TASKS, MUX_MAX_PAYLOAD,
+};
 use crate::socket::{FaultSwitch, FaultySocket};
 use crate::tls::{explain_handshake_error, HandshakeWarnings, Identity, SERVER_NAME};
 use crate::wire::{
@@ -59,7 +63,9 @@ pub struct TransportConfig {
     /// Idle timeout of a connection; keep-alives go out at half of it (default 6 s).
     pub idle_timeout: Duration,
     /// First wait after a failed dial before the next one (default 50 ms), doubled on each
-    /// failure up to [`TransportConfig::max_backoff`].
+    /// failure up to [`TransportConfig::max_backoff`]. Each wait is jittered down by up to
+    /// half ([`crate::backoff`]), from a seed made of this member's id and generation and the
+    /// peer's address: members do not redial together, and a simulated run replays.
     pub initial_backoff: Duration,
     /// Longest wait between dials to an unreachable peer (default 1 s).
     pub max_backoff: Duration,
@@ -168,8 +174,10 @@ struct Live {
 #[derive(Default)]
 struct SlotState {
     conn: Option<Live>,
-    backoff: Duration,
-    retry_at: Option<Instant>,
+    /// Waits between failed dials; `None` until a dial fails, and again after one succeeds.
+    backoff: Option<Backoff>,
+    /// No dial before this (tokio's clock, which a simulator drives).
+    retry_at: Option<tokio::time::Instant>,
     last_error: String,
     ordered: Option<mpsc::Sender<Bytes>>,
 }
@@ -564,6 +572,15 @@ impl Transport {
 
     /// Registers the handler of requests on `route`. A handler's `Err(String)` reaches the
     /// caller as [`NetError::Remote`].
+    ///
+    /// # Cancellation
+    ///
+    /// When the caller gives up — its deadline passes, it drops the request future, or its
+    /// connection closes — the handler's future is dropped, at whichever await point it is
+    /// waiting, and nothing is answered. A handler must therefore not leave shared state
+    /// half changed across an await: a critical section that must finish once begun goes
+    /// into a task of its own (`tokio::spawn`), which the handler may await. Cancellation
+    /// is best effort: a handler may also run to its end after its caller gave up.
     pub fn on_request<F, Fut>(&self, route: &str, handler: F)
     where
         F: Fn(PeerInfo, Bytes) -> Fut + Send + Sync + 'static,
@@ -577,6 +594,10 @@ impl Transport {
 
     /// Registers a typed request handler: the request is decoded with [`codec`], the answer
     /// encoded. An undecodable request is answered with an error.
+    ///
+    /// Like every request handler, it may be dropped at any await point when its caller
+    /// gives up (see [Cancellation](Transport::on_request#cancellation)): spawn what must
+    /// finish.
     pub fn on_request_typed<Req, Resp, F, Fut>(&self, route: &str, handler: F)
     where
         Req: DeserializeOwned + Send + 'static,
@@ -608,6 +629,10 @@ impl Transport {
 
     /// Registers the handler of bulk streams on `route`: it gets the header and a
     /// [`BulkReceiver`] of chunks, and returns the answer sent once the stream ends.
+    ///
+    /// Like a request handler, it is dropped at any await point when the sender gives up
+    /// (drops its [`BulkSender`], or its [`BulkSender::finish`] deadline passes) or the
+    /// connection closes (see [Cancellation](Transport::on_request#cancellation)).
     pub fn on_bulk<F, Fut>(&self, route: &str, handler: F)
     where
         F: Fn(PeerInfo, Bytes, BulkReceiver) -> Fut + Send + Sync + 'static,
@@ -667,7 +692,7 @@ impl Transport {
         {
             let st = slot.lock();
             if let Some(at) = st.retry_at {
-                let now = Instant::now();
+                let now = tokio::time::Instant::now();
                 if at > now {
                     return Err(NetError::Unreachable {
                         addr,
@@ -695,7 +720,7 @@ impl Transport {
             Ok(live) => {
                 {
                     let mut st = slot.lock();
-                    st.backoff = Duration::ZERO;
+                    st.backoff = None;
                     st.retry_at = None;
                 }
                 self.spawn(self.clone().serve(live.clone()));
@@ -703,14 +728,34 @@ impl Transport {
             }
             Err(e) => {
                 let mut st = slot.lock();
-                st.backoff = (st.backoff * 2)
-                    .max(self.inner.config.initial_backoff)
-                    .min(self.inner.config.max_backoff);
-                st.retry_at = Some(Instant::now() + st.backoff);
+                let config = &self.inner.config;
+                let backoff = st.backoff.get_or_insert_with(|| {
+                    Backoff::new(
+                        config.initial_backoff,
+                        config.max_backoff,
+                        self.backoff_seed(addr),
+                    )
+                });
+                // No attempt cap: a peer is dialed again as long as someone asks for it.
+                let delay = backoff.next_delay().unwrap_or(config.max_backoff);
+                st.retry_at = Some(tokio::time::Instant::now() + delay);
                 st.last_error = e.to_string();
                 Err(e)
             }
         }
+    }
+
+    /// The seed of the dial backoff to `addr`: a function of who dials whom, so that
+    /// members do not redial a peer in step, and a simulated run (same ids, same
+    /// addresses) gets the same delays.
+    fn backoff_seed(&self, addr: SocketAddr) -> u64 {
+        use std::hash::{Hash, Hasher};
+        // Every `DefaultHasher::new` of one build hashes alike (not so across Rust releases).
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.inner.local.member_id.hash(&mut h);
+        self.inner.local.generation.hash(&mut h);
+        addr.hash(&mut h);
+        h.finish()
     }
 
     async fn dial(&self, addr: SocketAddr) -> Result<Live, NetError> {
@@ -1085,12 +1130,24 @@ impl Transport {
             );
             return;
         };
-        let result = match (kind, self.find_route(route)) {
-            (StreamKind::Request, Some(Route::Request(h))) => h(live.peer.clone(), body).await,
+        let call = match (kind, self.find_route(route)) {
+            (StreamKind::Request, Some(Route::Request(h))) => h(live.peer.clone(), body),
             (StreamKind::Bulk, Some(Route::Bulk(h))) => {
-                h(live.peer.clone(), body, BulkReceiver { recv, limit }).await
+                h(live.peer.clone(), body, BulkReceiver { recv, limit })
             }
-            (_, _) => Err(format!("no handler for route {route:?} on this member")),
+            (_, _) => Box::pin(std::future::ready(Err(format!(
+                "no handler for route {route:?} on this member"
+            )))),
+        };
+        // A caller that gives up stops reading its answer (or its connection closes): the
+        // handler is dropped then, and nothing is sent.
+        let result = tokio::select! {
+            biased;
+            result = call => result,
+            why = send.stopped() => {
+                debug!(peer = %live.peer.member_id, route, ?why, "caller gave up, handler dropped");
+                return;
+            }
         };
         let response = match result {
             Ok(body) => {
@@ -1123,7 +1180,9 @@ impl Transport {
     }
 
     /// Answers the requests a peer sends on one of its lanes, each in its own task, answers
-    /// in completion order.
+    /// in completion order. A cancel from the peer drops the handler it names; when the
+    /// lane breaks (connection closed, stream reset, bad input), every handler still
+    /// running for it is dropped: nobody could receive their answers.
     async fn serve_mux(
         &self,
         live: &Live,
@@ -1137,24 +1196,67 @@ impl Transport {
         // Handlers still running on this lane; past the bound the lane stops reading, which
         // pushes back on the peer through QUIC flow control.
         let running = Arc::new(Semaphore::new(MAX_LANE_TASKS));
+        // The handler tasks, aborted all at once when this function returns other than at a
+        // clean end of the lane; and the running ones by request id, for the peer's cancels.
+        // Both hold at most the lane's MAX_LANE_TASKS running handlers, plus those that
+        // finished since the last frame was read (reaped before each new one).
+        let mut tasks = JoinSet::new();
+        let mut by_id: HashMap<u64, AbortHandle> = HashMap::new();
         // Senders put only small requests on lanes (larger ones get their own stream).
         let frame_limit = (MUX_MAX_PAYLOAD + 9 + 1 + MAX_ROUTE_LEN).min(limit + 9);
         let mut reader = FrameReader::default();
         loop {
             let frame = match reader.next(&mut recv, frame_limit).await {
                 Ok(Some(f)) => f,
-                Ok(None) | Err(FrameError::Stream(_)) => return,
+                Ok(None) => {
+                    // The peer finished the lane in good order: what it asked still gets
+                    // its answer.
+                    tasks.detach_all();
+                    return;
+                }
+                Err(FrameError::Stream(_)) => return,
                 Err(e) => {
                     self.bad_input(live, errors, e.kind(), &e, None, &mut recv);
                     let _ = out.send(Outgoing::Reset(codes::STREAM_BAD_INPUT)).await;
                     return;
                 }
             };
-            let Some((id, route, body)) = mux::parse_request(&frame) else {
-                let why = &"malformed lane request";
-                self.bad_input(live, errors, "undecodable", why, None, &mut recv);
-                let _ = out.send(Outgoing::Reset(codes::STREAM_BAD_INPUT)).await;
-                return;
+            while let Some(done) = tasks.try_join_next_with_id() {
+                match done {
+                    // Only if the entry is still this task's: a peer may reuse an id.
+                    Ok((task, id)) => {
+                        if by_id.get(&id).is_some_and(|h| h.id() == task) {
+                            by_id.remove(&id);
+                        }
+                    }
+                    // Cancelled tasks left the map when they were cancelled.
+                    Err(e) if e.is_cancelled() => {}
+                    // A handler panicked (rare): find its entry the slow way.
+                    Err(e) => {
+                        let task = e.id();
+                        by_id.retain(|_, h| h.id() != task);
+                    }
+                }
+            }
+            let (id, route, body) = match mux::parse_lane_frame(&frame) {
+                Some(LaneFrame::Request { id, route, body }) => (id, route, body),
+                Some(LaneFrame::Cancel { id }) => {
+                    match by_id.remove(&id) {
+                        // Dropped at its next await point; its permit goes with it, and it
+                        // answers nothing.
+                        Some(task) => task.abort(),
+                        // Answered already (the answer and the cancel crossed), or an id
+                        // this lane never ran: nothing to do.
+                        None => trace!(id, "cancel for a request not running, ignored"),
+                    }
+                    continue;
+                }
+                None => {
+                    let why = &"malformed lane frame";
+                    self.bad_input(live, errors, "undecodable", why, None, &mut recv);
+                    let _ = out.send(Outgoing::Reset(codes::STREAM_BAD_INPUT)).await;
+                    return;
+                }
             };
             let handler = match self.find_route(route) {
                 Some(Route::Request(h)) => Ok(h),
@@ -1173,16 +1275,24 @@ impl Transport {
                 }
                 continue;
             }
-            let Ok(permit) = running.clone().acquire_owned().await else {
+            // Waiting for a slot, the lane reads nothing, so no cancel can free one: only a
+            // handler finishing can, or the connection closing, which ends them all.
+            let permit = tokio::select! {
+                permit = running.clone().acquire_owned() => permit,
+                _ = live.conn.closed() => return,
+            };
+            let Ok(permit) = permit else {
                 return;
             };
             let out = out.clone();
-            tokio::spawn(async move {
+            let task = tasks.spawn(async move {
                 let result = call.await;
                 let frame = mux::response_frame(id, &result, limit);
                 let _ = out.send(Outgoing::Frame { id, frame }).await;
                 drop(permit);
+                id
             });
+            by_id.insert(id, task);
         }
     }
 
@@ -1347,10 +1457,13 @@ impl Transport {
     }
 
     async fn request_inner(&self, addr: SocketAddr, frame: Bytes) -> Result<Bytes, NetError> {
-        let (_, mut send, mut recv) = self.open_bi_retrying(addr).await?;
+        let (_, mut send, recv) = self.open_bi_retrying(addr).await?;
+        // If this future is dropped before the answer (the caller's deadline, a select),
+        // the peer learns it and drops the handler.
+        let mut recv = StopOnDrop(recv);
         send.write_chunk(frame).await.map_err(|e| lost(addr, e))?;
         let _ = send.finish();
-        self.read_response(addr, &mut recv).await
+        self.read_response(addr, &mut recv.0).await
     }
 
     async fn read_response(
@@ -1707,6 +1820,18 @@ impl Transport {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+    }
+}
+
+/// The receiving half of a request's own stream: dropped before the whole answer was read,
+/// it stops the stream with [`codes::STREAM_CANCELLED`], which tells the peer to drop the
+/// request's handler. (quinn stops an unread stream on drop too, with code 0: this names
+/// the reason.) Stopping a stream read to its end does nothing.
+struct StopOnDrop(RecvStream);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.stop(codes::STREAM_CANCELLED);
     }
 }
 

@@ -8,11 +8,13 @@ use bytes::Bytes;
 use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
 
-/// The version of the wire protocol; also in the ALPN name `grid/3`. (2: an owner's
+/// The version of the wire protocol; also in the ALPN name `grid/4`. (2: an owner's
 /// `Unreplicated` answer carries the service's answer; members report their status. 3:
 /// changes, copies and version checks carry the sender's table version, so that an owner
-/// paused past failure detection is refused; an owner may answer `Confirming`.)
-pub const PROTOCOL_VERSION: u32 = 3;
+/// paused past failure detection is refused; an owner may answer `Confirming`. 4: a caller
+/// that gives up sends a cancel frame on its request lane, which a member of protocol 3
+/// would take for a malformed frame.)
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The first byte of every stream says what the stream carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +59,8 @@ pub(crate) mod codes {
     pub(crate) const CLOSE_PROTOCOL: VarInt = VarInt::from_u32(0x13);
     pub(crate) const CLOSE_FORGOTTEN: VarInt = VarInt::from_u32(0x14);
     pub(crate) const STREAM_BAD_INPUT: VarInt = VarInt::from_u32(0x20);
+    /// The caller gave up on a request that has a stream of its own.
+    pub(crate) const STREAM_CANCELLED: VarInt = VarInt::from_u32(0x21);
 }
 
 /// Sent by the dialer on the first stream of a connection.

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use grid_net::tls::Identity;
 use grid_net::transport::{LocalMember, Transport, TransportConfig};
 use grid_net::wire_testing::{hello_stream, request_stream, StreamKind};
@@ -302,10 +303,10 @@ async fn oversized_requests_are_refused_before_sending() {
 async fn another_protocol_version_is_refused_and_both_sides_say_so() {
     let logs = logs();
     let m = member("m", TransportConfig::default());
-    let ep = raw_endpoint(b"grid/1");
+    let ep = raw_endpoint(b"grid/3");
     let r = ep.connect(m.local_addr(), "grid.member").unwrap().await;
     let err = r
-        .expect_err("a grid/1 peer (the previous version) must be refused")
+        .expect_err("a grid/3 peer (the previous version) must be refused")
         .to_string();
     assert!(err.to_lowercase().contains("protocol"), "{err}");
     // The member's side of the story.
@@ -382,6 +383,62 @@ async fn lane_frames_are_cut_from_any_split_of_the_stream() {
         .await
         .expect("the lane ends within 5 s");
     assert!(r.is_err() || matches!(r, Ok(None)), "{r:?}");
+    let other = member("other", TransportConfig::default());
+    still_serves(&m, &other).await;
+}
+
+/// A lane cancel frame: `[u32 length = 8][u64 id]`.
+fn lane_cancel(id: u64) -> Vec<u8> {
+    let mut v = 8u32.to_be_bytes().to_vec();
+    v.extend_from_slice(&id.to_be_bytes());
+    v
+}
+
+/// Reads one lane answer: (id, status, body).
+async fn lane_answer(recv: &mut quinn::RecvStream) -> (u64, u8, Vec<u8>) {
+    let mut len = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), recv.read_exact(&mut len))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+    recv.read_exact(&mut frame).await.unwrap();
+    let id = u64::from_be_bytes(frame[..8].try_into().unwrap());
+    (id, frame[8], frame[9..].to_vec())
+}
+
+/// Cancels for ids the member does not run — never sent, answered already, sent twice —
+/// are ignored: the lane keeps serving and nothing counts as bad input. A cancelled request
+/// gets no answer.
+#[tokio::test(flavor = "current_thread")]
+async fn cancels_for_unknown_ids_are_ignored() {
+    let m = member("m", TransportConfig::default());
+    m.on_request("stuck", |_p, _b| async move {
+        std::future::pending::<()>().await;
+        Ok(Bytes::new())
+    });
+    let ep = raw_endpoint(grid_net::tls::ALPN);
+    let conn = raw_connect(&ep, m.local_addr()).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[StreamKind::Mux as u8]).await.unwrap();
+
+    send.write_all(&lane_cancel(42)).await.unwrap();
+    send.write_all(&lane_request(1, "echo", b"one"))
+        .await
+        .unwrap();
+    assert_eq!(lane_answer(&mut recv).await, (1, 0, b"one".to_vec()));
+    let mut burst = Vec::new();
+    for id in [1, 1, u64::MAX, 0] {
+        burst.extend_from_slice(&lane_cancel(id));
+    }
+    // A stuck request and its cancel: no answer for it comes before the next one's.
+    burst.extend_from_slice(&lane_request(7, "stuck", b""));
+    burst.extend_from_slice(&lane_cancel(7));
+    burst.extend_from_slice(&lane_cancel(7));
+    burst.extend_from_slice(&lane_request(2, "echo", b"two"));
+    send.write_all(&burst).await.unwrap();
+    assert_eq!(lane_answer(&mut recv).await, (2, 0, b"two".to_vec()));
+    assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
     let other = member("other", TransportConfig::default());
     still_serves(&m, &other).await;
 }
