@@ -824,10 +824,21 @@ async fn sweep(inner: std::sync::Weak<Inner>) {
     }
 }
 
+/// A seed for the jitter of `name`'s retries (repeatable under a simulator's seed).
+fn fnv_seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 /// Fills a replicated copy again after events were lost (its fill is begun), until a fill
 /// completes with no loss meanwhile; a failed read of the owners is retried.
 async fn refill(inner: std::sync::Weak<Inner>, cache: Arc<str>, copy: Arc<ReplicatedCopy>) {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = grid_net::backoff::Backoff::new(
+        Duration::from_millis(50),
+        Duration::from_secs(2),
+        fnv_seed(&cache),
+    );
     loop {
         let Some(inner) = inner.upgrade() else { return };
         let caches = Caches { inner };
@@ -841,8 +852,9 @@ async fn refill(inner: std::sync::Weak<Inner>, cache: Arc<str>, copy: Arc<Replic
             Err(e) => {
                 warn!(%cache, error = %e, "replicated copy not refilled; retrying");
                 drop(caches);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                // Unbounded attempts: a replicated copy is refilled until it is whole.
+                let delay = backoff.next_delay().unwrap_or(Duration::from_secs(2));
+                tokio::time::sleep(delay).await;
             }
         }
     }

@@ -691,7 +691,13 @@ impl Runtime {
         let idempotent = kind != OpKind::Write;
         let started = Instant::now();
         let deadline = started + self.inner.config.op_timeout;
-        let mut backoff = Duration::from_millis(1);
+        let mut backoff = grid_net::backoff::Backoff::new(
+            Duration::from_millis(1),
+            Duration::from_millis(50),
+            self.inner
+                .next_call
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        );
         // The answer of an attempt that was applied but not confirmed by a backup: what the
         // caller gets once a retry confirms it (the retry's own answer would describe the
         // state after the first application).
@@ -718,21 +724,19 @@ impl Runtime {
                 }
                 Attempt::Indeterminate(why) | Attempt::Retry(why) => why,
             };
-            let now = Instant::now();
-            if now + backoff >= deadline {
+            let Some(delay) = backoff.next_delay_before(deadline) else {
                 return Err(GridError::Timeout {
-                    after: now - started,
+                    after: started.elapsed(),
                     last: why,
                 });
-            }
+            };
             debug!(partition, %why, "retrying operation");
             // A new table is the usual reason to try again: don't sleep past it.
             let mut table = self.inner.table.subscribe();
             tokio::select! {
                 _ = table.changed() => {}
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_millis(50));
         }
     }
 
@@ -1093,7 +1097,13 @@ impl Runtime {
             routes::MIGRATE,
             move |_peer, req: messages::MigrateRequest| {
                 let rt = rt.clone();
-                async move { rt.on_migrate(req).await }
+                // In a task of its own: the transport drops a handler whose caller gave
+                // up, and a migration half done (its change log started) should finish.
+                async move {
+                    tokio::spawn(async move { rt.on_migrate(req).await })
+                        .await
+                        .map_err(|e| format!("migration task failed: {e}"))?
+                }
             },
         );
         let rt = self.clone();
@@ -1101,7 +1111,13 @@ impl Runtime {
             routes::FREEZE,
             move |_peer, req: messages::FreezeRequest| {
                 let rt = rt.clone();
-                async move { rt.on_freeze(req).await }
+                // A freeze checks the new owner under the partition's lock: it finishes
+                // even if the coordinator stops waiting (see the migration above).
+                async move {
+                    tokio::spawn(async move { rt.on_freeze(req).await })
+                        .await
+                        .map_err(|e| format!("freeze task failed: {e}"))?
+                }
             },
         );
         let rt = self.clone();
