@@ -86,6 +86,16 @@ pub(crate) async fn send_encoded(
     member: &str,
     message: Vec<u8>,
 ) -> Result<(), GridError> {
+    if *member == *runtime.inner.me {
+        // To this member: no connection to itself (the transport refuses one).
+        let slot = runtime
+            .slot(service)
+            .ok_or_else(|| GridError::Service(format!("no service {service:?}")))?;
+        return slot
+            .service
+            .on_message(member, &message)
+            .map_err(GridError::Service);
+    }
     let to = runtime
         .inner
         .cluster
