@@ -552,6 +552,80 @@ async fn anti_entropy_repairs_a_backup_that_missed_a_change() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anti_entropy_repair_streams_without_holding_the_partition_lock() {
+    init_tracing();
+    let tuned = |id: &str| {
+        let b = member("p-ae-lock", id).backups(1).partitions(7);
+        let mut config = b.build_config().clone();
+        // Passes only when the test asks.
+        config.partitions.anti_entropy_ms = 600_000;
+        b.config(config)
+    };
+    let a = tuned("a").start().await.unwrap();
+    let b = tuned("b").seed(a.addr()).start().await.unwrap();
+    let grids = vec![a, b];
+    assert!(settled(&grids, 2).await);
+    // One partition with 24 MiB in it: a copy that takes a while.
+    let p = 3;
+    let keys: Vec<u32> = (0u32..)
+        .filter(|k| {
+            grids[0]
+                .runtime()
+                .partition_of(&grid::codec::encode(k).unwrap())
+                == p
+        })
+        .take(24)
+        .collect();
+    let cache = grids[0].cache::<u32, Vec<u8>>("big").await.unwrap();
+    for k in &keys {
+        cache.put(k, &vec![7u8; 1 << 20]).await.unwrap();
+    }
+    let owner_id = grids[0].runtime().table().owner(p).cloned().unwrap();
+    let owner = grids
+        .iter()
+        .position(|g| *g.runtime().member_id() == owner_id)
+        .unwrap();
+    let backup = 1 - owner;
+    grids[backup].runtime().forget_replica_for_tests(p).await;
+    let rt = grids[owner].runtime().clone();
+    rt.reset_copy_window();
+    let pass = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.anti_entropy_pass_for_tests().await }
+    });
+    assert!(
+        eventually(Duration::from_secs(60), || rt.copy_window().0.is_some()).await,
+        "the repair did not start"
+    );
+    // While the copy streams, the partition's lock (which writes, freezes and migrations
+    // take) is free: taking it does not wait for the copy's end.
+    let version = tokio::time::timeout(Duration::from_secs(30), rt.replica_version_for_tests(p))
+        .await
+        .expect("the partition lock stayed taken");
+    assert!(
+        rt.copy_window().1.is_none(),
+        "the partition's lock was held until the copy ended"
+    );
+    pass.await.unwrap();
+    assert!(
+        eventually_async(Duration::from_secs(20), || async {
+            grids[backup].runtime().replica_version_for_tests(p).await == version
+        })
+        .await,
+        "anti-entropy did not repair the backup"
+    );
+    grids[owner].kill();
+    let survivor = grids[backup].cache::<u32, Vec<u8>>("big").await.unwrap();
+    for k in &keys {
+        assert_eq!(
+            survivor.get(k).await.unwrap().map(|v| v.len()),
+            Some(1 << 20)
+        );
+    }
+    grids[backup].shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lite_member_owns_nothing_and_uses_everything() {
     init_tracing();
     let a = member("p-lite", "a").start().await.unwrap();

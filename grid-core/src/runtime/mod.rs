@@ -15,6 +15,8 @@
 //! - `coordinator`: the coordinator's decisions, without IO (sans-IO state machine).
 //! - `driver`: the coordinator's IO — runs on the oldest data member.
 //! - `replica`: the owner's and the backups' side of an operation; full syncs; migrations.
+//! - `replica_rules`: what a table means for each partition, what a write's
+//!   acknowledgements mean, freezes, the grace of migrated data (sans-IO, unit-tested).
 //! - `replica_state`: one replica's state and the rules by which it takes or refuses the
 //!   changes and copies others send it (sans-IO, unit-tested).
 //! - `pause_guard`: how a member notices it was paused, and stops serving until the
@@ -56,6 +58,7 @@ mod hooks;
 pub(crate) mod messages;
 mod pause_guard;
 mod replica;
+mod replica_rules;
 mod replica_state;
 pub mod service;
 mod timers;
@@ -81,6 +84,7 @@ use crate::partition::table::{Candidate, PartitionTable, TableConfig};
 use crate::GridError;
 use messages::{routes, OpRequest, OpResponse, TableMessage};
 use pause_guard::PauseGuard;
+use replica_rules::TableEffect;
 use replica_state::ReplicaState;
 
 /// Settings of the runtime.
@@ -132,9 +136,6 @@ impl Default for RuntimeConfig {
     }
 }
 
-/// How long data copied in by a migration waits for the table that uses it before it is
-/// treated as abandoned.
-const INCOMING_GRACE: Duration = Duration::from_secs(60);
 /// Changes queued for this member as an asynchronous backup.
 const ASYNC_BACKUP_QUEUE: usize = 65_536;
 /// How often a member checks that it was not paused (see `pause_guard`).
@@ -901,38 +902,39 @@ impl Runtime {
             .filter(|p| new.rank_of(*p, &me).is_some())
             .count();
         metrics::gauge!("grid_partition_replicas_held").set(held as f64);
+        let now = Instant::now();
         for p in 0..new.partitions() {
             let ctl = &self.inner.partitions[p as usize];
-            {
-                let mut frozen = ctl.frozen.lock().unwrap_or_else(|e| e.into_inner());
-                if frozen.is_some() && new.owner(p) != Some(&me) {
-                    *frozen = None;
-                }
-            }
             ctl.extras
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .retain(|(m, since)| {
-                    new.rank_of(p, m).is_none() && since.elapsed() < Duration::from_secs(60)
-                });
+                .retain(|(m, since)| replica_rules::keep_extra_target(&new, p, m, *since, now));
+            let frozen = ctl
+                .frozen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some();
             // Only partitions whose replica set changed for this member need work (a task
             // each): tables come often during a rebalance, partitions are many.
-            if (old.owner(p) == Some(&me)) != (new.owner(p) == Some(&me)) {
+            for effect in replica_rules::on_table(&old, &new, p, &me, force, frozen) {
                 let rt = self.clone();
-                tokio::spawn(async move { rt.ownership_changed(p).await });
-            }
-            let was_replica = old.rank_of(p, &me).is_some();
-            let is_replica = new.rank_of(p, &me).is_some();
-            if force && was_replica {
-                let rt = self.clone();
-                tokio::spawn(async move { rt.discard_partition(p).await });
-            } else if was_replica && !is_replica {
-                let rt = self.clone();
-                tokio::spawn(async move { rt.drop_partition(p, true).await });
-            } else if !was_replica && is_replica {
-                let rt = self.clone();
-                let applied_at = Instant::now();
-                tokio::spawn(async move { rt.confirm_partition(p, applied_at).await });
+                match effect {
+                    TableEffect::Unfreeze => {
+                        *ctl.frozen.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    }
+                    TableEffect::OwnershipChanged => {
+                        tokio::spawn(async move { rt.ownership_changed(p).await });
+                    }
+                    TableEffect::Discard => {
+                        tokio::spawn(async move { rt.discard_partition(p).await });
+                    }
+                    TableEffect::Drop => {
+                        tokio::spawn(async move { rt.drop_partition(p, true).await });
+                    }
+                    TableEffect::ConfirmIncoming => {
+                        tokio::spawn(async move { rt.confirm_partition(p, now).await });
+                    }
+                }
             }
         }
     }
@@ -942,14 +944,8 @@ impl Runtime {
     async fn drop_partition(&self, p: u32, was_replica: bool) {
         for slot in self.slots() {
             let mut st = slot.replicas[p as usize].lock().await;
-            let incoming = st
-                .incoming_since
-                .is_some_and(|t| t.elapsed() < INCOMING_GRACE);
-            let abandoned = st.incoming_since.is_some() && !incoming;
-            if (was_replica || abandoned)
-                && !incoming
-                && self.table().rank_of(p, &self.inner.me).is_none()
-            {
+            let is_replica = self.table().rank_of(p, &self.inner.me).is_some();
+            if replica_rules::may_drop(was_replica, is_replica, st.incoming_since, Instant::now()) {
                 debug!(member = %self.inner.me, partition = p, table = self.table().version(), "dropping partition");
                 slot.service.drop_partition(p);
                 st.reset();

@@ -17,6 +17,7 @@ use super::messages::{
     routes, BackupRequest, BackupResponse, FreezeRequest, MigrateRequest, MigrateResponse,
     OpResponse, Stale, SyncHeader, VersionCheck,
 };
+use super::replica_rules::{write_outcome, Replicated, WriteOutcome};
 use super::replica_state::{digest, ChangeVerdict, CopyVerdict, Sender, TableView};
 use super::service::{CallId, Ctx, Role};
 use super::{ReplicaState, Runtime, ServiceSlot};
@@ -63,18 +64,6 @@ fn view_of(table: &PartitionTable, p: u32) -> TableView<'_> {
     }
 }
 
-/// How one backup took one change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Replicated {
-    /// It has the change (or is no longer a live member: the next table drops it).
-    Acked,
-    /// It did not confirm the change: it is repaired later.
-    Missed,
-    /// Its table of this version names another owner: this member must not apply the
-    /// change, nor acknowledge it.
-    Superseded(u64),
-}
-
 impl Runtime {
     /// A frozen partition stays frozen until a table takes its ownership away from this
     /// member — not merely until any newer table: the coordinator may publish other
@@ -82,9 +71,16 @@ impl Runtime {
     /// out (the coordinator died mid-handoff).
     fn frozen(&self, p: u32, table: &PartitionTable) -> bool {
         let ctl = &self.inner.partitions[p as usize];
-        let frozen = ctl.frozen.lock().unwrap_or_else(|e| e.into_inner());
-        matches!(*frozen, Some((_, until)) if table.owner(p) == Some(&self.inner.me)
-            && Instant::now() < until)
+        let until = ctl
+            .frozen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|(_, u)| u);
+        super::replica_rules::is_frozen(
+            until,
+            table.owner(p) == Some(&self.inner.me),
+            Instant::now(),
+        )
     }
 
     /// The members that get this partition's changes: backups, then migration targets.
@@ -245,14 +241,12 @@ impl Runtime {
             .iter()
             .map(|t| self.replicate(slot, p, &table, &st, version, change, t));
         let acked = futures::future::join_all(sends).await;
-        // A backup whose table names another owner: this member was paused, or cut
-        // off, past failure detection, and the change must not happen here (a backup
-        // on the older table may have taken it: the new owner resynchronises it).
-        if let Some(newer) = waited.iter().zip(&acked).find_map(|(m, r)| match r {
-            Replicated::Superseded(v) => Some((m, *v)),
-            _ => None,
-        }) {
-            let (refuser, table_version) = newer;
+        let outcome = write_outcome(&acked, sync_backups);
+        // A member whose table names another owner: this member was paused, or cut off,
+        // past failure detection, and the change must not happen here (a backup on the
+        // older table may have taken it: the new owner resynchronises it).
+        if let WriteOutcome::Superseded { by, table_version } = outcome {
+            let refuser = waited[by];
             warn!(partition = p, backup = %refuser, table_version, "a backup has a newer table without this member as owner; change refused");
             self.unpark(call);
             if let Some(member) = self.inner.cluster.member(refuser) {
@@ -279,14 +273,13 @@ impl Runtime {
         // A backup (not a migration target) that did not confirm it breaks that promise:
         // the caller hears the outcome is unknown, and the backup is repaired by its
         // next change or by anti-entropy. Callers this change wakes hear the same.
-        let unreplicated = waited
-            .iter()
-            .zip(&acked)
-            .take(sync_backups)
-            .find(|(_, r)| **r != Replicated::Acked)
-            .map(|(missed, _)| {
-                format!("applied on the owner, but backup {missed} did not confirm it")
-            });
+        let unreplicated = match outcome {
+            WriteOutcome::Unreplicated { missed } => Some(format!(
+                "applied on the owner, but backup {} did not confirm it",
+                waited[missed]
+            )),
+            _ => None,
+        };
         self.carry_out(slot, p, effects, unreplicated.as_deref());
         answered(unreplicated)
     }
@@ -941,21 +934,48 @@ impl Runtime {
                 let Some(replica) = slot.replicas.get(p as usize) else {
                     continue;
                 };
-                let mut st = replica.lock().await;
-                let table = self.table();
-                if table.owner(p) == Some(&me)
-                    && table.rank_of(p, &backup).is_some()
-                    && self.may_serve()
-                {
-                    st.epoch = table.epoch(p);
-                    tracing::info!(partition = p, %backup, "anti-entropy: backup differs, resynchronising");
-                    metrics::counter!("grid_anti_entropy_repairs_total").increment(1);
-                    if let Err(e) = self.sync_to(&slot, p, &st, &backup).await {
-                        warn!(partition = p, %backup, error = %e, "anti-entropy sync failed");
+                // The snapshot is taken under the partition's lock; the transfer runs
+                // without it, so that writes, freezes and migrations of the partition do
+                // not wait for a copy that may take seconds. A write made meanwhile finds
+                // the backup still behind and resynchronises it itself; this copy, older
+                // by then, is refused (or lands first and the change follows it).
+                let (epoch, version, entries, chunks) = {
+                    let mut st = replica.lock().await;
+                    let table = self.table();
+                    if table.owner(p) != Some(&me)
+                        || table.rank_of(p, &backup).is_none()
+                        || !self.may_serve()
+                    {
+                        continue;
                     }
+                    st.epoch = table.epoch(p);
+                    let entries = slot.service.partition_len(p) as u64;
+                    match self.take_snapshot(&slot, p).await {
+                        Ok(chunks) => (st.epoch, st.version, entries, chunks),
+                        Err(e) => {
+                            warn!(partition = p, %backup, error = %e, "anti-entropy snapshot failed");
+                            continue;
+                        }
+                    }
+                };
+                tracing::info!(partition = p, %backup, "anti-entropy: backup differs, resynchronising");
+                metrics::counter!("grid_anti_entropy_repairs_total").increment(1);
+                let sent = self
+                    .send_snapshot(&slot, p, epoch, version, entries, chunks, &backup)
+                    .await;
+                if let Err(e) = sent {
+                    warn!(partition = p, %backup, error = %e, "anti-entropy sync failed");
                 }
             }
         }
+    }
+}
+
+impl Runtime {
+    /// Runs one anti-entropy pass now (for tests; passes also run on their own timer).
+    #[doc(hidden)]
+    pub async fn anti_entropy_pass_for_tests(&self) {
+        self.anti_entropy_pass().await;
     }
 }
 
