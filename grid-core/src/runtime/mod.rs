@@ -329,6 +329,17 @@ enum Attempt {
     Unreplicated(String, Vec<u8>),
 }
 
+/// The first [`CallId`] of a member: call ids are recorded in replicated state (a parked
+/// lock request) and outlive their owner's ownership, so two members, or two generations
+/// of one, must not hand out the same ones. The top 24 bits come from the member's id and
+/// generation, the low 40 count its calls (a trillion before they could wrap into
+/// another member's range).
+fn first_call_id(me: &str, generation: u64) -> u64 {
+    let mut seed = me.as_bytes().to_vec();
+    seed.extend_from_slice(&generation.to_le_bytes());
+    (xxhash_rust::xxh3::xxh3_64(&seed) >> 40 << 40) | 1
+}
+
 /// A one-member runtime on loopback with `partitions` partitions, for the runnable
 /// examples of the documentation (keep the node: dropping it stops the member).
 #[doc(hidden)]
@@ -352,6 +363,7 @@ impl Runtime {
     /// the coordinator duty (active while this member is the oldest data member).
     pub fn start(transport: Transport, cluster: Cluster, config: RuntimeConfig) -> Self {
         let me: Arc<str> = cluster.local_member().id.clone();
+        let cluster_generation = cluster.local_member().generation;
         let partitions = config.table.partitions;
         let (drain_tx, drain_rx) = mpsc::channel(64);
         let (async_tx, mut async_rx) = mpsc::channel(ASYNC_BACKUP_QUEUE);
@@ -383,7 +395,7 @@ impl Runtime {
             timers: Mutex::new(timers::Timers::default()),
             timers_changed: Arc::new(tokio::sync::Notify::new()),
             parked: Mutex::new(HashMap::new()),
-            next_call: std::sync::atomic::AtomicU64::new(1),
+            next_call: std::sync::atomic::AtomicU64::new(first_call_id(&me, cluster_generation)),
             config,
         });
         let rt = Self { inner };

@@ -237,7 +237,10 @@ mod tests {
             true,
             false,
         );
-        assert_eq!(fx, vec![TableEffect::OwnershipChanged, TableEffect::Discard]);
+        assert_eq!(
+            fx,
+            vec![TableEffect::OwnershipChanged, TableEffect::Discard]
+        );
         // It held nothing of the partition: nothing to discard.
         let fx = on_table(
             &table(9, &["y"]),
