@@ -167,8 +167,9 @@ impl Caches {
     pub fn start(runtime: Runtime, transport: Transport, cluster: Cluster) -> Self {
         let service = Arc::new(CacheService::new(runtime.config().table.partitions));
         let handle = runtime.register_service(service.clone());
-        let hub = EventHub::start(transport.clone(), cluster.clone());
+        let hub = EventHub::start(handle.clone(), cluster.clone());
         service.set_sink(hub.clone());
+        service.set_hub(Arc::downgrade(&hub));
         let inner = Arc::new(Inner {
             runtime,
             handle,

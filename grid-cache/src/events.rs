@@ -16,10 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
-use grid_core::codec;
+use grid_core::runtime::ServiceHandle;
 use grid_net::membership::{Cluster, MemberEvent};
-use grid_net::transport::Transport;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -93,10 +91,23 @@ type Handler = Arc<dyn Fn(&RawEvent) + Send + Sync>;
 /// Each cache's handlers on this member, with their ids and what they want.
 type Handlers = HashMap<Arc<str>, Vec<(u64, Want, Handler)>>;
 
-mod routes {
-    pub(super) const EVENTS: &str = "cache.events";
-    pub(super) const INTEREST: &str = "cache.interest";
+/// What the cache service sends between members (through the runtime's service messages:
+/// the hub has no routes of its own).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CacheMessage(pub(crate) HubMessage);
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum HubMessage {
+    /// Events for a member that wants them (one-way, ordered).
+    Events(EventBatch),
+    /// A member's interest in a cache's events (asked: the answer confirms it arrived).
+    Interest(Interest),
+    /// The answer to `Interest`.
+    Noted,
 }
+
+/// How long an interest announcement waits for its confirmation.
+const INTEREST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Most events queued for sending on one member; beyond it events are dropped (counted
 /// and logged), as a slow listener must not stall writes.
@@ -115,8 +126,8 @@ pub(crate) enum Want {
 
 /// A member's interest in a cache's events (`None`: none any more). `seq` orders a
 /// member's announcements, which may arrive out of order.
-#[derive(Debug, Serialize, Deserialize)]
-struct Interest {
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Interest {
     cache: String,
     want: Option<Want>,
     seq: u64,
@@ -124,7 +135,7 @@ struct Interest {
 
 /// A numbered batch of events from one member to another.
 #[derive(Debug, Serialize, Deserialize)]
-struct EventBatch {
+pub(crate) struct EventBatch {
     /// The sender's start generation: numbering restarts with it.
     incarnation: u64,
     /// This batch's number in the sender's stream to the receiver (from 1).
@@ -159,7 +170,8 @@ type Interested = BTreeMap<Arc<str>, (Option<Want>, u64)>;
 
 /// The member's event hub.
 pub(crate) struct EventHub {
-    transport: Transport,
+    /// The cache service's door to the runtime: the hub's messages go through it.
+    handle: ServiceHandle<crate::store::CacheService>,
     cluster: Cluster,
     me: Arc<str>,
     /// Members (this one included) that want each cache's events.
@@ -210,12 +222,15 @@ impl Drop for HandlerGuard {
 }
 
 impl EventHub {
-    pub(crate) fn start(transport: Transport, cluster: Cluster) -> Arc<Self> {
+    pub(crate) fn start(
+        handle: ServiceHandle<crate::store::CacheService>,
+        cluster: Cluster,
+    ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(OUTBOX);
         let cluster_generation = cluster.local_member().generation;
         let hub = Arc::new(Self {
             me: cluster.local_member().id.clone(),
-            transport,
+            handle,
             cluster,
             interest: RwLock::new(HashMap::new()),
             seq: AtomicU64::new(1),
@@ -231,42 +246,42 @@ impl EventHub {
             drop_events: AtomicU64::new(0),
             unconfirmed: std::sync::Mutex::new(std::collections::HashSet::new()),
         });
-        let weak = Arc::downgrade(&hub);
-        hub.transport.on_message(routes::EVENTS, move |peer, body: Bytes| {
-            let Some(hub) = weak.upgrade() else { return };
-            match codec::decode::<EventBatch>(&body) {
-                Ok(batch) => {
-                    let gap = hub
-                        .expected
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .arrived(&peer.member_id, batch.incarnation, batch.seq);
-                    if gap {
-                        hub.on_lost(&peer.member_id);
-                    }
-                    batch.events.iter().for_each(|e| hub.deliver_local(e));
-                }
-                Err(e) => {
-                    warn!(peer = %peer.member_id, error = %e, "undecodable cache events dropped");
-                    hub.on_lost(&peer.member_id);
-                }
-            }
-        });
-        let weak = Arc::downgrade(&hub);
-        hub.transport
-            .on_request_typed(routes::INTEREST, move |peer, req: Interest| {
-                let hub = weak.upgrade();
-                async move {
-                    if let Some(hub) = hub {
-                        hub.set_interest(&req.cache, &peer.member_id, req.want, req.seq);
-                    }
-                    Ok(())
-                }
-            });
         tokio::spawn(dispatch(Arc::downgrade(&hub), rx));
         tokio::spawn(follow_members(Arc::downgrade(&hub), hub.cluster.clone()));
         tokio::spawn(reannounce(Arc::downgrade(&hub)));
         hub
+    }
+
+    /// A message of the cache service from `from` (see [`CacheMessage`]).
+    pub(crate) fn on_message(&self, from: &str, message: CacheMessage) {
+        match message.0 {
+            HubMessage::Events(batch) => self.on_events(&Arc::from(from), batch),
+            other => debug!(%from, message = ?other, "unexpected cache message dropped"),
+        }
+    }
+
+    /// A request of the cache service from `from`: an interest announcement.
+    pub(crate) fn on_ask(&self, from: &str, message: CacheMessage) -> Option<CacheMessage> {
+        match message.0 {
+            HubMessage::Interest(req) => {
+                self.set_interest(&req.cache, &Arc::from(from), req.want, req.seq);
+                Some(CacheMessage(HubMessage::Noted))
+            }
+            _ => None,
+        }
+    }
+
+    /// A batch of events from `sender`: a gap in its numbering means events were lost.
+    fn on_events(&self, sender: &Arc<str>, batch: EventBatch) {
+        let gap = self
+            .expected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .arrived(sender, batch.incarnation, batch.seq);
+        if gap {
+            self.on_lost(sender);
+        }
+        batch.events.iter().for_each(|e| self.deliver_local(e));
     }
 
     /// Records what `member` wants of `cache`, unless a later announcement of its own
@@ -365,12 +380,17 @@ impl EventHub {
     /// gets through again (they are repeated), the cache's handlers hear `Lost`, since
     /// copies made meanwhile may have missed changes.
     async fn tell(&self, member: &grid_net::membership::Member, req: &Interest) {
-        let r: Result<(), _> = if take_one(&self.fail_interest) {
-            Err(grid_net::NetError::Protocol("injected failure".into()))
+        let r: Result<(), grid_core::GridError> = if take_one(&self.fail_interest) {
+            Err(grid_core::GridError::Service("injected failure".into()))
         } else {
-            self.transport
-                .request_typed(member.addr, routes::INTEREST, req, Duration::from_secs(5))
+            self.handle
+                .ask(
+                    &member.id,
+                    &CacheMessage(HubMessage::Interest(req.clone())),
+                    INTEREST_TIMEOUT,
+                )
                 .await
+                .map(drop)
         };
         let key: (Arc<str>, Arc<str>) = (req.cache.as_str().into(), member.id.clone());
         let mut unconfirmed = self.unconfirmed.lock().unwrap_or_else(|e| e.into_inner());
@@ -630,21 +650,13 @@ impl Outgoing {
             self.owed.insert(member);
             return;
         }
-        match codec::encode(&batch) {
-            Ok(body) => {
-                if let Err(e) = hub
-                    .transport
-                    .send_ordered(m.addr, routes::EVENTS, &body)
-                    .await
-                {
-                    debug!(member = %member.0, error = %e, "cache events not sent");
-                    self.owed.insert(member);
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, "cache events not encodable");
-                self.owed.insert(member);
-            }
+        if let Err(e) = hub
+            .handle
+            .send(&m.id, &CacheMessage(HubMessage::Events(batch)))
+            .await
+        {
+            debug!(member = %member.0, error = %e, "cache events not sent");
+            self.owed.insert(member);
         }
     }
 }

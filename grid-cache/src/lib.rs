@@ -29,6 +29,7 @@ pub mod store;
 
 pub use cache::{Cache, CacheBuilder, CacheEvent, CacheListener};
 pub use caches::{Caches, MemberCacheSizes};
+pub use events::CacheMessage;
 pub use events::EventKind;
 pub use processor::ProcessorEntry;
 pub use reference::CachedReference;

@@ -60,6 +60,8 @@ pub struct CacheService {
     owned: AtomicU32,
     processors: RwLock<HashMap<(String, String), ErasedProcessor>>,
     sink: OnceLock<Arc<dyn EventSink>>,
+    /// Where the cache's messages between members go (the event hub).
+    hub: OnceLock<std::sync::Weak<crate::events::EventHub>>,
     counters: RwLock<HashMap<String, Arc<StoreCounters>>>,
     /// How far tests moved this store's clock ahead of the wall clock, in ms.
     clock_ahead_ms: AtomicU64,
@@ -145,6 +147,7 @@ impl CacheService {
             owned: AtomicU32::new(0),
             processors: RwLock::new(HashMap::new()),
             sink: OnceLock::new(),
+            hub: OnceLock::new(),
             counters: RwLock::new(HashMap::new()),
             clock_ahead_ms: AtomicU64::new(0),
         }
@@ -178,6 +181,11 @@ impl CacheService {
                 .read()
                 .unwrap_or_else(|e| e.into_inner()),
         )
+    }
+
+    /// Where the cache's messages between members go.
+    pub(crate) fn set_hub(&self, hub: std::sync::Weak<crate::events::EventHub>) {
+        let _ = self.hub.set(hub);
     }
 
     /// Where the owner reports what happened to entries.
@@ -315,30 +323,64 @@ impl CacheService {
             .collect()
     }
 
-    /// The write `op` would make (and its answer), without making it.
-    pub(crate) fn prepare_op(&self, p: u32, op: CacheOp) -> Result<Decided, CacheError> {
+    /// The answer to a read (`Get`, `ContainsKey`, `Entries`), without the partition's
+    /// queue: a read changes nothing but the entries' access records (atomics). `None` for
+    /// an operation that is not a read.
+    pub(crate) fn read_op(&self, p: u32, op: &CacheOp) -> Result<Option<Blob>, CacheError> {
         let part = self.part(p)?.read().unwrap_or_else(|e| e.into_inner());
         let now = self.now();
-        Ok(match op {
+        Ok(Some(match op {
             CacheOp::Get { cache, key } => {
                 let found = part.get(cache.as_str()).and_then(|m| m.live(&key.0, now));
                 if let Some(e) = found {
                     e.touch(now);
                 }
-                Decided {
-                    answer: encode(&found.map(|e| (blob(e.value), e.deadline())))?,
-                    change: None,
-                }
+                encode(&found.map(|e| (blob(e.value), e.deadline())))?
             }
-            CacheOp::ContainsKey { cache, key } => Decided {
-                answer: encode(
-                    &part
-                        .get(cache.as_str())
-                        .and_then(|m| m.live(&key.0, now))
-                        .is_some(),
-                )?,
+            CacheOp::ContainsKey { cache, key } => encode(
+                &part
+                    .get(cache.as_str())
+                    .and_then(|m| m.live(&key.0, now))
+                    .is_some(),
+            )?,
+            CacheOp::Entries { cache, values } => {
+                let entries: Vec<(Blob, Blob, u64, u32)> = part
+                    .get(cache.as_str())
+                    .map(|m| {
+                        m.iter()
+                            .filter(|e| e.is_live(now))
+                            .map(|e| {
+                                let v = if *values {
+                                    blob(e.value)
+                                } else {
+                                    Blob::default()
+                                };
+                                (blob(e.key), v, e.deadline(), e.idle_ms())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                encode(&entries)?
+            }
+            _ => return Ok(None),
+        }))
+    }
+
+    /// The write `op` would make (and its answer), without making it.
+    pub(crate) fn prepare_op(&self, p: u32, op: CacheOp) -> Result<Decided, CacheError> {
+        if let Some(answer) = self.read_op(p, &op)? {
+            return Ok(Decided {
+                answer,
                 change: None,
-            },
+            });
+        }
+        let part = self.part(p)?.read().unwrap_or_else(|e| e.into_inner());
+        let now = self.now();
+        Ok(match op {
+            // Answered by `read_op` above.
+            CacheOp::Get { .. } | CacheOp::ContainsKey { .. } | CacheOp::Entries { .. } => {
+                return Err(CacheError::NotARead("a read reached the write path".into()))
+            }
             CacheOp::Put {
                 cache,
                 key,
@@ -436,28 +478,6 @@ impl CacheService {
                 Decided {
                     answer: encode(&Blob(result))?,
                     change,
-                }
-            }
-            CacheOp::Entries { cache, values } => {
-                let entries: Vec<(Blob, Blob, u64, u32)> = part
-                    .get(cache.as_str())
-                    .map(|m| {
-                        m.iter()
-                            .filter(|e| e.is_live(now))
-                            .map(|e| {
-                                let v = if values {
-                                    blob(e.value)
-                                } else {
-                                    Blob::default()
-                                };
-                                (blob(e.key), v, e.deadline(), e.idle_ms())
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                Decided {
-                    answer: encode(&entries)?,
-                    change: None,
                 }
             }
             CacheOp::Clear { cache } => {
@@ -780,8 +800,8 @@ impl PartitionService for CacheService {
     /// Encoded as each operation's caller decodes it (the cache owns that codec).
     type Answer = Blob;
     type Error = CacheError;
-    /// The cache's messages between members go through its event hub.
-    type Message = ();
+    /// The event hub's messages between members.
+    type Message = crate::events::CacheMessage;
 
     fn name(&self) -> &str {
         SERVICE
@@ -789,12 +809,9 @@ impl PartitionService for CacheService {
 
     fn read(&self, ctx: &Ctx, op: &CacheOp) -> Result<Blob, CacheError> {
         match op {
-            CacheOp::Get { .. } | CacheOp::ContainsKey { .. } | CacheOp::Entries { .. } => {
-                // Reads change nothing but the entries' access records (atomics).
-                let decided = self.prepare_op(ctx.partition, op.clone())?;
-                debug_assert!(decided.change.is_none());
-                Ok(decided.answer)
-            }
+            CacheOp::Get { .. } | CacheOp::ContainsKey { .. } | CacheOp::Entries { .. } => self
+                .read_op(ctx.partition, op)?
+                .ok_or_else(|| CacheError::NotARead("a write sent as a read".into())),
             _ => Err(CacheError::NotARead("a write sent as a read".into())),
         }
     }
@@ -814,6 +831,23 @@ impl PartitionService for CacheService {
         _effects: &mut Effects<Self>,
     ) -> Result<(), CacheError> {
         self.apply_change(ctx.partition, change.clone(), ctx.role == Role::Owner)
+    }
+
+    fn on_message(&self, from: &str, message: crate::events::CacheMessage) {
+        if let Some(hub) = self.hub.get().and_then(std::sync::Weak::upgrade) {
+            hub.on_message(from, message);
+        }
+    }
+
+    fn on_ask(
+        &self,
+        from: &str,
+        message: crate::events::CacheMessage,
+    ) -> Option<crate::events::CacheMessage> {
+        self.hub
+            .get()
+            .and_then(std::sync::Weak::upgrade)?
+            .on_ask(from, message)
     }
 
     /// Counts the partition for `max_entries`' share, and starts its expiry checks.

@@ -54,6 +54,7 @@ pub(crate) trait ErasedService: Send + Sync {
     fn on_timer(&self, ctx: &Ctx, timer: u64) -> ErasedEffects;
     fn on_abandoned(&self, ctx: &Ctx, call: CallId) -> ErasedEffects;
     fn on_message(&self, from: &str, message: &[u8]) -> Result<(), String>;
+    fn on_ask(&self, from: &str, message: &[u8]) -> Result<Vec<u8>, String>;
     fn owner_task(&self, partition: u32, runtime: &Runtime) -> Option<OwnerTask>;
     fn snapshot(&self, partition: u32, chunk_bytes: usize) -> Snapshot;
     fn rebuild(&self, partition: u32, chunks: Vec<bytes::Bytes>) -> Result<Rebuilt, String>;
@@ -170,6 +171,15 @@ impl<S: PartitionService> ErasedService for Typed<S> {
         let message: S::Message = codec::decode(message).map_err(|e| e.to_string())?;
         self.0.on_message(from, message);
         Ok(())
+    }
+
+    fn on_ask(&self, from: &str, message: &[u8]) -> Result<Vec<u8>, String> {
+        let message: S::Message = codec::decode(message).map_err(|e| e.to_string())?;
+        let answer = self
+            .0
+            .on_ask(from, message)
+            .ok_or_else(|| format!("service {:?} has no answer to that", self.0.name()))?;
+        encode(&answer)
     }
 
     fn owner_task(&self, partition: u32, runtime: &Runtime) -> Option<OwnerTask> {

@@ -66,6 +66,37 @@ impl<S: PartitionService> ServiceHandle<S> {
         Ok(codec::decode(&answer)?)
     }
 
+    /// Asks this service on `member` (this one included) and returns its answer
+    /// ([`PartitionService::on_ask`]), within `timeout`.
+    pub async fn ask(
+        &self,
+        member: &str,
+        message: &S::Message,
+        timeout: std::time::Duration,
+    ) -> Result<S::Message, GridError> {
+        let inner = &self.runtime.inner;
+        if *member == *inner.me {
+            let local = codec::decode(&codec::encode(message)?)?;
+            return self
+                .service
+                .on_ask(member, local)
+                .ok_or_else(|| GridError::Service("no answer".into()));
+        }
+        let to = inner
+            .cluster
+            .member(member)
+            .ok_or_else(|| GridError::Service(format!("{member} is not a live member")))?;
+        let ask = ServiceMessage {
+            service: self.service.name().to_string(),
+            body: codec::encode(message)?,
+        };
+        let answer: ServiceMessage = inner
+            .transport
+            .request_typed(to.addr, routes::SERVICE_ASK, &ask, timeout)
+            .await?;
+        Ok(codec::decode(&answer.body)?)
+    }
+
     /// Sends `message` to this service on `member`: one-way, in order per member, at most
     /// once (dropped if the member is unreachable).
     pub async fn send(&self, member: &str, message: &S::Message) -> Result<(), GridError> {

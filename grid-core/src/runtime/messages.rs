@@ -18,6 +18,7 @@ pub(crate) mod routes {
     pub(crate) const ANTI_ENTROPY: &str = "grid.rt.anti_entropy";
     pub(crate) const STATUS: &str = "grid.rt.status";
     pub(crate) const SERVICE_MESSAGE: &str = "grid.rt.service";
+    pub(crate) const SERVICE_ASK: &str = "grid.rt.service.ask";
 }
 
 /// A service's own message to the same service on another member.

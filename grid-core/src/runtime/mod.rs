@@ -704,13 +704,8 @@ impl Runtime {
         let idempotent = kind != OpKind::Write;
         let started = Instant::now();
         let deadline = started + self.inner.config.op_timeout;
-        let mut backoff = grid_net::backoff::Backoff::new(
-            Duration::from_millis(1),
-            Duration::from_millis(50),
-            self.inner
-                .next_call
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        );
+        // Made at the first retry: most operations need none.
+        let mut backoff: Option<grid_net::backoff::Backoff> = None;
         // The answer of an attempt that was applied but not confirmed by a backup: what the
         // caller gets once a retry confirms it (the retry's own answer would describe the
         // state after the first application).
@@ -737,6 +732,15 @@ impl Runtime {
                 }
                 Attempt::Indeterminate(why) | Attempt::Retry(why) => why,
             };
+            let backoff = backoff.get_or_insert_with(|| {
+                grid_net::backoff::Backoff::new(
+                    Duration::from_millis(1),
+                    Duration::from_millis(50),
+                    self.inner
+                        .next_call
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                )
+            });
             let Some(delay) = backoff.next_delay_before(deadline) else {
                 return Err(GridError::Timeout {
                     after: started.elapsed(),
@@ -762,13 +766,22 @@ impl Runtime {
             let local = self.execute_local(
                 &req.service,
                 req.partition,
-                req.op.clone(),
+                &req.op,
                 req.read_only,
                 self.inner.me.clone(),
             );
-            let Ok(response) = tokio::time::timeout_at(deadline, local).await else {
-                // A write goes on in its own task; a parked call is abandoned.
-                return Attempt::Indeterminate("no answer before the deadline".into());
+            // A read never waits (it takes no lock): only a write is bounded by the deadline
+            // (a timer per operation costs the timer wheel a lock each way).
+            let response = if req.read_only {
+                local.await
+            } else {
+                match tokio::time::timeout_at(deadline, local).await {
+                    Ok(response) => response,
+                    // The write goes on in its own task; a parked call is abandoned.
+                    Err(_) => {
+                        return Attempt::Indeterminate("no answer before the deadline".into())
+                    }
+                }
             };
             return match response {
                 OpResponse::Ok(a) => Attempt::Done(a),
@@ -1021,7 +1034,7 @@ impl Runtime {
                     .execute_local(
                         &req.service,
                         req.partition,
-                        req.op,
+                        &req.op,
                         req.read_only,
                         peer.member_id.clone(),
                     )
@@ -1047,6 +1060,23 @@ impl Runtime {
                 warn!(peer = %peer.member_id, service = %message.service, error = %e, "undecodable service message dropped");
             }
         });
+        let rt = self.clone();
+        t.on_request_typed(
+            routes::SERVICE_ASK,
+            move |peer, ask: messages::ServiceMessage| {
+                let rt = rt.clone();
+                async move {
+                    let slot = rt
+                        .slot(&ask.service)
+                        .ok_or_else(|| format!("no service {:?} on this member", ask.service))?;
+                    let body = slot.service.on_ask(&peer.member_id, &ask.body)?;
+                    Ok::<_, String>(messages::ServiceMessage {
+                        service: ask.service,
+                        body,
+                    })
+                }
+            },
+        );
         let rt = self.clone();
         t.on_request_typed(routes::BACKUP, move |peer, req: messages::BackupRequest| {
             let rt = rt.clone();

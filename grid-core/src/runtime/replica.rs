@@ -106,7 +106,7 @@ impl Runtime {
         &self,
         service: &str,
         p: u32,
-        op: Vec<u8>,
+        op: &[u8],
         read_only: bool,
         caller: Arc<str>,
     ) -> OpResponse {
@@ -137,12 +137,13 @@ impl Runtime {
                 now: crate::clock::now(),
                 role: Role::Owner,
             };
-            return match slot.service.read(&ctx, &op) {
+            return match slot.service.read(&ctx, op) {
                 Ok(answer) => OpResponse::Ok(answer),
                 Err(e) => OpResponse::Failed(e),
             };
         }
         let rt = self.clone();
+        let op = op.to_vec();
         let written = tokio::spawn(async move { rt.write_local(&slot, p, &op, caller).await });
         match written.await {
             Ok(Written::Answered(response)) => response,

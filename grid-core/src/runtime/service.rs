@@ -42,7 +42,8 @@
 //!   owned (an executor's processing loop).
 //! - **Messages** ([`PartitionService::Message`]): one-way, ordered per pair of members,
 //!   at most once, routed by the runtime to the same service on the other member
-//!   ([`ServiceHandle::send`], [`PartitionService::on_message`]).
+//!   ([`ServiceHandle::send`], [`PartitionService::on_message`]); or a request that gets an
+//!   answer ([`ServiceHandle::ask`], [`PartitionService::on_ask`]).
 //! - **Copies**: [`PartitionService::snapshot`], [`PartitionService::rebuild`] and
 //!   [`PartitionService::install`] move a partition's whole state (migrations, resyncs).
 //!
@@ -443,8 +444,16 @@ pub trait PartitionService: Send + Sync + 'static {
     /// A parked call's caller gave up (timeout, or the call was dropped).
     fn on_abandoned(&self, _ctx: &Ctx, _call: CallId, _effects: &mut Effects<Self>) {}
 
-    /// A message from the same service on `from`.
+    /// A message from the same service on `from` ([`ServiceHandle::send`]). Runs on the
+    /// connection's reader: must not block (hand long work to a bounded queue).
     fn on_message(&self, _from: &str, _message: Self::Message) {}
+
+    /// A request from the same service on `from` ([`ServiceHandle::ask`]); the answer goes
+    /// back to the asker (`None`: no answer, an error there). Runs on the connection's
+    /// reader: must not block.
+    fn on_ask(&self, _from: &str, _message: Self::Message) -> Option<Self::Message> {
+        None
+    }
 
     /// A task to run while the partition is owned here (`None`: none). Started after
     /// `on_owned`, dropped when the partition stops being owned here.
