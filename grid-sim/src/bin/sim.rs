@@ -1,0 +1,2 @@
+//! `sim`: runs many seeds of a workload in the deterministic simulator.
+fn main() {}

@@ -1,0 +1,17 @@
+//! Deterministic simulation of a grid cluster (issue 14): the real member code — QUIC and
+//! TLS, gossip, the coordinator, the runtime, the caches — for N members on one thread,
+//! on a simulated network and a paused, auto-advancing clock, with faults, workloads and
+//! checkers chosen by a seed. Same seed, same history: the world keeps a digest of its
+//! event log (deliveries, member views, table versions).
+//!
+//! # Layout
+//! - [`net`]: the in-memory datagram network under quinn ([`net::SimNet`],
+//!   [`net::SimSocket`]) and its wire faults.
+//! - [`world`]: members on the network ([`world::World`]) and [`world::simulate`], the
+//!   single-threaded, paused-clock runtime a world runs in.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod net;
+pub mod world;
