@@ -9,9 +9,17 @@
 //!   [`net::SimSocket`]) and its wire faults.
 //! - [`world`]: members on the network ([`world::World`]) and [`world::simulate`], the
 //!   single-threaded, paused-clock runtime a world runs in.
+//! - [`schedule`]: faults as data, generated from a seed (swarm: each seed picks which
+//!   kinds are on).
+//! - [`cache_workload`]: clients, the fault runner and the cache checkers; the next
+//!   services (locks, executor, scheduler) add a module of the same shape.
+//! - [`linearizability`]: a Wing & Gong / Lowe checker for single-key histories.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cache_workload;
+pub mod linearizability;
 pub mod net;
+pub mod schedule;
 pub mod world;
