@@ -45,6 +45,8 @@ pub struct RunOptions {
     pub backups: u8,
     /// Partition count.
     pub partition_count: u32,
+    /// Wall-clock budget of the run: past it the seed fails as a livelock.
+    pub wall_budget: Duration,
 }
 
 impl RunOptions {
@@ -57,6 +59,7 @@ impl RunOptions {
             partitions: true,
             backups: 1,
             partition_count: 271,
+            wall_budget: Duration::from_secs(120),
         }
     }
 
@@ -351,7 +354,10 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
         history: Vec::new(),
     };
     let mut world = match World::start(config).await {
-        Ok(w) => w,
+        Ok(mut w) => {
+            w.wall_deadline = Some(std::time::Instant::now() + opts.wall_budget);
+            w
+        }
         Err(e) => {
             report.violations.push(format!("members did not start: {e}"));
             return finish(report, opts, &[], &[]);
@@ -394,6 +400,9 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
     }
     let mut notes = Vec::new();
     for s in &schedule.faults {
+        if world.out_of_time.is_some() {
+            break;
+        }
         let at = workload_start + s.at;
         if Instant::now() < at {
             let wait = at - Instant::now();
@@ -415,14 +424,31 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
         }
     }
     let end = workload_start + opts.duration;
-    if Instant::now() < end {
+    if Instant::now() < end && world.out_of_time.is_none() {
         world.run_for(end - Instant::now()).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if world.out_of_time.is_some() {
+        for c in &clients {
+            c.abort();
+        }
+    }
     for c in clients {
         let _ = c.await;
     }
     if world.run_until(SETTLE_LIMIT, |w| w.settled()).await.is_none() {
+        if let Some(at) = world.out_of_time {
+            report.violations.push(format!(
+                "livelock: the run used its wall-clock budget ({:?}) at {:.3}s simulated \
+                 (simulated time crawled: a busy retry loop?); {}",
+                opts.wall_budget,
+                at.as_secs_f64(),
+                world.observe()
+            ));
+            report.simulated = world.elapsed();
+            report.digest = world.digest();
+            return finish(report, opts, &[], &[]);
+        }
         report.violations.push(format!(
             "the cluster did not settle within {SETTLE_LIMIT:?} after the faults: {}",
             world.observe()

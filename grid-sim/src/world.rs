@@ -110,6 +110,11 @@ pub struct World {
     pub slots: Vec<Slot>,
     /// When the world started (simulated clock).
     pub start: Instant,
+    /// Wall-clock deadline of the run: past it, [`World::run_until`] stops waiting and
+    /// [`World::out_of_time`] is set (a livelock: simulated time crawls or stands still).
+    pub wall_deadline: Option<std::time::Instant>,
+    /// Whether the wall-clock deadline passed (the simulated time then, for the report).
+    pub out_of_time: Option<Duration>,
     last_observed: String,
 }
 
@@ -159,6 +164,8 @@ impl World {
             config,
             slots,
             start: Instant::now(),
+            wall_deadline: None,
+            out_of_time: None,
             last_observed: String::new(),
         };
         for i in 0..world.config.members {
@@ -330,6 +337,14 @@ impl World {
                 return Some(from.elapsed());
             }
             if from.elapsed() >= limit {
+                return None;
+            }
+            if self.out_of_time.is_some()
+                || self
+                    .wall_deadline
+                    .is_some_and(|d| std::time::Instant::now() > d)
+            {
+                self.out_of_time.get_or_insert(self.elapsed());
                 return None;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

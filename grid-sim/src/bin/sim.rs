@@ -52,6 +52,106 @@ struct Args {
     /// Print each failing seed's full report (default: the first 3).
     #[arg(long, default_value_t = 3)]
     reports: usize,
+    /// Wall-clock seconds a seed may take before it fails as a livelock (each seed of a
+    /// range runs in a child process, killed past this).
+    #[arg(long, default_value_t = 120)]
+    wall_budget: u64,
+    /// Internal: run the one seed of `--seed` and print its outcome as JSON (how the
+    /// parent runs each seed in a child process).
+    #[arg(long, hide = true)]
+    child: bool,
+}
+
+/// What one seed gave, as the child reports it.
+struct Outcome {
+    violations: Vec<String>,
+    simulated_ms: u64,
+    report: Option<String>,
+}
+
+/// Runs `seed` in a child process (so that a livelocked seed can be stopped), killed after
+/// the wall budget.
+fn run_child(args: &Args, seed: u64, duration: Duration) -> Outcome {
+    let fail = |why: String| Outcome {
+        violations: vec![why],
+        simulated_ms: 0,
+        report: None,
+    };
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return fail(format!("cannot find the sim binary: {e}")),
+    };
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([
+        "--child",
+        "--seed",
+        &seed.to_string(),
+        "--members",
+        &args.members.to_string(),
+        "--seconds",
+        &duration.as_secs().to_string(),
+        "--wall-budget",
+        &args.wall_budget.to_string(),
+    ]);
+    if args.no_partitions {
+        cmd.arg("--no-partitions");
+    }
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot start a child: {e}")),
+    };
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+        out
+    });
+    let deadline = Instant::now() + Duration::from_secs(args.wall_budget + 10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = reader.join();
+                return fail(format!(
+                    "livelock or hang: no result within the wall budget of {} s \
+                     (simulated time stood still)",
+                    args.wall_budget
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return fail(format!("child lost: {e}")),
+        }
+    }
+    let out = reader.join().unwrap_or_default();
+    let Some(v) = out
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    else {
+        return fail("the child ended without a result (crashed or panicked)".into());
+    };
+    Outcome {
+        violations: v["violations"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+            .unwrap_or_default(),
+        simulated_ms: v["simulated_ms"].as_u64().unwrap_or(0),
+        report: v["report"].as_str().map(str::to_string),
+    }
+}
+
+fn progress(bar: &ProgressBar, failed: &Mutex<Vec<u64>>, simulated_ms: &AtomicU64, wall: Instant) {
+    let n_failed = failed.lock().unwrap_or_else(|e| e.into_inner()).len();
+    let sim_s = simulated_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+    bar.set_message(format!(
+        "{n_failed} failed, {:.0}x real time",
+        sim_s / wall.elapsed().as_secs_f64().max(1e-9)
+    ));
+    bar.inc(1);
 }
 
 fn main() -> Result<()> {
@@ -70,6 +170,29 @@ fn main() -> Result<()> {
         args.seconds
             .unwrap_or_else(|| (args.minutes * 60.0).round() as u64),
     );
+    if args.child {
+        let seed = args.seed.unwrap_or(0);
+        let opts = RunOptions {
+            seed,
+            members: args.members,
+            duration,
+            partitions: !args.no_partitions,
+            wall_budget: Duration::from_secs(args.wall_budget),
+            ..RunOptions::new(seed)
+        };
+        let r = cache_workload::run(&opts);
+        println!(
+            "{}",
+            serde_json::json!({
+                "seed": seed,
+                "violations": r.violations,
+                "simulated_ms": r.simulated.as_millis() as u64,
+                "digest": format!("{:016x}", r.digest),
+                "report": r.report,
+            })
+        );
+        return Ok(());
+    }
     let seeds: Vec<u64> = match args.seed {
         Some(s) => vec![s],
         None => (args.first_seed..args.first_seed + args.seeds).collect(),
@@ -97,29 +220,61 @@ fn main() -> Result<()> {
                     members: args.members,
                     duration,
                     partitions: !args.no_partitions,
+                    wall_budget: Duration::from_secs(args.wall_budget),
                     ..RunOptions::new(seed)
                 };
+                if seeds.len() > 1 {
+                    let r = run_child(&args, seed, duration);
+                    simulated_ms.fetch_add(r.simulated_ms, Ordering::Relaxed);
+                    if !r.violations.is_empty() {
+                        failed.lock().unwrap_or_else(|e| e.into_inner()).push(seed);
+                        let line = format!(
+                            "seed {seed} FAILED: {} (reproduce: {})",
+                            r.violations.join("; "),
+                            opts.reproduce()
+                        );
+                        if bar.is_hidden() {
+                            println!("{line}");
+                        } else {
+                            bar.println(line);
+                        }
+                        if let Some(rep) = r.report {
+                            reports.lock().unwrap_or_else(|e| e.into_inner()).push(rep);
+                        }
+                    }
+                    progress(&bar, &failed, &simulated_ms, wall);
+                    continue;
+                }
                 let r = cache_workload::run(&opts);
+                if seeds.len() == 1 {
+                    println!(
+                        "seed {seed}: digest {:016x}, {} operations ({} unanswered), {:.3}s simulated\n{}",
+                        r.digest,
+                        r.ops,
+                        r.unknown,
+                        r.simulated.as_secs_f64(),
+                        r.schedule
+                    );
+                }
                 simulated_ms.fetch_add(r.simulated.as_millis() as u64, Ordering::Relaxed);
                 if !r.violations.is_empty() {
                     let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
                     f.push(seed);
-                    bar.println(format!(
+                    let line = format!(
                         "seed {seed} FAILED: {} (reproduce: {})",
                         r.violations.join("; "),
                         opts.reproduce()
-                    ));
+                    );
+                    if bar.is_hidden() {
+                        println!("{line}");
+                    } else {
+                        bar.println(line);
+                    }
                     if let Some(rep) = r.report {
                         reports.lock().unwrap_or_else(|e| e.into_inner()).push(rep);
                     }
                 }
-                let n_failed = failed.lock().unwrap_or_else(|e| e.into_inner()).len();
-                let sim_s = simulated_ms.load(Ordering::Relaxed) as f64 / 1000.0;
-                bar.set_message(format!(
-                    "{n_failed} failed, {:.0}x real time",
-                    sim_s / wall.elapsed().as_secs_f64().max(1e-9)
-                ));
-                bar.inc(1);
+                progress(&bar, &failed, &simulated_ms, wall);
             });
         }
     });
