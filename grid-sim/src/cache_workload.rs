@@ -527,6 +527,9 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
     }
     report.simulated = world.elapsed();
     report.digest = world.digest();
+    if let (Some(trace), Ok(path)) = (world.net.trace(), std::env::var("SIM_TRACE")) {
+        let _ = std::fs::write(path, trace.join("\n"));
+    }
     let notes: Vec<String> = notes
         .into_iter()
         .map(|(t, f, n)| format!("  {:>9.3}s  {f}{}", t.as_secs_f64(), n.map(|n| format!("  ({n})")).unwrap_or_default()))

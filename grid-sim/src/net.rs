@@ -106,6 +106,8 @@ struct State {
     digest_deliveries: bool,
     /// When the network was made: times in the digest are relative to it.
     start: Instant,
+    /// The event log itself, when kept (`SIM_TRACE` set: to find where two runs differ).
+    trace: Option<Vec<String>>,
 }
 
 struct Shared {
@@ -146,6 +148,7 @@ impl SimNet {
                 digest: xxhash_rust::xxh3::Xxh3::new(),
                 digest_deliveries: true,
                 start: Instant::now(),
+                trace: std::env::var_os("SIM_TRACE").map(|_| Vec::new()),
             }),
             wake_driver: Notify::new(),
         });
@@ -257,6 +260,14 @@ impl SimNet {
             .as_nanos() as u64;
         st.digest.update(&t.to_le_bytes());
         st.digest.update(event);
+        if let Some(trace) = &mut st.trace {
+            trace.push(format!("{t} {}", String::from_utf8_lossy(event)));
+        }
+    }
+
+    /// The event log, if kept (`SIM_TRACE`).
+    pub fn trace(&self) -> Option<Vec<String>> {
+        self.lock().trace.clone()
     }
 
     /// The digest of every delivery and recorded event so far.
@@ -382,6 +393,9 @@ impl State {
                 self.digest.update(d.from.to_string().as_bytes());
                 self.digest.update(d.to.to_string().as_bytes());
                 self.digest.update(&len.to_le_bytes());
+                if let Some(trace) = &mut self.trace {
+                    trace.push(format!("{t} {} -> {} {len}", d.from, d.to));
+                }
             }
         }
         wake
