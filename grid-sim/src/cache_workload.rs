@@ -166,11 +166,14 @@ async fn open_cache(world: &World, i: usize) -> anyhow::Result<Cache<String, i64
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("member {i} is not running"))?;
     let cache = grid.cache::<String, i64>("kv").await?;
-    cache.register_processor("incr", |entry: &mut grid::ProcessorEntry<String, i64>, (): ()| {
-        let next = entry.value().copied().unwrap_or(0) + 1;
-        entry.set_value(next);
-        next
-    });
+    cache.register_processor(
+        "incr",
+        |entry: &mut grid::ProcessorEntry<String, i64>, (): ()| {
+            let next = entry.value().copied().unwrap_or(0) + 1;
+            entry.set_value(next);
+            next
+        },
+    );
     Ok(cache)
 }
 
@@ -359,11 +362,17 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
             w
         }
         Err(e) => {
-            report.violations.push(format!("members did not start: {e}"));
+            report
+                .violations
+                .push(format!("members did not start: {e}"));
             return finish(report, opts, &[], &[]);
         }
     };
-    if world.run_until(SETTLE_LIMIT, |w| w.settled()).await.is_none() {
+    if world
+        .run_until(SETTLE_LIMIT, |w| w.settled())
+        .await
+        .is_none()
+    {
         report.violations.push(format!(
             "the cluster did not form within {SETTLE_LIMIT:?}: {}",
             world.observe()
@@ -376,7 +385,9 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
     for i in 0..opts.members {
         match open_cache(&world, i).await {
             Ok(c) => caches.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(c),
-            Err(e) => report.violations.push(format!("cache not opened on m{i}: {e}")),
+            Err(e) => report
+                .violations
+                .push(format!("cache not opened on m{i}: {e}")),
         }
     }
     let history = Arc::new(Mutex::new(Vec::new()));
@@ -409,7 +420,9 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
             world.run_for(wait).await;
         }
         let note = apply(&mut world, &caches, &s.fault).await;
-        world.net.record(format!("{:?} {:?}", s.fault, note).as_bytes());
+        world
+            .net
+            .record(format!("{:?} {:?}", s.fault, note).as_bytes());
         notes.push((world.elapsed(), format!("{:?}", s.fault), note));
     }
     // The faults end: heal, resume, restart whoever is down.
@@ -436,7 +449,11 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
     for c in clients {
         let _ = c.await;
     }
-    if world.run_until(SETTLE_LIMIT, |w| w.settled()).await.is_none() {
+    if world
+        .run_until(SETTLE_LIMIT, |w| w.settled())
+        .await
+        .is_none()
+    {
         if let Some(at) = world.out_of_time {
             report.violations.push(format!(
                 "livelock: the run used its wall-clock budget ({:?}) at {:.3}s simulated \
@@ -532,7 +549,13 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
     }
     let notes: Vec<String> = notes
         .into_iter()
-        .map(|(t, f, n)| format!("  {:>9.3}s  {f}{}", t.as_secs_f64(), n.map(|n| format!("  ({n})")).unwrap_or_default()))
+        .map(|(t, f, n)| {
+            format!(
+                "  {:>9.3}s  {f}{}",
+                t.as_secs_f64(),
+                n.map(|n| format!("  ({n})")).unwrap_or_default()
+            )
+        })
         .collect();
     finish(report, opts, &history, &bad_keys).with_notes(&notes)
 }
@@ -549,12 +572,21 @@ impl SeedReport {
     }
 }
 
-fn finish(mut report: SeedReport, opts: &RunOptions, history: &[Record], keys: &[usize]) -> SeedReport {
+fn finish(
+    mut report: SeedReport,
+    opts: &RunOptions,
+    history: &[Record],
+    keys: &[usize],
+) -> SeedReport {
     if report.violations.is_empty() {
         return report;
     }
     let mut r = String::new();
-    let _ = writeln!(r, "seed {} FAILED ({} members, {:?} simulated)", opts.seed, opts.members, report.simulated);
+    let _ = writeln!(
+        r,
+        "seed {} FAILED ({} members, {:?} simulated)",
+        opts.seed, opts.members, report.simulated
+    );
     for v in &report.violations {
         let _ = writeln!(r, "  violation: {v}");
     }
@@ -567,11 +599,15 @@ fn finish(mut report: SeedReport, opts: &RunOptions, history: &[Record], keys: &
                 r,
                 "  [{:>12.6}s → {}] client {} on m{}: {:?}{}",
                 h.call as f64 / 1e9,
-                h.ret.map_or("?".to_string(), |t| format!("{:.6}s", t as f64 / 1e9)),
+                h.ret
+                    .map_or("?".to_string(), |t| format!("{:.6}s", t as f64 / 1e9)),
                 h.client,
                 h.member,
                 h.op,
-                h.error.as_ref().map(|e| format!(" error: {e}")).unwrap_or_default()
+                h.error
+                    .as_ref()
+                    .map(|e| format!(" error: {e}"))
+                    .unwrap_or_default()
             );
         }
     }

@@ -13,6 +13,7 @@
 //!   kinds are on).
 //! - [`cache_workload`]: clients, the fault runner and the cache checkers; the next
 //!   services (locks, executor, scheduler) add a module of the same shape.
+//! - [`scale`]: the figures of a large cluster (100 members) in simulated time.
 //! - [`linearizability`]: a Wing & Gong / Lowe checker for single-key histories.
 
 #![forbid(unsafe_code)]
@@ -21,5 +22,6 @@
 pub mod cache_workload;
 pub mod linearizability;
 pub mod net;
+pub mod scale;
 pub mod schedule;
 pub mod world;

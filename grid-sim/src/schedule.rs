@@ -162,7 +162,11 @@ impl Schedule {
                         loss,
                         duplicate: [0.0, 0.01, 0.1][rng.gen_range(0..3)],
                     };
-                    (Fault::Wire(w), Fault::CleanWire, ms(&mut rng, 2_000, 20_000))
+                    (
+                        Fault::Wire(w),
+                        Fault::CleanWire,
+                        ms(&mut rng, 2_000, 20_000),
+                    )
                 }
                 1 => (Fault::Kill(m), Fault::Restart(m), ms(&mut rng, 500, 15_000)),
                 2 => (Fault::Pause(m), Fault::Resume(m), ms(&mut rng, 100, 6_000)),
@@ -186,7 +190,10 @@ impl Schedule {
                 }
                 _ => (Fault::Leave(m), Fault::Join(m), ms(&mut rng, 1_000, 10_000)),
             };
-            faults.push(Scheduled { at: t, fault: start });
+            faults.push(Scheduled {
+                at: t,
+                fault: start,
+            });
             let end_at = (t + hold).min(window);
             faults.push(Scheduled {
                 at: end_at,

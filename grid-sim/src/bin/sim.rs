@@ -19,7 +19,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Parser, Debug)]
 #[command(about = "Deterministic simulation of a grid cluster under random faults")]
 struct Args {
-    /// Workload: `cache` (the next services add `locks`, `exec`, `sched`).
+    /// Workload: `cache`, or `scale` (the figures of `--members` members; the next
+    /// services add `locks`, `exec`, `sched`).
     #[arg(long, default_value = "cache")]
     workload: String,
     /// How many seeds to run (from --first-seed).
@@ -137,7 +138,11 @@ fn run_child(args: &Args, seed: u64, duration: Duration) -> Outcome {
     Outcome {
         violations: v["violations"]
             .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default(),
         simulated_ms: v["simulated_ms"].as_u64().unwrap_or(0),
         report: v["report"].as_str().map(str::to_string),
@@ -163,8 +168,13 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if args.workload == "scale" {
+        let r = grid_sim::scale::run(args.seed.unwrap_or(1), args.members);
+        println!("{r}");
+        return Ok(());
+    }
     if args.workload != "cache" {
-        bail!("unknown workload {:?} (known: cache)", args.workload);
+        bail!("unknown workload {:?} (known: cache, scale)", args.workload);
     }
     let duration = Duration::from_secs(
         args.seconds
