@@ -155,6 +155,8 @@ pub struct Record {
 }
 
 type Caches = Arc<Mutex<Vec<Option<Cache<String, i64>>>>>;
+/// A final read: the member and what it read.
+type FinalRead = (usize, Result<Option<i64>, String>);
 
 fn key_name(k: usize) -> String {
     format!("k{k}")
@@ -473,7 +475,7 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
     }
     // Final reads: every member, every key.
     let ns = || Instant::now().saturating_duration_since(start).as_nanos() as u64;
-    let mut finals: BTreeMap<usize, Vec<(usize, Result<Option<i64>, String>)>> = BTreeMap::new();
+    let mut finals: BTreeMap<usize, Vec<FinalRead>> = BTreeMap::new();
     for m in world.running() {
         let cache = caches.lock().unwrap_or_else(|e| e.into_inner())[m].clone();
         let Some(cache) = cache else { continue };
