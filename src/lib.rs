@@ -69,6 +69,8 @@ pub struct GridBuilder {
     config: GridConfig,
     /// A listener for the metrics endpoint, bound by the caller.
     metrics_listener: Option<Arc<std::net::TcpListener>>,
+    /// Sockets and seeds from a simulated environment (the simulator); `None`: the OS's.
+    environment: Option<Arc<dyn grid_net::environment::NetEnvironment>>,
 }
 
 impl GridBuilder {
@@ -245,6 +247,18 @@ impl GridBuilder {
         self
     }
 
+    /// Takes sockets, the generation and protocol seeds from `environment` instead of the
+    /// OS: how the deterministic simulator (`grid-sim`) runs members on its in-memory
+    /// network. See `grid_net::environment`.
+    #[doc(hidden)]
+    pub fn environment(
+        mut self,
+        environment: Arc<dyn grid_net::environment::NetEnvironment>,
+    ) -> Self {
+        self.environment = Some(environment);
+        self
+    }
+
     /// The configuration built so far.
     pub fn build_config(&self) -> &GridConfig {
         &self.config
@@ -272,7 +286,9 @@ impl GridBuilder {
             .as_ref()
             .map(|_| observe::install_recorder())
             .transpose()?;
-        let node = grid_net::node::Node::start(self.config.to_net_config()).await?;
+        let mut net_config = self.config.to_net_config();
+        net_config.environment = self.environment.clone();
+        let node = grid_net::node::Node::start(net_config).await?;
         let runtime = Runtime::start(
             node.transport().clone(),
             node.cluster().clone(),
@@ -340,6 +356,7 @@ impl Grid {
         GridBuilder {
             config,
             metrics_listener: None,
+            environment: None,
         }
         .start()
         .await

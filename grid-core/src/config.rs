@@ -303,6 +303,8 @@ impl GridConfig {
             membership: self.membership.clone(),
             // A member that splits keys differently would route them to the wrong owner.
             must_match: vec![("partitions".to_string(), self.partitions.count.to_string())],
+            // Real sockets; the simulator sets its own on the result.
+            environment: None,
         }
     }
 

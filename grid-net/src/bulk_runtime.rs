@@ -178,6 +178,12 @@ impl Runtime for OnRuntime {
         let _on = self.0.enter();
         quinn::TokioRuntime.wrap_udp_socket(sock)
     }
+
+    /// tokio's clock (quinn's default reads `std::time::Instant`), so that connections
+    /// follow a paused or simulated clock like the rest of grid.
+    fn now(&self) -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
 }
 
 #[cfg(test)]

@@ -167,4 +167,7 @@ pub struct NetConfig {
     /// Settings every member must agree on, checked at the handshake (filled by the layers
     /// above, e.g. the partition count).
     pub must_match: Vec<(String, String)>,
+    /// Sockets, generation and seeds from a simulated environment instead of the OS
+    /// (`None`, the default: real sockets). See [`crate::environment`].
+    pub environment: Option<std::sync::Arc<dyn crate::environment::NetEnvironment>>,
 }

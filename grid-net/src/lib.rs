@@ -12,6 +12,7 @@
 //! - [`codec`]: MessagePack encoding of values.
 //! - `socket`: the UDP socket with a fault-injection switch ([`FaultSwitch`]).
 //! - [`bulk_runtime`]: the lower-priority runtime that carries bulk streams.
+//! - [`environment`]: the seam through which the simulator supplies sockets and seeds.
 //! - [`malloc`]: glibc allocator settings for processes that run members.
 //! - [`backoff`]: exponential backoff with seeded jitter, for retry loops ([`backoff::Backoff`]).
 
@@ -25,6 +26,7 @@ pub mod buffers;
 pub mod bulk_runtime;
 pub mod codec;
 pub mod config;
+pub mod environment;
 mod error;
 mod frame;
 mod gossip;

@@ -121,13 +121,30 @@ impl Node {
     /// finds them.
     pub async fn start(config: NetConfig) -> Result<Self, NetError> {
         let member_id = config.member_id.clone().unwrap_or_else(random_member_id);
-        let generation = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(1);
+        let generation = match &config.environment {
+            Some(env) => env.generation(),
+            None => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(1),
+        };
         let identity = identity(&config, &member_id)?;
-        let socket = bind_socket(&config)?;
-        let bound = socket.local_addr().map_err(|source| NetError::Bind {
+        let socket = match &config.environment {
+            Some(env) => {
+                Err(env
+                    .bind_udp(config.network.bind)
+                    .map_err(|source| NetError::Bind {
+                        addr: config.network.bind,
+                        source,
+                    })?)
+            }
+            None => Ok(bind_socket(&config)?),
+        };
+        let bound = match &socket {
+            Ok(os) => os.local_addr(),
+            Err(provided) => provided.local_addr(),
+        }
+        .map_err(|source| NetError::Bind {
             addr: config.network.bind,
             source,
         })?;
@@ -141,26 +158,39 @@ impl Node {
                 ),
             });
         }
-        let transport = Transport::from_socket(
-            socket,
-            Some(advertise),
-            &identity,
-            LocalMember {
-                cluster: config.cluster_name.clone(),
-                member_id: member_id.clone(),
-                generation,
-                settings: config.must_match.clone(),
-            },
-            TransportConfig {
-                max_frame_size: config.network.max_frame_size,
-                max_udp_payload: config.network.max_udp_payload,
-                bulk_endpoint: config.network.bulk_endpoint,
-                bulk_port: config.network.bulk_port,
-                bulk_priority: config.network.bulk_priority,
-                socket_buffer: config.network.socket_buffer,
-                ..TransportConfig::default()
-            },
-        )?;
+        let local_member = LocalMember {
+            cluster: config.cluster_name.clone(),
+            member_id: member_id.clone(),
+            generation,
+            settings: config.must_match.clone(),
+        };
+        let transport_config = TransportConfig {
+            max_frame_size: config.network.max_frame_size,
+            max_udp_payload: config.network.max_udp_payload,
+            bulk_endpoint: config.network.bulk_endpoint,
+            bulk_port: config.network.bulk_port,
+            bulk_priority: config.network.bulk_priority,
+            socket_buffer: config.network.socket_buffer,
+            ..TransportConfig::default()
+        };
+        let transport = match (socket, &config.environment) {
+            (Err(provided), Some(env)) => Transport::from_environment(
+                env.clone(),
+                provided,
+                Some(advertise),
+                &identity,
+                local_member,
+                transport_config,
+            )?,
+            (Ok(os), _) => Transport::from_socket(
+                os,
+                Some(advertise),
+                &identity,
+                local_member,
+                transport_config,
+            )?,
+            (Err(_), None) => unreachable!("a provided socket comes with its environment"),
+        };
 
         let gossip_interval = config.membership.gossip_interval();
         let chitchat_config = ChitchatConfig {

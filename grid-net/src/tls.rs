@@ -337,14 +337,18 @@ const HANDSHAKE_WARNING_PEERS: usize = 1024;
 pub(crate) struct HandshakeWarnings {
     /// Per peer: when it was last warned about, and the failures since.
     peers: std::sync::Mutex<
-        std::collections::HashMap<std::net::SocketAddr, (std::time::Instant, u64)>,
+        std::collections::HashMap<std::net::SocketAddr, (tokio::time::Instant, u64)>,
     >,
 }
 
 impl HandshakeWarnings {
     /// Whether a failure from `peer` at `now` is to be logged as a warning: `Some(n)`
     /// with the `n` failures suppressed since the last warning, or `None` to count it only.
-    pub(crate) fn admit(&self, peer: std::net::SocketAddr, now: std::time::Instant) -> Option<u64> {
+    pub(crate) fn admit(
+        &self,
+        peer: std::net::SocketAddr,
+        now: tokio::time::Instant,
+    ) -> Option<u64> {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         if peers.len() >= HANDSHAKE_WARNING_PEERS && !peers.contains_key(&peer) {
             peers.clear();
@@ -390,7 +394,7 @@ mod tests {
         let limiter = HandshakeWarnings::default();
         let a: std::net::SocketAddr = "127.0.0.1:1000".parse().unwrap();
         let b: std::net::SocketAddr = "127.0.0.1:2000".parse().unwrap();
-        let t0 = std::time::Instant::now();
+        let t0 = tokio::time::Instant::now();
         assert_eq!(limiter.admit(a, t0), Some(0));
         for i in 1..=5 {
             assert_eq!(

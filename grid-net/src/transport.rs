@@ -18,7 +18,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::future::BoxFuture;
@@ -34,6 +36,7 @@ use tracing::{debug, info, trace, warn};
 use crate::backoff::Backoff;
 use crate::bulk_runtime::BulkPriority;
 use crate::codec;
+use crate::environment::NetEnvironment;
 use crate::frame::{read_frame, FrameError, FrameReader};
 use crate::mux::{
     self, LaneClass, LaneFrame, MuxClient, MuxError, Outgoing, MAX_LANE_TASKS, MUX_MAX_PAYLOAD,
@@ -177,7 +180,7 @@ struct SlotState {
     /// Waits between failed dials; `None` until a dial fails, and again after one succeeds.
     backoff: Option<Backoff>,
     /// No dial before this (tokio's clock, which a simulator drives).
-    retry_at: Option<tokio::time::Instant>,
+    retry_at: Option<Instant>,
     last_error: String,
     ordered: Option<mpsc::Sender<Bytes>>,
 }
@@ -327,6 +330,21 @@ fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) {
     );
 }
 
+/// A UDP socket from the OS, or one an environment provided (the simulator's).
+enum Bound {
+    Os(std::net::UdpSocket),
+    Provided(Arc<dyn quinn::AsyncUdpSocket>),
+}
+
+impl Bound {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Self::Os(s) => s.local_addr(),
+            Self::Provided(s) => s.local_addr(),
+        }
+    }
+}
+
 impl Transport {
     /// Binds the member's UDP socket at `bind` (and, with [`TransportConfig::bulk_endpoint`],
     /// the bulk endpoint's on the same address) and starts accepting connections.
@@ -351,14 +369,50 @@ impl Transport {
         local: LocalMember,
         config: TransportConfig,
     ) -> Result<Self, NetError> {
+        Self::start(Bound::Os(socket), advertise, identity, local, config, None)
+    }
+
+    /// As [`Transport::from_socket`], on a socket that `environment` (the simulator's
+    /// network) bound, with the bulk endpoint's socket and the QUIC endpoints' seeds taken
+    /// from it too. Everything, the bulk endpoint included, runs on the caller's runtime.
+    pub fn from_environment(
+        environment: Arc<dyn NetEnvironment>,
+        socket: Arc<dyn quinn::AsyncUdpSocket>,
+        advertise: Option<SocketAddr>,
+        identity: &Identity,
+        local: LocalMember,
+        config: TransportConfig,
+    ) -> Result<Self, NetError> {
+        Self::start(
+            Bound::Provided(socket),
+            advertise,
+            identity,
+            local,
+            config,
+            Some(environment),
+        )
+    }
+
+    fn start(
+        socket: Bound,
+        advertise: Option<SocketAddr>,
+        identity: &Identity,
+        local: LocalMember,
+        config: TransportConfig,
+        environment: Option<Arc<dyn NetEnvironment>>,
+    ) -> Result<Self, NetError> {
         let spawner = Handle::try_current()
             .map_err(|_| NetError::Tls("no tokio runtime: start the member inside one".into()))?;
         let faults = Arc::new(FaultSwitch::default());
-        // The bulk runtime (threads) only starts for a member that has a bulk endpoint.
-        let bulk_runtime = config
-            .bulk_endpoint
-            .then(|| crate::bulk_runtime::handle(config.bulk_priority))
-            .flatten();
+        // The bulk runtime (threads) only starts for a member that has a bulk endpoint; in
+        // a provided environment (the simulator) the bulk endpoint runs on the caller's.
+        let bulk_runtime = if !config.bulk_endpoint {
+            None
+        } else if environment.is_some() {
+            Some(spawner.clone())
+        } else {
+            crate::bulk_runtime::handle(config.bulk_priority)
+        };
         let bulk = match bulk_runtime {
             Some(on) => {
                 let ip = socket
@@ -369,8 +423,16 @@ impl Transport {
                     })?
                     .ip();
                 let addr = SocketAddr::new(ip, config.bulk_port);
-                let bulk_socket = std::net::UdpSocket::bind(addr)
-                    .map_err(|source| NetError::Bind { addr, source })?;
+                let bulk_socket = match &environment {
+                    Some(env) => Bound::Provided(
+                        env.bind_udp(addr)
+                            .map_err(|source| NetError::Bind { addr, source })?,
+                    ),
+                    None => Bound::Os(
+                        std::net::UdpSocket::bind(addr)
+                            .map_err(|source| NetError::Bind { addr, source })?,
+                    ),
+                };
                 let bulk_advertise = advertise.map(|a| {
                     let port = bulk_socket.local_addr().map_or(0, |b| b.port());
                     SocketAddr::new(a.ip(), port)
@@ -387,12 +449,14 @@ impl Transport {
                     faults.clone(),
                     on.clone(),
                     None,
+                    environment.as_ref().map(|e| e.seed("quic bulk")),
                 )?)
             }
             _ => None,
         };
+        let seed = environment.as_ref().map(|e| e.seed("quic"));
         let transport = Self::build(
-            socket, advertise, identity, local, config, faults, spawner, bulk,
+            socket, advertise, identity, local, config, faults, spawner, bulk, seed,
         )?;
         if let Some(bulk) = &transport.inner.bulk {
             let port = bulk.advertise_addr().port();
@@ -405,7 +469,7 @@ impl Transport {
 
     #[allow(clippy::too_many_arguments)]
     fn build(
-        socket: std::net::UdpSocket,
+        socket: Bound,
         advertise: Option<SocketAddr>,
         identity: &Identity,
         local: LocalMember,
@@ -413,13 +477,14 @@ impl Transport {
         faults: Arc<FaultSwitch>,
         spawner: Handle,
         bulk: Option<Self>,
+        rng_seed: Option<[u8; 32]>,
     ) -> Result<Self, NetError> {
         let bound = socket.local_addr().map_err(|source| NetError::Bind {
             addr: "0.0.0.0:0".parse().expect("literal address"),
             source,
         })?;
-        if config.socket_buffer > 0 {
-            set_socket_buffers(&socket, config.socket_buffer);
+        if let (Bound::Os(socket), true) = (&socket, config.socket_buffer > 0) {
+            set_socket_buffers(socket, config.socket_buffer);
         }
         let mut transport = quinn::TransportConfig::default();
         let idle = quinn::IdleTimeout::try_from(config.idle_timeout)
@@ -452,13 +517,19 @@ impl Transport {
 
         let runtime: Arc<dyn quinn::Runtime> =
             Arc::new(crate::bulk_runtime::OnRuntime(spawner.clone()));
-        let udp = runtime
-            .wrap_udp_socket(socket)
-            .map_err(|source| NetError::Bind {
-                addr: bound,
-                source,
-            })?;
+        let udp = match socket {
+            Bound::Os(socket) => {
+                runtime
+                    .wrap_udp_socket(socket)
+                    .map_err(|source| NetError::Bind {
+                        addr: bound,
+                        source,
+                    })?
+            }
+            Bound::Provided(socket) => socket,
+        };
         let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config.rng_seed(rng_seed);
         endpoint_config
             .max_udp_payload_size(max_udp_payload)
             .map_err(|e| NetError::Tls(format!("max UDP payload: {e}")))?;
@@ -692,7 +763,7 @@ impl Transport {
         {
             let st = slot.lock();
             if let Some(at) = st.retry_at {
-                let now = tokio::time::Instant::now();
+                let now = Instant::now();
                 if at > now {
                     return Err(NetError::Unreachable {
                         addr,
@@ -738,7 +809,7 @@ impl Transport {
                 });
                 // No attempt cap: a peer is dialed again as long as someone asks for it.
                 let delay = backoff.next_delay().unwrap_or(config.max_backoff);
-                st.retry_at = Some(tokio::time::Instant::now() + delay);
+                st.retry_at = Some(Instant::now() + delay);
                 st.last_error = e.to_string();
                 Err(e)
             }

@@ -25,6 +25,9 @@ type Job = Box<dyn FnOnce() + Send>;
 /// The copy threads of one runtime. The threads end when the last handle is dropped.
 pub(crate) struct Background {
     jobs: mpsc::Sender<Job>,
+    /// Jobs run on the caller's thread (a deterministic simulation: see
+    /// `grid_net::environment::single_threaded`); no thread is started.
+    inline: bool,
 }
 
 impl Background {
@@ -37,6 +40,10 @@ impl Background {
         priority: grid_net::bulk_runtime::BulkPriority,
     ) -> Self {
         let (tx, rx) = mpsc::channel::<Job>(QUEUE);
+        let inline = grid_net::environment::single_threaded();
+        if inline {
+            return Self { jobs: tx, inline };
+        }
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..threads.max(1) {
             let rx = rx.clone();
@@ -58,7 +65,7 @@ impl Background {
                 warn!(error = %e, "no copy thread started");
             }
         }
-        Self { jobs: tx }
+        Self { jobs: tx, inline }
     }
 
     /// Runs `f` on a copy thread and returns what it returned.
@@ -67,6 +74,10 @@ impl Background {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
+        if self.inline {
+            return std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+                .map_err(|_| "a copy job failed".to_string());
+        }
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move || {
             // A panic ends the job, not the thread; the caller sees the sender dropped.

@@ -413,6 +413,10 @@ impl Runtime {
     async fn take_snapshot(&self, slot: &ServiceSlot, p: u32) -> Result<super::Snapshot, String> {
         let service = slot.service.clone();
         let chunk_bytes = self.inner.config.chunk_bytes;
+        if grid_net::environment::single_threaded() {
+            // A deterministic simulation: on the one thread (`grid_net::environment`).
+            return Ok(service.snapshot(p, chunk_bytes));
+        }
         tokio::task::spawn_blocking(move || service.snapshot(p, chunk_bytes))
             .await
             .map_err(|e| format!("snapshot of partition {p} failed: {e}"))

@@ -1,11 +1,10 @@
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::prelude::*;
-use rand::rng;
 use tokio::net::lookup_host;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{Mutex, watch};
@@ -218,7 +217,7 @@ struct Server {
     command_rx: UnboundedReceiver<Command>,
     chitchat: Arc<Mutex<Chitchat>>,
     transport: Box<dyn Socket>,
-    rng: SmallRng,
+    rng: rand::rngs::StdRng,
 }
 
 impl Server {
@@ -227,7 +226,8 @@ impl Server {
         chitchat: Arc<Mutex<Chitchat>>,
         transport: Box<dyn Socket>,
     ) -> Self {
-        let rng = SmallRng::from_rng(&mut rng());
+        // grid patch: seedable per thread (see `crate::rng`).
+        let rng = crate::rng::new_rng();
         Self {
             chitchat,
             command_rx,
@@ -297,17 +297,17 @@ impl Server {
             .nodes()
             .filter(|chitchat_id| *chitchat_id != chitchat_guard.self_chitchat_id())
             .map(|chitchat_id| chitchat_id.gossip_advertise_addr)
-            .collect::<HashSet<_>>();
+            .collect::<BTreeSet<_>>();
         let live_nodes = chitchat_guard
             .live_nodes()
             .filter(|chitchat_id| *chitchat_id != chitchat_guard.self_chitchat_id())
             .map(|chitchat_id| chitchat_id.gossip_advertise_addr)
-            .collect::<HashSet<_>>();
+            .collect::<BTreeSet<_>>();
         let dead_nodes = chitchat_guard
             .dead_nodes()
             .map(|chitchat_id| chitchat_id.gossip_advertise_addr)
-            .collect::<HashSet<_>>();
-        let seed_nodes: HashSet<SocketAddr> = chitchat_guard
+            .collect::<BTreeSet<_>>();
+        let seed_nodes: BTreeSet<SocketAddr> = chitchat_guard
             .seed_nodes()
             .into_iter()
             .filter(|addr| *addr != chitchat_guard.self_chitchat_id().gossip_advertise_addr)
@@ -368,10 +368,10 @@ enum Command {
 
 fn select_nodes_for_gossip<R>(
     rng: &mut R,
-    peer_nodes: HashSet<SocketAddr>,
-    live_nodes: HashSet<SocketAddr>,
-    dead_nodes: HashSet<SocketAddr>,
-    seed_nodes: HashSet<SocketAddr>,
+    peer_nodes: BTreeSet<SocketAddr>,
+    live_nodes: BTreeSet<SocketAddr>,
+    dead_nodes: BTreeSet<SocketAddr>,
+    seed_nodes: BTreeSet<SocketAddr>,
 ) -> (Vec<SocketAddr>, Option<SocketAddr>, Option<SocketAddr>)
 where
     R: Rng + ?Sized,
@@ -418,7 +418,7 @@ where
 /// Selects a dead node to gossip with, with some probability.
 fn select_dead_node_to_gossip_with<R>(
     rng: &mut R,
-    dead_nodes: &HashSet<SocketAddr>,
+    dead_nodes: &BTreeSet<SocketAddr>,
     live_nodes_count: usize,
     dead_nodes_count: usize,
 ) -> Option<SocketAddr>
@@ -435,7 +435,7 @@ where
 /// Selects a seed node to gossip with, with some probability.
 fn select_seed_node_to_gossip_with<R>(
     rng: &mut R,
-    seed_nodes: &HashSet<SocketAddr>,
+    seed_nodes: &BTreeSet<SocketAddr>,
     live_nodes_count: usize,
     dead_nodes_count: usize,
 ) -> Option<SocketAddr>
@@ -486,7 +486,7 @@ mod tests {
         }
     }
 
-    fn to_hash_set<T: Eq + std::hash::Hash>(chitchat_ids: Vec<T>) -> std::collections::HashSet<T> {
+    fn to_hash_set<T: Ord>(chitchat_ids: Vec<T>) -> BTreeSet<T> {
         chitchat_ids.into_iter().collect()
     }
 
@@ -813,7 +813,7 @@ mod tests {
 
     #[test]
     fn test_gossip_no_dead_node_no_seed_nodes() {
-        let nodes: HashSet<SocketAddr> = (10_001..=10_005)
+        let nodes: BTreeSet<SocketAddr> = (10_001..=10_005)
             .map(ChitchatId::for_local_test)
             .map(|chitchat_id| chitchat_id.gossip_advertise_addr)
             .collect();
@@ -836,7 +836,7 @@ mod tests {
             .map(ChitchatId::for_local_test)
             .map(|chitchat_id| chitchat_id.gossip_advertise_addr)
             .collect();
-        let seeds: HashSet<SocketAddr> = nodes[3..5].iter().cloned().collect();
+        let seeds: BTreeSet<SocketAddr> = nodes[3..5].iter().cloned().collect();
         let mut rng = RngForTest::default();
         let (gossip_nodes, gossip_dead_node, gossip_seed_node) = select_nodes_for_gossip(
             &mut rng,

@@ -856,9 +856,10 @@ impl From<&ClusterState> for ClusterStateSnapshot {
     }
 }
 
+// grid patch: seedable per thread (see `crate::rng`).
 #[cfg(not(test))]
 fn random_generator() -> impl Rng {
-    rand::rng()
+    crate::rng::new_rng()
 }
 
 // We use a deterministic random generator in tests.
