@@ -980,9 +980,11 @@ mod tests {
     #[test]
     fn snapshot_round_trips_every_cache_and_expiry() {
         let s = CacheService::new(1);
+        // An idle time long enough that a slow machine does not expire the entries between
+        // the rebuild and the read (7 ms once failed under load).
         let far = WriteParams {
             ttl_ms: 3_600_000,
-            idle_ms: 7,
+            idle_ms: 600_000,
             ..Default::default()
         };
         for i in 0..1000u32 {
@@ -1007,7 +1009,9 @@ mod tests {
         assert_eq!(t.partition_len(0), 1000);
         let e = t.entries("a", 0..1, true);
         assert_eq!(e.len(), 500);
-        assert!(e.iter().all(|(_, v, _, idle)| v.len() == 100 && *idle == 7));
+        assert!(e
+            .iter()
+            .all(|(_, v, _, idle)| v.len() == 100 && *idle == 600_000));
     }
 
     #[test]

@@ -211,6 +211,9 @@ async fn newest_table(rt: &Runtime) -> PartitionTable {
     newest
 }
 
+/// How long a failed migration waits before the coordinator hears of it (and retries).
+const MIGRATION_RETRY_DELAY: Duration = Duration::from_millis(250);
+
 fn push_table(rt: &Runtime, table: PartitionTable) {
     rt.apply_table_from(&rt.inner.me.clone(), table.clone());
     let msg = Arc::new(TableMessage { table: Some(table) });
@@ -269,6 +272,11 @@ fn carry_out(
                 };
                 if let Err(e) = &outcome {
                     warn!(partition, %destination, error = %e, "migration failed; will retry");
+                    // Reported late, so that a migration failing for a lasting reason (a
+                    // destination whose table disagrees, after a split brain healed) is
+                    // retried a few times a second instead of in a spin that also stops a
+                    // simulator's clock (seeds 7, 17, 18 of `sim --workload cache`).
+                    tokio::time::sleep(MIGRATION_RETRY_DELAY).await;
                 }
                 debug!(partition, %source, %destination, ms = started.elapsed().as_secs_f64() * 1e3, "migration ended");
                 let _ = results
