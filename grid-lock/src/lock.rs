@@ -191,6 +191,12 @@ impl Locks {
         self.inner.handle.service()
     }
 
+    /// The service's handle (tests send raw operations, e.g. forged ones).
+    #[doc(hidden)]
+    pub fn handle(&self) -> &ServiceHandle<LockService> {
+        &self.inner.handle
+    }
+
     /// The partition of a lock (tests).
     #[doc(hidden)]
     pub fn partition_of(&self, name: &str) -> u32 {
