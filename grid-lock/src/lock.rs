@@ -427,11 +427,15 @@ impl ClusterLock {
     }
 }
 
+/// Whether a waiting acquire asks again after `e`: the runtime's deadline, an owner that
+/// vanished mid-call, or a parked call that the owner stopped waiting for (its operation
+/// timeout). Not: a member shutting down, a full queue of parked calls, ...
 fn retryable(e: &GridError) -> bool {
-    matches!(
-        e,
-        GridError::Timeout { .. } | GridError::Indeterminate(_) | GridError::Service(_)
-    )
+    match e {
+        GridError::Timeout { .. } | GridError::Indeterminate(_) => true,
+        GridError::Service(why) => why.starts_with("not woken within"),
+        _ => false,
+    }
 }
 
 /// Withdraws an acquire attempt whose future was dropped before its answer.

@@ -25,6 +25,8 @@ const EXPIRY_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 struct Local {
     /// Calls parked here (alive until woken, forgotten or disowned).
     live: HashSet<CallId>,
+    /// When the expiry timer is armed for (`None`: not armed, or fired).
+    armed: Option<Instant>,
 }
 
 /// The lock service of one member (registered on every member; lite members own nothing).
@@ -92,10 +94,15 @@ impl LockService {
         self.local.get(p as usize).map(lock)
     }
 
-    fn arm_expiry(at: Option<Instant>, fx: &mut Effects<Self>) {
-        if let Some(at) = at {
-            fx.arm_timer(EXPIRY, at);
+    /// Arms the expiry timer at `at` unless it is armed for an earlier time already (a
+    /// timer that fires early finds nothing expired and re-arms for the earliest lease).
+    fn arm_expiry(local: &mut Local, at: Option<Instant>, fx: &mut Effects<Self>) {
+        let Some(at) = at else { return };
+        if local.armed.is_some_and(|armed| armed <= at) {
+            return;
         }
+        local.armed = Some(at);
+        fx.arm_timer(EXPIRY, at);
     }
 }
 
@@ -172,30 +179,28 @@ impl PartitionService for LockService {
                 Output::Deadline(at) => earliest = Some(earliest.map_or(at, |e| e.min(at))),
             }
         }
-        drop(local);
-        // The timer fires at the earliest lease end it was armed for; renewals only push
-        // leases later, so firing early is harmless (`on_timer` re-arms).
-        if earliest.is_some() {
-            let next = self.part(p).and_then(|t| t.next_deadline());
-            Self::arm_expiry(next, fx);
-        }
+        // Renewals only push leases later: a timer armed for an earlier lease end fires
+        // early, harmlessly (`on_timer` re-arms).
+        Self::arm_expiry(&mut local, earliest, fx);
         Ok(())
     }
 
     fn on_owned(&self, ctx: &Ctx, fx: &mut Effects<Self>) {
         let p = ctx.partition;
-        if let Some(mut l) = self.local(p) {
-            l.live.clear();
-        }
         // A new owner (promoted backup, migration's destination) waits out a whole lease
         // before any lock can expire.
         let next = self.part(p).and_then(|mut t| t.restart_leases(ctx.now));
-        Self::arm_expiry(next, fx);
+        if let Some(mut l) = self.local(p) {
+            l.live.clear();
+            l.armed = None;
+            Self::arm_expiry(&mut l, next, fx);
+        }
     }
 
     fn on_disowned(&self, p: u32) {
         if let Some(mut l) = self.local(p) {
             l.live.clear();
+            l.armed = None;
         }
     }
 
@@ -228,12 +233,16 @@ impl PartitionService for LockService {
             .filter(|d| *d > ctx.now)
             .min();
         drop(t);
+        let Some(mut local) = self.local(ctx.partition) else {
+            return;
+        };
+        local.armed = None;
         if expired {
             fx.submit(Op::Expire);
             let retry = ctx.now + EXPIRY_RETRY;
-            Self::arm_expiry(Some(later.map_or(retry, |l| l.min(retry))), fx);
+            Self::arm_expiry(&mut local, Some(later.map_or(retry, |l| l.min(retry))), fx);
         } else {
-            Self::arm_expiry(later, fx);
+            Self::arm_expiry(&mut local, later, fx);
         }
     }
 
