@@ -302,7 +302,7 @@ pub enum Change {
         refuse: bool,
     },
     /// Several changes, in order.
-    Many(Vec<Change>),
+    Many(Vec<Self>),
 }
 
 /// What applying a change asks the owner to do.
