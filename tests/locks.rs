@@ -67,9 +67,9 @@ async fn three_members_times_64_tasks_times_100_increments_under_one_lock_make_1
         }
     }
     let all = futures::future::join_all(tasks);
-    let done = tokio::time::timeout(Duration::from_secs(240), all)
+    let done = tokio::time::timeout(Duration::from_secs(480), all)
         .await
-        .expect("19,200 increments did not finish in 240 s");
+        .expect("19,200 increments did not finish in 480 s");
     for d in done {
         d.unwrap();
     }
