@@ -536,11 +536,18 @@ async fn anti_entropy_repairs_a_backup_that_missed_a_change() {
     grids[backup].runtime().forget_replica_for_tests(p).await;
     // Anti-entropy notices the backup differs and resends the partition; then the owner
     // dies, and the promoted backup must have the acknowledged write.
-    let owners = grids[owner].runtime().replica_version_for_tests(p).await;
+    let owners = grids[owner]
+        .runtime()
+        .replica_version_for_tests("cache", p)
+        .await;
     assert!(owners > 0);
     assert!(
         eventually_async(Duration::from_secs(10), || async {
-            grids[backup].runtime().replica_version_for_tests(p).await == owners
+            grids[backup]
+                .runtime()
+                .replica_version_for_tests("cache", p)
+                .await
+                == owners
         })
         .await,
         "anti-entropy did not repair the backup"
