@@ -29,6 +29,7 @@
 //! - [`Grid`] / [`GridBuilder`]: start and stop a member; get its primitives.
 //! - [`Cluster`]: members, events, the leader (re-exported from `grid-net`).
 //! - [`Topic`]: cluster messages (re-exported from `grid-net`).
+//! - [`ClusterLock`] / [`KeyedLock`]: cluster locks with fencing tokens (`grid-lock`).
 //! - [`GridConfig`]: the configuration file and its environment overrides (`grid-core`).
 //! - [`METRICS`]: every metric grid records; a member serves them for Prometheus, with
 //!   health probes, when `metrics.listen` is set ([`GridBuilder::metrics_listen`]).
@@ -55,6 +56,7 @@ pub use grid_cache::{
 pub use grid_core::config::{MetricsConfig, PartitionConfig};
 pub use grid_core::runtime::{CoordinatorStatus, MemberStatus, MigrationStats};
 pub use grid_core::{codec, GridConfig, GridError};
+pub use grid_lock::{ClusterLock, KeyedLock, LockError, LockGuard, LockOwner, LockSettings, Locks};
 pub use grid_net::bulk_runtime::BulkPriority;
 pub use grid_net::config::{MembershipConfig, MulticastConfig, NetworkConfig, TlsConfig};
 pub use grid_net::malloc::keep_freed_memory;
@@ -71,6 +73,8 @@ pub struct GridBuilder {
     metrics_listener: Option<Arc<std::net::TcpListener>>,
     /// Sockets and seeds from a simulated environment (the simulator); `None`: the OS's.
     environment: Option<Arc<dyn grid_net::environment::NetEnvironment>>,
+    /// Settings of the member's locks.
+    lock_settings: LockSettings,
 }
 
 impl GridBuilder {
@@ -259,6 +263,13 @@ impl GridBuilder {
         self
     }
 
+    /// Settings of this member's locks (lease, clock drift bound, minimum cluster size for
+    /// the quorum; see [`LockSettings`]).
+    pub fn lock_settings(mut self, settings: LockSettings) -> Self {
+        self.lock_settings = settings;
+        self
+    }
+
     /// The configuration built so far.
     pub fn build_config(&self) -> &GridConfig {
         &self.config
@@ -299,6 +310,11 @@ impl GridBuilder {
             node.transport().clone(),
             node.cluster().clone(),
         );
+        let locks = Locks::start(
+            runtime.clone(),
+            node.cluster().clone(),
+            self.lock_settings.clone(),
+        );
         let probe = observe::Probe {
             runtime: runtime.clone(),
             cluster: node.cluster().clone(),
@@ -327,6 +343,7 @@ impl GridBuilder {
             node: Arc::new(node),
             runtime,
             caches,
+            locks,
             probe,
             endpoint,
         })
@@ -340,6 +357,7 @@ pub struct Grid {
     node: Arc<grid_net::node::Node>,
     runtime: Runtime,
     caches: grid_cache::Caches,
+    locks: Locks,
     probe: observe::Probe,
     /// The metrics and health endpoint, when served; it stops with the last clone.
     endpoint: Option<Arc<observe::Endpoint>>,
@@ -357,6 +375,7 @@ impl Grid {
             config,
             metrics_listener: None,
             environment: None,
+            lock_settings: LockSettings::default(),
         }
         .start()
         .await
@@ -446,6 +465,23 @@ impl Grid {
         E: std::fmt::Display,
     {
         grid_cache::reference::open(&self.caches, name, supplier).await
+    }
+
+    /// The cluster lock `name` (see [`ClusterLock`]): the same name is the same lock on
+    /// every member.
+    pub fn lock(&self, name: &str) -> ClusterLock {
+        self.locks.lock(name)
+    }
+
+    /// The keyed lock `name` (see [`KeyedLock`]): one lock per key of type `K`.
+    pub fn keyed_lock<K: Serialize>(&self, name: &str) -> KeyedLock<K> {
+        self.locks.keyed_lock(name)
+    }
+
+    /// This member's lock service: the quorum's expected cluster size and the operator's
+    /// call that lowers it ([`Locks::set_expected_members`]).
+    pub fn locks(&self) -> &Locks {
+        &self.locks
     }
 
     /// This member's caches (benchmarks and tests look inside).

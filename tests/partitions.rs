@@ -536,11 +536,18 @@ async fn anti_entropy_repairs_a_backup_that_missed_a_change() {
     grids[backup].runtime().forget_replica_for_tests(p).await;
     // Anti-entropy notices the backup differs and resends the partition; then the owner
     // dies, and the promoted backup must have the acknowledged write.
-    let owners = grids[owner].runtime().replica_version_for_tests(p).await;
+    let owners = grids[owner]
+        .runtime()
+        .replica_version_for_tests("cache", p)
+        .await;
     assert!(owners > 0);
     assert!(
         eventually_async(Duration::from_secs(10), || async {
-            grids[backup].runtime().replica_version_for_tests(p).await == owners
+            grids[backup]
+                .runtime()
+                .replica_version_for_tests("cache", p)
+                .await
+                == owners
         })
         .await,
         "anti-entropy did not repair the backup"
@@ -599,9 +606,12 @@ async fn an_anti_entropy_repair_streams_without_holding_the_partition_lock() {
     );
     // While the copy streams, the partition's lock (which writes, freezes and migrations
     // take) is free: taking it does not wait for the copy's end.
-    let version = tokio::time::timeout(Duration::from_secs(30), rt.replica_version_for_tests(p))
-        .await
-        .expect("the partition lock stayed taken");
+    let version = tokio::time::timeout(
+        Duration::from_secs(30),
+        rt.replica_version_for_tests("cache", p),
+    )
+    .await
+    .expect("the partition lock stayed taken");
     assert!(
         rt.copy_window().1.is_none(),
         "the partition's lock was held until the copy ended"
@@ -609,7 +619,11 @@ async fn an_anti_entropy_repair_streams_without_holding_the_partition_lock() {
     pass.await.unwrap();
     assert!(
         eventually_async(Duration::from_secs(20), || async {
-            grids[backup].runtime().replica_version_for_tests(p).await == version
+            grids[backup]
+                .runtime()
+                .replica_version_for_tests("cache", p)
+                .await
+                == version
         })
         .await,
         "anti-entropy did not repair the backup"

@@ -468,16 +468,15 @@ impl Runtime {
         }
     }
 
-    /// This member's version of `partition` (the lowest over its services; 0 for none): for
-    /// tests that wait for a replica to catch up.
+    /// This member's version of `partition` of `service` (0 for none): for tests that wait
+    /// for a replica to catch up. (Per service: another service's idle partition stays at
+    /// version 0 whatever happens to this one.)
     #[doc(hidden)]
-    pub async fn replica_version_for_tests(&self, partition: u32) -> u64 {
-        let mut lowest = None;
-        for slot in self.slots() {
-            let v = slot.replicas[partition as usize].lock().await.version;
-            lowest = Some(lowest.map_or(v, |l: u64| l.min(v)));
+    pub async fn replica_version_for_tests(&self, service: &str, partition: u32) -> u64 {
+        match self.slot(service) {
+            Some(slot) => slot.replicas[partition as usize].lock().await.version,
+            None => 0,
         }
-        lowest.unwrap_or(0)
     }
 
     /// Waits (at most 10 s) until `partition` has an owner in this member's table and, if

@@ -1,0 +1,313 @@
+//! The lock table on the runtime's service interface ([`PartitionService`]): one
+//! [`PartitionLocks`] per partition, decided under the partition's lock (`prepare`),
+//! replicated, applied on the owner and its backups (`apply`); grants pushed to parked
+//! callers with [`Effects::wake`]; lease expiry on one timer per partition; waiters whose
+//! caller gave up or whose member left removed by operations of the service's own.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use grid_core::runtime::service::*;
+use grid_net::membership::Cluster;
+use tokio::time::Instant;
+
+use crate::quorum::Quorum;
+use crate::table::{Answer, Change, Env, Op, Output, PartitionCopy, PartitionLocks, Reply};
+use crate::LockError;
+
+/// The expiry timer of a partition (one per partition: armed at its earliest lease end).
+const EXPIRY: u64 = 1;
+/// When an expiry could not run (its operation was dropped), try again this much later.
+const EXPIRY_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// What the owner of a partition knows that is not replicated.
+#[derive(Debug, Default)]
+struct Local {
+    /// Calls parked here (alive until woken, forgotten or disowned).
+    live: HashSet<CallId>,
+    /// When the expiry timer is armed for (`None`: not armed, or fired).
+    armed: Option<Instant>,
+}
+
+/// The lock service of one member (registered on every member; lite members own nothing).
+pub struct LockService {
+    parts: Vec<Mutex<PartitionLocks>>,
+    local: Vec<Mutex<Local>>,
+    quorum: Arc<Mutex<Quorum>>,
+    cluster: Cluster,
+}
+
+impl std::fmt::Debug for LockService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockService")
+            .field("partitions", &self.parts.len())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl LockService {
+    /// A service for `partitions` partitions, checking grants against `quorum` with the
+    /// data members `cluster` shows.
+    pub fn new(partitions: u32, quorum: Arc<Mutex<Quorum>>, cluster: Cluster) -> Self {
+        Self {
+            parts: (0..partitions).map(|_| Mutex::default()).collect(),
+            local: (0..partitions).map(|_| Mutex::default()).collect(),
+            quorum,
+            cluster,
+        }
+    }
+
+    /// Data members in this member's view.
+    pub fn live_data_members(&self) -> usize {
+        self.cluster
+            .members()
+            .iter()
+            .filter(|m| m.is_data_member())
+            .count()
+    }
+
+    /// Whether this member sees a quorum.
+    pub fn quorum(&self) -> Result<(), LockError> {
+        let live = self.live_data_members();
+        lock(&self.quorum).check(live)
+    }
+
+    /// Locks recorded in partition `p` (held or waited for).
+    pub fn locks_in(&self, p: u32) -> usize {
+        self.part(p).map(|t| t.records.len()).unwrap_or(0)
+    }
+
+    /// The table of partition `p` (tests look inside).
+    pub fn table(&self, p: u32) -> Option<PartitionLocks> {
+        self.part(p).map(|t| t.clone())
+    }
+
+    fn part(&self, p: u32) -> Option<MutexGuard<'_, PartitionLocks>> {
+        self.parts.get(p as usize).map(lock)
+    }
+
+    fn local(&self, p: u32) -> Option<MutexGuard<'_, Local>> {
+        self.local.get(p as usize).map(lock)
+    }
+
+    /// Arms the expiry timer at `at` unless it is armed for an earlier time already (a
+    /// timer that fires early finds nothing expired and re-arms for the earliest lease).
+    fn arm_expiry(local: &mut Local, at: Option<Instant>, fx: &mut Effects<Self>) {
+        let Some(at) = at else { return };
+        if local.armed.is_some_and(|armed| armed <= at) {
+            return;
+        }
+        local.armed = Some(at);
+        fx.arm_timer(EXPIRY, at);
+    }
+}
+
+fn bad_partition(p: u32) -> LockError {
+    LockError::BadCopy(format!("no partition {p}"))
+}
+
+impl PartitionService for LockService {
+    type Op = Op;
+    type Change = Change;
+    type Answer = Answer;
+    type Error = LockError;
+    type Message = ();
+
+    fn name(&self) -> &str {
+        "lock"
+    }
+
+    fn read(&self, ctx: &Ctx, op: &Op) -> Result<Answer, LockError> {
+        match op {
+            Op::IsLocked { lock } => {
+                let t = self
+                    .part(ctx.partition)
+                    .ok_or(bad_partition(ctx.partition))?;
+                Ok(Answer::Locked(t.is_locked(lock, ctx.now)))
+            }
+            _ => Err(LockError::NotARead),
+        }
+    }
+
+    fn prepare(&self, ctx: &Ctx, op: Op) -> Result<Prepared<Self>, LockError> {
+        let p = ctx.partition;
+        let quorum = self.quorum();
+        let live_calls: HashSet<CallId> = self.local(p).map(|l| l.live.clone()).unwrap_or_default();
+        let call = ctx.call;
+        let is_live = move |c: CallId| live_calls.contains(&c) || Some(c) == call;
+        let t = self.part(p).ok_or(bad_partition(p))?;
+        let env = Env {
+            now: ctx.now,
+            epoch: ctx.epoch,
+            me: &ctx.member,
+            caller: ctx.caller.as_deref(),
+            call: ctx.call,
+            quorum,
+            live: &is_live,
+        };
+        let decision = t.decide(op, &env)?;
+        Ok(match (decision.reply, decision.change) {
+            (Reply::Now(a), None) => Prepared::answer(a),
+            (Reply::Now(a), Some(c)) => Prepared::change(a, c),
+            (Reply::Park, Some(c)) => Prepared::park(c),
+            (Reply::Park, None) => return Err(LockError::NotHolder),
+        })
+    }
+
+    fn apply(&self, ctx: &Ctx, change: &Change, fx: &mut Effects<Self>) -> Result<(), LockError> {
+        let p = ctx.partition;
+        let outputs = {
+            let mut t = self.part(p).ok_or(bad_partition(p))?;
+            t.apply(change, ctx.now)
+        };
+        if ctx.role != Role::Owner {
+            return Ok(());
+        }
+        let mut local = self.local(p).ok_or(bad_partition(p))?;
+        note_parked(change, &mut local.live);
+        let mut earliest: Option<Instant> = None;
+        for o in outputs {
+            match o {
+                Output::Wake(call, answer) => {
+                    local.live.remove(&call);
+                    fx.wake(call, answer);
+                }
+                Output::Deadline(at) => earliest = Some(earliest.map_or(at, |e| e.min(at))),
+            }
+        }
+        // Renewals only push leases later: a timer armed for an earlier lease end fires
+        // early, harmlessly (`on_timer` re-arms).
+        Self::arm_expiry(&mut local, earliest, fx);
+        Ok(())
+    }
+
+    fn on_owned(&self, ctx: &Ctx, fx: &mut Effects<Self>) {
+        let p = ctx.partition;
+        // A new owner (promoted backup, migration's destination) waits out a whole lease
+        // before any lock can expire.
+        let next = self.part(p).and_then(|mut t| t.restart_leases(ctx.now));
+        if let Some(mut l) = self.local(p) {
+            l.live.clear();
+            l.armed = None;
+            Self::arm_expiry(&mut l, next, fx);
+        }
+    }
+
+    fn on_disowned(&self, p: u32) {
+        if let Some(mut l) = self.local(p) {
+            l.live.clear();
+            l.armed = None;
+        }
+    }
+
+    fn on_member_left(&self, ctx: &Ctx, member: &str, fx: &mut Effects<Self>) {
+        // Its waiters go; its holds stay until their lease runs out (the member may only be
+        // cut off, and still believe it holds them until then).
+        let has = self
+            .part(ctx.partition)
+            .is_some_and(|t| t.has_waiters_of(member));
+        if has {
+            fx.submit(Op::MemberLeft(member.to_string()));
+        }
+    }
+
+    fn on_timer(&self, ctx: &Ctx, timer: u64, fx: &mut Effects<Self>) {
+        if timer != EXPIRY {
+            return;
+        }
+        let Some(t) = self.part(ctx.partition) else {
+            return;
+        };
+        let expired = t
+            .records
+            .values()
+            .any(|r| r.holder.as_ref().is_some_and(|h| h.deadline <= ctx.now));
+        let later = t
+            .records
+            .values()
+            .filter_map(|r| r.holder.as_ref().map(|h| h.deadline))
+            .filter(|d| *d > ctx.now)
+            .min();
+        drop(t);
+        let Some(mut local) = self.local(ctx.partition) else {
+            return;
+        };
+        local.armed = None;
+        if expired {
+            fx.submit(Op::Expire);
+            let retry = ctx.now + EXPIRY_RETRY;
+            Self::arm_expiry(&mut local, Some(later.map_or(retry, |l| l.min(retry))), fx);
+        } else {
+            Self::arm_expiry(&mut local, later, fx);
+        }
+    }
+
+    fn on_abandoned(&self, ctx: &Ctx, call: CallId, fx: &mut Effects<Self>) {
+        if let Some(mut l) = self.local(ctx.partition) {
+            l.live.remove(&call);
+        }
+        fx.submit(Op::Forget(call));
+    }
+
+    fn snapshot(&self, partition: u32, _chunk_bytes: usize) -> Snapshot {
+        let copy = self
+            .part(partition)
+            .map(|t| t.to_copy(grid_core::clock::now()))
+            .unwrap_or_default();
+        match grid_core::codec::encode(&copy) {
+            Ok(bytes) => vec![bytes.into()],
+            Err(e) => {
+                tracing::error!(partition, error = %e, "lock table did not encode");
+                Vec::new()
+            }
+        }
+    }
+
+    fn rebuild(&self, partition: u32, chunks: Vec<bytes::Bytes>) -> Result<Rebuilt, LockError> {
+        let copy: PartitionCopy = match chunks.first() {
+            None => PartitionCopy::default(),
+            Some(chunk) => grid_core::codec::decode(chunk)
+                .map_err(|e| LockError::BadCopy(format!("partition {partition}: {e}")))?,
+        };
+        Ok(Box::new(copy))
+    }
+
+    fn install(&self, partition: u32, rebuilt: Rebuilt) -> Result<(), LockError> {
+        let copy = rebuilt
+            .downcast::<PartitionCopy>()
+            .map_err(|_| LockError::BadCopy("not a lock table".into()))?;
+        let table = PartitionLocks::from_copy(*copy, grid_core::clock::now())?;
+        *self.part(partition).ok_or(bad_partition(partition))? = table;
+        Ok(())
+    }
+
+    fn drop_partition(&self, partition: u32) {
+        if let Some(mut t) = self.part(partition) {
+            *t = PartitionLocks::default();
+        }
+    }
+
+    fn partition_len(&self, partition: u32) -> usize {
+        self.locks_in(partition)
+    }
+}
+
+/// Records the calls a change parks (owner-local knowledge of live calls).
+fn note_parked(change: &Change, live: &mut HashSet<CallId>) {
+    match change {
+        Change::Park { waiter, .. } => {
+            live.insert(waiter.call);
+        }
+        Change::Unpark { calls, .. } | Change::Free { dropped: calls, .. } => {
+            calls.iter().for_each(|c| {
+                live.remove(c);
+            });
+        }
+        Change::Many(changes) => changes.iter().for_each(|c| note_parked(c, live)),
+        _ => {}
+    }
+}
