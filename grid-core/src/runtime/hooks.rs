@@ -38,12 +38,13 @@ pub(crate) struct Parked {
 pub(crate) enum Written {
     /// With this response.
     Answered(OpResponse),
-    /// Parked: the answer comes on the receiver.
-    Parked(CallId, oneshot::Receiver<OpResponse>),
+    /// Parked: the answer comes on the receiver. The guard reports the call abandoned if
+    /// this value is dropped before the answer (its caller gave up even before the wait).
+    Parked(AbandonOnDrop, oneshot::Receiver<OpResponse>),
 }
 
 /// Reports a parked call whose caller gave up, unless it was answered first.
-struct AbandonOnDrop {
+pub(crate) struct AbandonOnDrop {
     runtime: Runtime,
     call: CallId,
 }
@@ -133,6 +134,14 @@ impl Runtime {
         Ok(rx)
     }
 
+    /// The guard of a parked call (see [`Written::Parked`]).
+    pub(super) fn abandon_guard(&self, call: CallId) -> AbandonOnDrop {
+        AbandonOnDrop {
+            runtime: self.clone(),
+            call,
+        }
+    }
+
     /// Forgets a parked call whose operation did not happen.
     pub(super) fn unpark(&self, call: CallId) {
         self.inner
@@ -146,13 +155,9 @@ impl Runtime {
     /// without one (the caller gave up, or the timeout) is reported to the service.
     pub(super) async fn wait_parked(
         &self,
-        call: CallId,
+        guard: AbandonOnDrop,
         answer: oneshot::Receiver<OpResponse>,
     ) -> OpResponse {
-        let guard = AbandonOnDrop {
-            runtime: self.clone(),
-            call,
-        };
         let got = tokio::time::timeout(self.inner.config.op_timeout, answer).await;
         drop(guard);
         match got {

@@ -147,7 +147,7 @@ impl Runtime {
         let written = tokio::spawn(async move { rt.write_local(&slot, p, &op, caller).await });
         match written.await {
             Ok(Written::Answered(response)) => response,
-            Ok(Written::Parked(call, answer)) => self.wait_parked(call, answer).await,
+            Ok(Written::Parked(guard, answer)) => self.wait_parked(guard, answer).await,
             Err(e) => OpResponse::Failed(format!("operation task failed: {e}")),
         }
     }
@@ -206,7 +206,7 @@ impl Runtime {
             },
         };
         let answered = |unreplicated: Option<String>| match (parked, &prepared.reply) {
-            (Some(rx), _) => Written::Parked(call, rx),
+            (Some(rx), _) => Written::Parked(self.abandon_guard(call), rx),
             (None, Some(answer)) => Written::Answered(match unreplicated {
                 None => OpResponse::Ok(answer.clone()),
                 Some(why) => OpResponse::Unreplicated {
