@@ -39,7 +39,7 @@ pub struct LockId {
     /// The name, at most [`MAX_NAME_BYTES`].
     pub name: String,
     /// The encoded key (MessagePack), at most [`MAX_KEY_BYTES`]; empty for a plain lock.
-    #[serde(with = "serde_bytes_compat")]
+    #[serde(with = "grid_core::codec::bin")]
     pub key: Vec<u8>,
 }
 
@@ -57,32 +57,6 @@ impl LockId {
             });
         }
         Ok(())
-    }
-}
-
-/// Bytes as a MessagePack binary, not an array of integers.
-mod serde_bytes_compat {
-    use serde::{Deserializer, Serializer};
-
-    pub(crate) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-        }
-        d.deserialize_byte_buf(V)
     }
 }
 
