@@ -54,6 +54,67 @@ pub async fn settled(grids: &[Grid], members: usize, timeout: Duration) -> bool 
     false
 }
 
+/// A redis-server child process on a free loopback port, killed when dropped.
+pub struct RedisServer {
+    child: std::process::Child,
+    /// Its loopback port.
+    pub port: u16,
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl RedisServer {
+    /// Starts one and waits until it answers PING; `None` when redis-server is not installed.
+    pub async fn start() -> anyhow::Result<Option<(Self, redis::Client)>> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = match std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(anyhow::Error::new(e).context("starting redis-server")),
+        };
+        let mut server = Self { child, port };
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", server.port))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = server.child.try_wait()? {
+                anyhow::bail!("redis-server exited at start-up: {status}");
+            }
+            if let Ok(Ok(mut c)) = tokio::time::timeout(
+                Duration::from_secs(1),
+                client.get_multiplexed_async_connection(),
+            )
+            .await
+            {
+                if let Ok(pong) = redis::cmd("PING").query_async::<String>(&mut c).await {
+                    if pong == "PONG" {
+                        return Ok(Some((server, client)));
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("redis-server on port {} did not answer PING", server.port);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,14 +29,13 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Parser;
 use grid::Grid;
-use grid_bench::settled;
+use grid_bench::{settled, RedisServer};
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -216,64 +215,6 @@ async fn grid_runs(args: &Args) -> anyhow::Result<(Run, Run, Run)> {
     Ok((uncontended, contended, keyed))
 }
 
-// ---- redis ----
-
-/// A redis-server child process on a free loopback port, killed when dropped.
-struct RedisServer {
-    child: Child,
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start_redis() -> anyhow::Result<Option<(RedisServer, redis::Client)>> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let child = match Command::new("redis-server")
-        .args(["--port", &port.to_string()])
-        .args(["--bind", "127.0.0.1"])
-        .args(["--save", ""])
-        .args(["--appendonly", "no"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).context("starting redis-server"),
-    };
-    let mut server = RedisServer { child };
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = server.child.try_wait()? {
-            bail!("redis-server exited at start-up: {status}");
-        }
-        if let Ok(Ok(mut c)) = tokio::time::timeout(
-            Duration::from_secs(1),
-            client.get_multiplexed_async_connection(),
-        )
-        .await
-        {
-            if let Ok(pong) = redis::cmd("PING").query_async::<String>(&mut c).await {
-                if pong == "PONG" {
-                    return Ok(Some((server, client)));
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("redis-server on port {port} did not answer PING");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Deletes the key only if it still holds our token.
 const UNLOCK: &str =
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
@@ -394,7 +335,7 @@ fn main() -> anyhow::Result<()> {
         let redis = if args.no_redis {
             None
         } else {
-            match start_redis().await? {
+            match RedisServer::start().await? {
                 Some((server, client)) => {
                     let runs = redis_runs(&args, &client).await?;
                     drop(server);

@@ -62,7 +62,6 @@ const ALLOCATOR_NAME: &str = if cfg!(feature = "mimalloc") {
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,7 +69,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use grid::{Cache, Grid};
-use grid_bench::settled;
+use grid_bench::{settled, RedisServer};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
@@ -284,68 +283,6 @@ async fn prime_near(grids: &[Grid], name: &str, keys: &Arc<[String]>) -> anyhow:
         t0.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-// ---- redis-server ----
-
-/// A redis-server child process on a free loopback port, killed when dropped.
-struct RedisServer {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl RedisServer {
-    /// Starts one and waits until it answers PING; `None` when redis-server is not installed.
-    async fn start() -> anyhow::Result<Option<(Self, redis::Client)>> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let child = match Command::new("redis-server")
-            .args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.1"])
-            .args(["--save", ""])
-            .args(["--appendonly", "no"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-        {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).context("starting redis-server"),
-        };
-        let mut server = Self { child, port };
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", server.port))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = server.child.try_wait()? {
-                bail!("redis-server exited at start-up: {status}");
-            }
-            if let Ok(Ok(mut c)) = tokio::time::timeout(
-                Duration::from_secs(1),
-                client.get_multiplexed_async_connection(),
-            )
-            .await
-            {
-                if let Ok(pong) = redis::cmd("PING").query_async::<String>(&mut c).await {
-                    if pong == "PONG" {
-                        return Ok(Some((server, client)));
-                    }
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("redis-server on port {} did not answer PING", server.port);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
 }
 
 async fn redis_version(conn: &mut redis::aio::MultiplexedConnection) -> String {
