@@ -1,0 +1,1 @@
+//! The bucketed executor (being built: issue 16).

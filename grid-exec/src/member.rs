@@ -1,0 +1,1 @@
+//! The member executor (being built: issue 16).

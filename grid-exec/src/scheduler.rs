@@ -1,0 +1,1 @@
+//! The cluster scheduler (being built: issue 17).
