@@ -89,6 +89,7 @@ pub const METRICS: &[MetricDoc] = &[
     m("grid_backup_misses_total", "counter", "", "Backups that did not acknowledge a change in time (left to anti-entropy)."),
     m("grid_anti_entropy_repairs_total", "counter", "", "Backup replicas repaired by anti-entropy."),
     m("grid_pauses_detected_total", "counter", "", "Times this member found it had been paused or starved past failure detection (it confirms its ownership before serving again)."),
+    m("grid_backup_gone_refusals_total", "counter", "", "Writes an owner refused (the caller retries) because a synchronous backup its table names is not a live member, until the next table replaces it."),
     m("grid_stale_owner_refusals_total", "counter", "", "Changes and partition copies refused because their sender no longer owns the partition (a paused or cut-off former owner)."),
     m("grid_async_backups_dropped_total", "counter", "", "Changes not sent to an asynchronous backup (its queue was full)."),
     m("grid_service_timers_armed", "gauge", "", "Timers armed by partitioned services on this member (lock leases, expiry checks)."),

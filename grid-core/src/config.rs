@@ -112,6 +112,11 @@ pub struct PartitionConfig {
     /// Milliseconds an owner waits for one backup's acknowledgement before it leaves that
     /// backup behind for anti-entropy to repair (default 5000).
     pub backup_timeout_ms: u64,
+    /// Milliseconds a member that sees only a minority of the members its partition table
+    /// was planned for waits before it coordinates anyway (default 30000; 0: never). While
+    /// it waits, it promotes nothing and publishes no table, so a member cut off or paused
+    /// does not make itself the owner of every partition.
+    pub minority_takeover_ms: u64,
 }
 
 impl Default for PartitionConfig {
@@ -125,6 +130,7 @@ impl Default for PartitionConfig {
             max_parallel_migrations: 8,
             anti_entropy_ms: 5_000,
             backup_timeout_ms: 5_000,
+            minority_takeover_ms: 30_000,
         }
     }
 }
@@ -349,6 +355,8 @@ impl GridConfig {
                 self.partitions.backup_timeout_ms.max(1),
             ),
             async_backups: self.partitions.async_backups,
+            minority_takeover: (self.partitions.minority_takeover_ms > 0)
+                .then(|| std::time::Duration::from_millis(self.partitions.minority_takeover_ms)),
             copy_priority: self.network.bulk_priority,
             ..crate::runtime::RuntimeConfig::default()
         }
@@ -630,6 +638,13 @@ pub const REFERENCE: &[KeyDoc] = &[
         "5000",
         "milliseconds",
         "How long an owner waits for a backup's acknowledgement.",
+    ),
+    k(
+        "partitions.minority_takeover_ms",
+        "",
+        "30000",
+        "milliseconds (0: never)",
+        "How long a member that sees only a minority of its table's members waits before it coordinates anyway.",
     ),
     k(
         "metrics.listen",

@@ -113,6 +113,19 @@ pub enum Op {
     Incr(Option<i64>),
 }
 
+impl Op {
+    /// The same operation with its answer forgotten (as if still pending).
+    fn unanswered(&self) -> Self {
+        match self {
+            Self::Get(_) => Self::Get(None),
+            Self::Put(v, _) => Self::Put(*v, None),
+            Self::PutIfAbsent(v, _) => Self::PutIfAbsent(*v, None),
+            Self::Remove(_) => Self::Remove(None),
+            Self::Incr(_) => Self::Incr(None),
+        }
+    }
+}
+
 /// The register a cache key is.
 pub struct KeyModel;
 
@@ -574,6 +587,50 @@ impl SeedReport {
     }
 }
 
+/// The length of the shortest prefix of `ops` (sorted by invocation) whose history is not
+/// linearizable, if the checker decides within its budget.
+fn first_failing_prefix(ops: &[&Record]) -> Option<usize> {
+    // The history as it stood when the n-th operation was invoked: operations answered
+    // later count as pending. A linearizable history stays linearizable cut this way (an
+    // operation answered by then saw only operations invoked before), so the search is
+    // monotone and the prefix it finds ends where the first wrong answer was given.
+    let fails = |n: usize| {
+        let cut = ops[n - 1].call;
+        let entries: Vec<Entry<Op>> = ops[..n]
+            .iter()
+            .map(|r| match r.ret {
+                Some(ret) if ret <= cut => Entry {
+                    call: r.call,
+                    ret: Some(ret),
+                    op: r.op.clone(),
+                },
+                _ => Entry {
+                    call: r.call,
+                    ret: None,
+                    op: r.op.unanswered(),
+                },
+            })
+            .collect();
+        linearizability::check::<KeyModel>(None, &entries, CHECK_BUDGET) == Some(false)
+    };
+    if !fails(ops.len()) {
+        return None;
+    }
+    let (mut lo, mut hi) = (1, ops.len());
+    if fails(1) {
+        return Some(1);
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fails(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Some(hi)
+}
+
 fn finish(
     mut report: SeedReport,
     opts: &RunOptions,
@@ -594,9 +651,19 @@ fn finish(
     }
     let _ = write!(r, "schedule: {}", report.schedule);
     for &key in keys {
-        let _ = writeln!(r, "last operations on {}:", key_name(key));
-        let ops: Vec<&Record> = history.iter().filter(|h| h.key == key).collect();
-        for h in ops.iter().skip(ops.len().saturating_sub(30)) {
+        let mut ops: Vec<&Record> = history.iter().filter(|h| h.key == key).collect();
+        ops.sort_by_key(|h| h.call);
+        // Where the history stops being linearizable: the shortest prefix (by invocation)
+        // that fails, found by bisection: it points at the fault that broke the key, not
+        // at the run's end.
+        let end = first_failing_prefix(&ops).unwrap_or(ops.len());
+        let _ = writeln!(
+            r,
+            "operations on {} up to where its history stops being linearizable (operation {end} of {}):",
+            key_name(key),
+            ops.len()
+        );
+        for h in ops[..end].iter().skip(end.saturating_sub(30)) {
             let _ = writeln!(
                 r,
                 "  [{:>12.6}s → {}] client {} on m{}: {:?}{}",

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::coordinator::{Coordinator, Effect};
+use super::takeover::{Takeover, TakeoverGate};
 use super::messages::{routes, FreezeRequest, MigrateRequest, MigrateResponse, TableMessage};
 use super::{CoordinatorStatus, Inner, Runtime};
 use crate::partition::table::PartitionTable;
@@ -46,18 +47,68 @@ fn is_coordinator(rt: &Runtime) -> bool {
             .is_some_and(|m| m.id == rt.inner.me)
 }
 
+/// Whether this member takes the coordinator's duty now: it is the oldest data member it
+/// sees, and it sees a majority of its table's members (see `takeover`).
+fn may_coordinate(rt: &Runtime, gate: &mut TakeoverGate) -> bool {
+    let table = rt.table();
+    let view = rt.inner.cluster.members();
+    let alive = |id: &str| view.iter().any(|m| &*m.id == id && m.is_data_member());
+    let was_minority = gate.in_minority();
+    // Every member records its tables, so that whoever becomes the coordinator knows the
+    // members of the recent ones.
+    let verdict = gate.check(table.members(), alive, Instant::now());
+    debug!(
+        ?verdict,
+        table = table.version(),
+        members = gate.reference(),
+        alive = view.len(),
+        "takeover gate"
+    );
+    if !is_coordinator(rt) {
+        return false;
+    }
+    match verdict {
+        Takeover::Allowed => true,
+        Takeover::AllowedAfterWait => {
+            if was_minority {
+                warn!(
+                    members = gate.reference(),
+                    "this member has seen only a minority of its recent tables' members for \
+                     the whole takeover wait (partitions.minority_takeover_ms): coordinating \
+                     anyway; if the others are alive behind a network split, the cluster \
+                     is now split in two"
+                );
+            }
+            true
+        }
+        Takeover::Minority { until, .. } => {
+            if !was_minority {
+                warn!(
+                    seen = view.iter().filter(|m| m.is_data_member()).count(),
+                    members = gate.reference(),
+                    wait_ms = until.map(|u| u.saturating_duration_since(Instant::now()).as_millis() as u64),
+                    "this member sees only a minority of its recent tables' members: it does \
+                     not coordinate (no promotion, no new table) until it sees a majority"
+                );
+            }
+            false
+        }
+    }
+}
+
 /// Runs for the life of the member: coordinates while it is the oldest data member, and
 /// otherwise makes sure it has a table.
 pub(super) async fn run(weak: Weak<Inner>, mut drains: mpsc::Receiver<Drain>) {
     let Some(inner) = weak.upgrade() else { return };
     let mut view = inner.cluster.watch();
+    let mut gate = TakeoverGate::new(inner.config.minority_takeover);
     drop(inner);
     let mut tick = tokio::time::interval(REPUSH_INTERVAL);
     loop {
         let Some(inner) = weak.upgrade() else { return };
         let rt = Runtime { inner };
-        if is_coordinator(&rt) {
-            if !coordinate(&rt, &mut view, &mut drains).await {
+        if may_coordinate(&rt, &mut gate) {
+            if !coordinate(&rt, &mut view, &mut drains, &mut gate).await {
                 return;
             }
             continue;
@@ -88,9 +139,16 @@ async fn coordinate(
     rt: &Runtime,
     view: &mut tokio::sync::watch::Receiver<Arc<Vec<grid_net::membership::Member>>>,
     drains: &mut mpsc::Receiver<Drain>,
+    gate: &mut TakeoverGate,
 ) -> bool {
     info!("this member is now the partition coordinator");
     let newest = newest_table(rt).await;
+    // Asking the others takes up to their timeout: the view may have changed meanwhile (a
+    // member cut off sees the rest fail during that wait; seed 0 of the cache workload).
+    if !may_coordinate(rt, gate) {
+        info!("this member is no longer the coordinator");
+        return true;
+    }
     let mut c = Coordinator::new(
         newest,
         rt.inner.config.table.clone(),
@@ -130,7 +188,7 @@ async fn coordinate(
                 if changed.is_err() {
                     return false;
                 }
-                if !is_coordinator(rt) {
+                if !may_coordinate(rt, gate) {
                     info!("this member is no longer the coordinator");
                     rt.inner.status.send_replace(CoordinatorStatus::default());
                     return true;

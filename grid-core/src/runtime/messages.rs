@@ -54,6 +54,9 @@ pub(crate) enum OpResponse {
     /// The owner was paused (or starved) long enough to have been declared failed, and is
     /// asking the cluster whether it still owns its partitions: retry shortly.
     Confirming,
+    /// A synchronous backup that the owner's table names is not a live member: the change
+    /// was not made; retry once the coordinator's next table has replaced that backup.
+    BackupGone,
     /// Applied on the owner, but a synchronous backup did not confirm it: the change may
     /// not survive the owner's death.
     Unreplicated {

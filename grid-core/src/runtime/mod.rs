@@ -19,6 +19,8 @@
 //!   acknowledgements mean, freezes, the grace of migrated data (sans-IO, unit-tested).
 //! - `replica_state`: one replica's state and the rules by which it takes or refuses the
 //!   changes and copies others send it (sans-IO, unit-tested).
+//! - `takeover`: when a member may coordinate (not while it sees only a minority of its
+//!   table's members; sans-IO, unit-tested).
 //! - `pause_guard`: how a member notices it was paused, and stops serving until the
 //!   cluster's table confirms what it owns (sans-IO, unit-tested).
 //! - `messages`: what the runtime sends between members.
@@ -61,6 +63,7 @@ mod replica;
 mod replica_rules;
 mod replica_state;
 pub mod service;
+mod takeover;
 mod timers;
 
 use std::collections::HashMap;
@@ -117,6 +120,9 @@ pub struct RuntimeConfig {
     /// The largest copy of one partition of one service this member accepts (default
     /// 1 GiB): a larger one is refused as it arrives, before it is held in memory.
     pub max_partition_copy_bytes: usize,
+    /// How long a member that sees only a minority of its table's members waits before it
+    /// coordinates anyway (default 30 s; `None`: never). See `takeover`.
+    pub minority_takeover: Option<Duration>,
 }
 
 impl Default for RuntimeConfig {
@@ -132,6 +138,7 @@ impl Default for RuntimeConfig {
             copy_priority: grid_net::bulk_runtime::BulkPriority::Idle,
             pause_threshold: Duration::from_millis(500),
             max_partition_copy_bytes: 1 << 30,
+            minority_takeover: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -163,6 +170,7 @@ struct PartitionCtl {
 
 /// Why an operation is retried while its owner confirms its ownership after a pause.
 const CONFIRMING: &str = "the owner is confirming its ownership after a pause";
+const BACKUP_GONE: &str = "a synchronous backup of the partition is not a live member; waiting for the next table";
 /// At most this many members are asked for their table after a pause.
 const CONFIRM_FANOUT: usize = 16;
 /// How long a member waits for their answers.
@@ -311,8 +319,11 @@ pub enum OpKind {
     /// visible only once acknowledged, so a read never sees a write that could be lost);
     /// retried freely.
     Read,
-    /// Changes state, and repeating it leaves the same state (a plain set): retried when
-    /// the owner vanished mid-call.
+    /// Changes state, and repeating it alone leaves the same state (a plain set). Retried,
+    /// like every write, only when the attempt certainly did not happen: a set repeated
+    /// after another caller's write would undo that write, so an attempt whose outcome is
+    /// unknown is reported as [`GridError::Indeterminate`] here too (the simulator's
+    /// linearizability checker found the repeat: seed 3 of the cache workload).
     IdempotentWrite,
     /// Changes state and must not run twice (an increment, a put-if-absent): when the owner
     /// vanishes mid-call the caller gets [`GridError::Indeterminate`].
@@ -325,8 +336,8 @@ enum Attempt {
     Failed(String),
     Retry(String),
     Indeterminate(String),
-    /// Applied on the owner (with this answer) but not confirmed by a backup.
-    Unreplicated(String, Vec<u8>),
+    /// Applied on the owner but not confirmed by a backup.
+    Unreplicated(String),
 }
 
 /// The first [`CallId`] of a member: call ids are recorded in replicated state (a parked
@@ -700,36 +711,35 @@ impl Runtime {
         op: Vec<u8>,
         kind: OpKind,
     ) -> Result<Vec<u8>, GridError> {
-        let idempotent = kind != OpKind::Write;
+        // Only a read may be repeated after an attempt whose outcome is unknown (see
+        // `OpKind::IdempotentWrite`).
+        let read = kind == OpKind::Read;
         let started = Instant::now();
         let deadline = started + self.inner.config.op_timeout;
         // Made at the first retry: most operations need none.
         let mut backoff: Option<grid_net::backoff::Backoff> = None;
-        // The answer of an attempt that was applied but not confirmed by a backup: what the
-        // caller gets once a retry confirms it (the retry's own answer would describe the
-        // state after the first application).
-        let mut first_answer = None;
         let req = OpRequest {
             service: service.to_string(),
             partition,
             op,
-            read_only: kind == OpKind::Read,
+            read_only: read,
         };
         loop {
             let why = match self.attempt(&req, deadline).await {
                 Attempt::Done(answer) => {
                     metrics::histogram!("grid_op_seconds").record(started.elapsed().as_secs_f64());
-                    return Ok(first_answer.unwrap_or(answer));
+                    return Ok(answer);
                 }
                 Attempt::Failed(e) => return Err(GridError::Service(e)),
-                Attempt::Indeterminate(e) | Attempt::Unreplicated(e, _) if !idempotent => {
+                // Only a read may be repeated after an attempt whose outcome is unknown; a
+                // write applied on the owner but not confirmed by a backup is one too (see
+                // `OpKind::IdempotentWrite`).
+                Attempt::Indeterminate(e) | Attempt::Unreplicated(e) if !read => {
                     return Err(GridError::Indeterminate(e))
                 }
-                Attempt::Unreplicated(why, answer) => {
-                    first_answer.get_or_insert(answer);
-                    why
-                }
-                Attempt::Indeterminate(why) | Attempt::Retry(why) => why,
+                Attempt::Indeterminate(why)
+                | Attempt::Retry(why)
+                | Attempt::Unreplicated(why) => why,
             };
             let backoff = backoff.get_or_insert_with(|| {
                 grid_net::backoff::Backoff::new(
@@ -788,7 +798,8 @@ impl Runtime {
                 OpResponse::WrongOwner { .. } => Attempt::Retry("ownership moved".into()),
                 OpResponse::Frozen => Attempt::Retry("partition is changing hands".into()),
                 OpResponse::Confirming => Attempt::Retry(CONFIRMING.into()),
-                OpResponse::Unreplicated { why, answer } => Attempt::Unreplicated(why, answer),
+                OpResponse::BackupGone => Attempt::Retry(BACKUP_GONE.into()),
+                OpResponse::Unreplicated { why, .. } => Attempt::Unreplicated(why),
             };
         }
         let Some(member) = self.inner.cluster.member(&owner) else {
@@ -813,7 +824,8 @@ impl Runtime {
             }
             Ok(OpResponse::Frozen) => Attempt::Retry("partition is changing hands".into()),
             Ok(OpResponse::Confirming) => Attempt::Retry(CONFIRMING.into()),
-            Ok(OpResponse::Unreplicated { why, answer }) => Attempt::Unreplicated(why, answer),
+            Ok(OpResponse::BackupGone) => Attempt::Retry(BACKUP_GONE.into()),
+            Ok(OpResponse::Unreplicated { why, .. }) => Attempt::Unreplicated(why),
             Err(NetError::Unreachable { reason, .. }) => Attempt::Retry(reason),
             Err(NetError::Refused { reason, .. }) => Attempt::Retry(reason),
             Err(NetError::ShuttingDown) => Attempt::Failed("this member is shutting down".into()),

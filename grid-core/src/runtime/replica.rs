@@ -238,11 +238,23 @@ impl Runtime {
             .take(sync_backups)
             .chain(targets.iter().skip(backups))
             .collect();
-        let sends = waited
+        // A synchronous backup that is not a live member: checked before anything is sent,
+        // so that no backup takes a change the owner then refuses (the race where one
+        // departs during the sends ends the same way, and the digest check repairs it).
+        let outcome = match waited
             .iter()
-            .map(|t| self.replicate(slot, p, &table, &st, version, change, t));
-        let acked = futures::future::join_all(sends).await;
-        let outcome = write_outcome(&acked, sync_backups);
+            .take(sync_backups)
+            .position(|t| self.inner.cluster.member(t).is_none())
+        {
+            Some(missing) => WriteOutcome::BackupGone { missing },
+            None => {
+                let sends = waited
+                    .iter()
+                    .map(|t| self.replicate(slot, p, &table, &st, version, change, t));
+                let acked = futures::future::join_all(sends).await;
+                write_outcome(&acked, sync_backups)
+            }
+        };
         // A member whose table names another owner: this member was paused, or cut off,
         // past failure detection, and the change must not happen here (a backup on the
         // older table may have taken it: the new owner resynchronises it).
@@ -254,6 +266,14 @@ impl Runtime {
                 self.fetch_table_from(&member).await;
             }
             return Written::Answered(OpResponse::WrongOwner { table_version });
+        }
+        if let WriteOutcome::BackupGone { missing } = outcome {
+            // A backup that took the change anyway (it departed during the sends) has a
+            // version this owner reuses: the digest check makes it ask for a full copy.
+            debug!(partition = p, backup = %waited[missing], "a synchronous backup is not a live member; the change waits for the next table");
+            self.unpark(call);
+            metrics::counter!("grid_backup_gone_refusals_total").increment(1);
+            return Written::Answered(OpResponse::BackupGone);
         }
         // Otherwise the change is applied whatever the backups said: some may have it
         // already, and the owner must not fall behind them.
@@ -355,17 +375,26 @@ impl Runtime {
         target: &Arc<str>,
     ) -> Replicated {
         let Some(member) = self.inner.cluster.member(target) else {
-            // No longer a live member: the next table drops it; nothing to wait for.
-            return Replicated::Acked;
+            // Not a live member in this view: the owner's write waits for the table that
+            // replaces it (see `WriteOutcome::BackupGone`).
+            return Replicated::Departed;
         };
         let req = backup_request(slot, p, table, st, version, change);
         let timeout = self.inner.config.backup_timeout;
         for attempt in 0..2 {
-            let answer: Result<BackupResponse, _> = self
-                .inner
-                .transport
-                .request_typed_nested(member.addr, routes::BACKUP, &req, timeout)
-                .await;
+            let request = self.inner.transport.request_typed_nested(
+                member.addr,
+                routes::BACKUP,
+                &req,
+                timeout,
+            );
+            // A backup found dead while we wait: stop waiting (the connection to a dead
+            // member may take seconds to time out, and the partition's lock is held), and
+            // let the write wait for the table that replaces it.
+            let answer: Result<BackupResponse, _> = tokio::select! {
+                answer = request => answer,
+                () = self.departure_of(target) => return Replicated::Departed,
+            };
             match answer {
                 Ok(BackupResponse::Applied) => return Replicated::Acked,
                 Ok(BackupResponse::Superseded { table_version }) => {
@@ -386,6 +415,19 @@ impl Runtime {
         }
         metrics::counter!("grid_backup_misses_total").increment(1);
         Replicated::Missed
+    }
+
+    /// Resolves once `id` is no longer a live member in this member's view.
+    async fn departure_of(&self, id: &str) {
+        let mut view = self.inner.cluster.watch();
+        loop {
+            if !view.borrow_and_update().iter().any(|m| &*m.id == id) {
+                return;
+            }
+            if view.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Copies the whole partition of one service to `target`, at the state `st` describes.

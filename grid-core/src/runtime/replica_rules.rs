@@ -106,8 +106,10 @@ pub(crate) fn is_frozen(freeze_until: Option<Instant>, owner_is_me: bool, now: I
 /// How one backup took one change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Replicated {
-    /// It has the change (or is no longer a live member: the next table drops it).
+    /// It has the change.
     Acked,
+    /// It is not a live member in this owner's view: nothing was sent.
+    Departed,
     /// It did not confirm the change: it is repaired later.
     Missed,
     /// Its table of this version names another owner.
@@ -126,6 +128,12 @@ pub(crate) enum WriteOutcome {
     /// owner (this member was paused or cut off past failure detection); the index is the
     /// member that said so.
     Superseded { by: usize, table_version: u64 },
+    /// Neither apply nor acknowledge it: the synchronous backup at this index is not a live
+    /// member. Until the coordinator's next table replaces it, the owner cannot tell a dead
+    /// backup from its own isolation (cut off, or paused and resumed, it sees every other
+    /// member fail at once): acknowledging alone would lose the change if the others have
+    /// promoted that backup meanwhile. The caller retries.
+    BackupGone { missing: usize },
 }
 
 /// Judges the answers of the members a change was sent to and waited for: the synchronous
@@ -139,6 +147,14 @@ pub(crate) fn write_outcome(answers: &[Replicated], sync_backups: usize) -> Writ
     }) {
         return WriteOutcome::Superseded { by, table_version };
     }
+    if let Some(missing) = answers
+        .iter()
+        .take(sync_backups)
+        .position(|r| *r == Replicated::Departed)
+    {
+        return WriteOutcome::BackupGone { missing };
+    }
+    // A migration target that departed is not a replica yet: nothing to wait for.
     match answers
         .iter()
         .take(sync_backups)
@@ -330,6 +346,29 @@ mod tests {
             write_outcome(&[Acked, Missed], 1),
             WriteOutcome::Acknowledged
         );
+    }
+
+    #[test]
+    fn an_owner_that_sees_its_synchronous_backup_gone_does_not_acknowledge_alone() {
+        use Replicated::*;
+        // Cut off or resumed after a pause, an owner sees every other member fail at once:
+        // counting the departed backup as an acknowledgement let it acknowledge writes the
+        // rest of the cluster (which promoted that backup) never saw (simulator, seed 3).
+        assert_eq!(
+            write_outcome(&[Departed], 1),
+            WriteOutcome::BackupGone { missing: 0 }
+        );
+        assert_eq!(
+            write_outcome(&[Acked, Departed], 2),
+            WriteOutcome::BackupGone { missing: 1 }
+        );
+        // A departed migration target (after the synchronous backups) is not a replica.
+        assert_eq!(write_outcome(&[Acked, Departed], 1), WriteOutcome::Acknowledged);
+        // A newer table somewhere still wins: this member must fetch it.
+        assert!(matches!(
+            write_outcome(&[Departed, Superseded(9)], 1),
+            WriteOutcome::Superseded { by: 1, .. }
+        ));
     }
 
     #[test]

@@ -159,6 +159,19 @@ fn progress(bar: &ProgressBar, failed: &Mutex<Vec<u64>>, simulated_ms: &AtomicU6
     bar.inc(1);
 }
 
+/// Log lines stamped with simulated time (since the first line), so they line up with the
+/// report's history and fault times.
+struct SimulatedTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimulatedTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        static FIRST: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+        let now = tokio::time::Instant::now();
+        let first = *FIRST.get_or_init(|| now);
+        write!(w, "{:>10.6}s", now.saturating_duration_since(first).as_secs_f64())
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -167,6 +180,8 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
         )
         .with_writer(std::io::stderr)
+        .with_timer(SimulatedTime)
+        .with_ansi(false)
         .init();
     if args.workload == "scale" {
         let r = grid_sim::scale::run(args.seed.unwrap_or(1), args.members);
