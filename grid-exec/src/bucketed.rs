@@ -610,9 +610,11 @@ impl<T: Serialize + Send + Sync + 'static> BucketedExecutor<T> {
                 }
                 Err(e @ ExecError::QueueFull { .. }) => {
                     metrics::counter!("grid_exec_bucketed_refused_total").increment(1);
+                    // Tried once more at the deadline, then given up.
+                    let now = tokio::time::Instant::now();
                     match deadline {
-                        Some(d) if tokio::time::Instant::now() + pause < d => {
-                            tokio::time::sleep(pause).await;
+                        Some(d) if now < d => {
+                            tokio::time::sleep(pause.min(d - now)).await;
                             pause = (pause * 2).min(Duration::from_millis(200));
                         }
                         _ => return Err(e),

@@ -92,7 +92,7 @@ pub enum TaskError {
     /// Arguments or answer did not encode or decode.
     #[error("codec: {0}")]
     Codec(String),
-    /// The key's partition has no owner yet.
+    /// The key's partition has no owner (none within 10 s).
     #[error("no owner for the key's partition")]
     NoOwner,
 }
@@ -299,6 +299,8 @@ impl MemberExecutor {
     {
         let key = grid_core::codec::encode(key).map_err(|e| TaskError::Codec(e.to_string()))?;
         let p = self.runtime.partition_of(&key);
+        // A member that just started may not have the table yet (at most 10 s).
+        self.runtime.wait_for_owner(p).await;
         let owner = self
             .runtime
             .table()

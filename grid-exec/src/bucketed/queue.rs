@@ -837,10 +837,20 @@ impl PartitionQueues {
     /// The offers for every batch in flight here (to send again: a new owner, or a lost
     /// message).
     pub fn offers(&self, partition: u32) -> Vec<Offer> {
+        self.offers_where(partition, |_| true)
+    }
+
+    /// The offers of the batches in flight here that `want` (by batch id and member),
+    /// without copying the others' tasks.
+    pub fn offers_where(
+        &self,
+        partition: u32,
+        mut want: impl FnMut(&InFlight) -> bool,
+    ) -> Vec<Offer> {
         let mut out = Vec::new();
         for (name, q) in &self.execs {
             for (key, b) in &q.buckets {
-                if let Some(f) = &b.in_flight {
+                if let Some(f) = b.in_flight.as_ref().filter(|f| want(f)) {
                     out.push(offer(name, partition, key, b, f));
                 }
             }

@@ -630,11 +630,10 @@ impl BucketedService {
     async fn owner_loop(self: Arc<Self>, p: u32, handle: ServiceHandle<Self>) {
         loop {
             let now = grid_core::clock::now();
-            let (needs, wake, offers) = {
+            let (needs, wake) = {
                 let q = lock(&self.parts[p as usize]);
                 let needs = self.with_env(now, 0, |env| q.needs_kick(env));
-                let offers = q.offers(p);
-                (needs, q.next_wake(), offers)
+                (needs, q.next_wake())
             };
             if needs {
                 if let Err(e) = handle.execute(p, Op::Kick, OpKind::IdempotentWrite).await {
@@ -643,19 +642,18 @@ impl BucketedService {
             }
             // Offers not completed for a while (or never sent by this owner) go again.
             let resend: Vec<Offer> = {
+                let q = lock(&self.parts[p as usize]);
                 let mut local = lock(&self.owner[p as usize]);
-                let live: BTreeSet<u64> = offers.iter().map(|o| o.batch).collect();
+                let mut live = BTreeSet::new();
+                let sent = &local.sent;
+                let resend = q.offers_where(p, |f| {
+                    live.insert(f.batch);
+                    sent.get(&f.batch)
+                        .is_none_or(|at| now.saturating_duration_since(*at) >= RESEND)
+                        && self.alive(&f.member)
+                });
                 local.sent.retain(|b, _| live.contains(b));
-                offers
-                    .into_iter()
-                    .filter(|o| {
-                        local
-                            .sent
-                            .get(&o.batch)
-                            .is_none_or(|at| now.saturating_duration_since(*at) >= RESEND)
-                    })
-                    .filter(|o| self.alive(&o.member))
-                    .collect()
+                resend
             };
             for offer in resend {
                 debug!(partition = p, batch = offer.batch, member = %offer.member, "offer sent again");
