@@ -790,3 +790,89 @@ async fn a_scheduled_task_runs_after_its_delay() {
     let ns: Vec<u32> = seen.tasks().iter().map(|j| j.n).collect();
     assert_eq!(ns, vec![0, 1]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_migration_under_load_keeps_order_and_exclusivity_and_loses_nothing() {
+    let mut grids = data_cluster("exec-migrate", 2, |b| b.partitions(31).backups(1)).await;
+    let busy: Arc<Mutex<HashSet<u32>>> = Arc::default();
+    let fired = Arc::new(AtomicU64::new(0));
+    let seen = Seen::default();
+    let open = |g: Grid, busy: Arc<Mutex<HashSet<u32>>>, fired: Arc<AtomicU64>, seen: Seen| async move {
+        let member = id(&g);
+        let s = BucketedSettings::new(by_bucket).batch_size(4).processor(
+            move |batch: Batch<Job, u32>| {
+                let (busy, fired, seen, member) =
+                    (busy.clone(), fired.clone(), seen.clone(), member.clone());
+                async move {
+                    if !busy.lock().unwrap().insert(batch.bucket) {
+                        fired.fetch_add(1, Ordering::SeqCst);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    busy.lock().unwrap().remove(&batch.bucket);
+                    seen.0
+                        .lock()
+                        .unwrap()
+                        .push((member, batch.bucket, batch.tasks, batch.attempt));
+                    Ok::<(), String>(())
+                }
+            },
+        );
+        g.bucketed_executor("migrate", s).await.unwrap()
+    };
+    let mut execs = Vec::new();
+    for g in &grids {
+        execs.push(open(g.clone(), busy.clone(), fired.clone(), seen.clone()).await);
+    }
+    let producer = {
+        let exec = execs[0].clone();
+        tokio::spawn(async move {
+            for n in 0..60u32 {
+                for bucket in 0..20u32 {
+                    exec.submit(Job {
+                        bucket,
+                        submitter: 0,
+                        n,
+                    })
+                    .await
+                    .unwrap();
+                }
+            }
+        })
+    };
+    // A third member joins mid-load: partitions (and their queues, batches in flight
+    // included) migrate to it.
+    assert!(eventually(Duration::from_secs(30), || seen.count() > 100).await);
+    let joined = common::member("exec-migrate", "m2")
+        .partitions(31)
+        .backups(1)
+        .seed(grids[0].addr())
+        .start()
+        .await
+        .unwrap();
+    execs.push(open(joined.clone(), busy.clone(), fired.clone(), seen.clone()).await);
+    grids.push(joined);
+    producer.await.unwrap();
+    assert!(settled(&grids, 3).await);
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            seen.tasks().into_iter().collect::<HashSet<_>>().len() == 1_200
+        })
+        .await,
+        "{} of 1200 processed",
+        seen.tasks().into_iter().collect::<HashSet<_>>().len()
+    );
+    assert_eq!(
+        fired.load(Ordering::SeqCst),
+        0,
+        "two batches of one bucket overlapped"
+    );
+    // A migration is no fault: exactly once, in order.
+    assert_eq!(seen.count(), 1_200, "a task was processed twice");
+    let mut per_bucket: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for t in seen.tasks() {
+        per_bucket.entry(t.bucket).or_default().push(t.n);
+    }
+    for (bucket, ns) in per_bucket {
+        assert_eq!(ns, (0..60).collect::<Vec<_>>(), "bucket {bucket}");
+    }
+}
