@@ -28,7 +28,12 @@ fn by_bucket(j: &Job) -> u32 {
 
 /// What processors saw: (member, bucket, tasks, attempt), in the order they ran.
 #[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<(String, u32, Vec<Job>, u32)>>>);
+struct Seen(Arc<Mutex<Vec<Run>>>);
+
+/// One `process` call: member, bucket, tasks, attempt.
+type Run = (String, u32, Vec<Job>, u32);
+/// A dead letter: bucket, tasks, attempts, error.
+type Dead = (u32, Vec<Job>, u32, String);
 
 impl Seen {
     fn tasks(&self) -> Vec<Job> {
@@ -347,7 +352,7 @@ async fn a_kill_of_the_owner_mid_batch_loses_nothing() {
 async fn a_batch_that_keeps_failing_is_tried_max_attempts_times_then_dead_lettered() {
     let grids = data_cluster("exec-dead", 2, |b| b.partitions(31).backups(1)).await;
     let attempts: Arc<Mutex<Vec<(u32, u32)>>> = Arc::default();
-    let dead: Arc<Mutex<Vec<(u32, Vec<Job>, u32, String)>>> = Arc::default();
+    let dead: Arc<Mutex<Vec<Dead>>> = Arc::default();
     let mut execs = Vec::new();
     for g in &grids {
         let (attempts, dead) = (attempts.clone(), dead.clone());

@@ -60,7 +60,12 @@ struct Call {
 type Calls = Arc<Mutex<Vec<Call>>>;
 type Execs = Arc<Mutex<Vec<Option<BucketedExecutor<Task>>>>>;
 
-async fn open(world: &World, i: usize, calls: &Calls, start: Instant) -> anyhow::Result<BucketedExecutor<Task>> {
+async fn open(
+    world: &World,
+    i: usize,
+    calls: &Calls,
+    start: Instant,
+) -> anyhow::Result<BucketedExecutor<Task>> {
     let grid = world.slots[i]
         .grid
         .as_ref()
@@ -159,11 +164,17 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
             w
         }
         Err(e) => {
-            report.violations.push(format!("members did not start: {e}"));
+            report
+                .violations
+                .push(format!("members did not start: {e}"));
             return finish(report, opts);
         }
     };
-    if world.run_until(SETTLE_LIMIT, |w| w.settled()).await.is_none() {
+    if world
+        .run_until(SETTLE_LIMIT, |w| w.settled())
+        .await
+        .is_none()
+    {
         report.violations.push(format!(
             "the cluster did not form within {SETTLE_LIMIT:?}: {}",
             world.observe()
@@ -310,9 +321,9 @@ fn check(
     if !faulty {
         let twice: Vec<_> = times.iter().filter(|(_, n)| **n > 1).take(5).collect();
         if !twice.is_empty() {
-            report
-                .violations
-                .push(format!("processed more than once without a fault: {twice:?}"));
+            report.violations.push(format!(
+                "processed more than once without a fault: {twice:?}"
+            ));
         }
     }
     // Order: per bucket and client, first processings in submission order.
@@ -379,13 +390,12 @@ async fn apply(world: &mut World, execs: &Execs, calls: &Calls, fault: &Fault, s
         execs.lock().unwrap_or_else(|e| e.into_inner())[i] = e;
     };
     let running = |w: &World, i: usize| w.slots[i].grid.is_some();
-    if matches!(
-        fault,
-        Fault::Kill(_) | Fault::Pause(_) | Fault::Leave(_)
-    ) || fault.is_partition()
-    {
+    if matches!(fault, Fault::Kill(_) | Fault::Pause(_) | Fault::Leave(_)) || fault.is_partition() {
         // At most one failure at a time (backups 1): the last one repaired first.
-        if world.run_until(Duration::from_secs(30), |w| w.settled()).await.is_none()
+        if world
+            .run_until(Duration::from_secs(30), |w| w.settled())
+            .await
+            .is_none()
             || world.running().len() <= 2
         {
             return;
@@ -461,7 +471,8 @@ fn finish(mut report: SeedReport, opts: &RunOptions) -> SeedReport {
     let _ = writeln!(
         r,
         "reproduce: {}",
-        opts.reproduce().replace("--workload cache", "--workload exec")
+        opts.reproduce()
+            .replace("--workload cache", "--workload exec")
     );
     report.report = Some(r);
     report

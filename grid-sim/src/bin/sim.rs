@@ -183,7 +183,10 @@ fn main() -> Result<()> {
         return Ok(());
     }
     if args.workload != "cache" && args.workload != "exec" {
-        bail!("unknown workload {:?} (known: cache, exec, scale)", args.workload);
+        bail!(
+            "unknown workload {:?} (known: cache, exec, scale)",
+            args.workload
+        );
     }
     let exec = args.workload == "exec";
     let run_seed = move |opts: &RunOptions| {
