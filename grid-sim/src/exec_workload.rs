@@ -283,8 +283,38 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
     if !drained {
         let got: BTreeSet<Task> = calls.iter().flat_map(|c| c.tasks.iter().copied()).collect();
         let lost: Vec<&Task> = want.difference(&got).take(5).collect();
+        // Where the first lost task's bucket stands on every member.
+        let mut state = String::new();
+        if let Some(t) = lost.first() {
+            let mut key = b"sim-exec".to_vec();
+            key.push(0);
+            key.extend_from_slice(&grid::codec::encode(&t.bucket).unwrap_or_default());
+            for i in world.running() {
+                let Some(g) = world.slots[i].grid.as_ref() else {
+                    continue;
+                };
+                let p = g.runtime().partition_of(&key);
+                let owner = g.runtime().table().owner(p).map(|o| o.to_string());
+                let service = g.bucketed_executors().service();
+                let bucket = service
+                    .queues(p)
+                    .and_then(|q| q.bucket("sim-exec", &key[9..]).cloned());
+                let _ = write!(
+                    state,
+                    " [m{i}: p{p} owner {owner:?}, processors {:?}, bucket {:?}]",
+                    service.processors("sim-exec"),
+                    bucket.map(|b| (
+                        b.queue.iter().map(|t| t.seq).collect::<Vec<_>>(),
+                        b.in_flight,
+                        b.attempts,
+                        b.retry_at
+                            .map(|r| r.saturating_duration_since(Instant::now()))
+                    )),
+                );
+            }
+        }
         report.violations.push(format!(
-            "lost: {} of {} acknowledged tasks never processed (first: {lost:?}); {}",
+            "lost: {} of {} acknowledged tasks never processed (first: {lost:?}); {}{state}",
             want.difference(&got).count(),
             want.len(),
             world.observe()
