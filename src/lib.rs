@@ -30,6 +30,8 @@
 //! - [`Cluster`]: members, events, the leader (re-exported from `grid-net`).
 //! - [`Topic`]: cluster messages (re-exported from `grid-net`).
 //! - [`ClusterLock`] / [`KeyedLock`]: cluster locks with fencing tokens (`grid-lock`).
+//! - [`BucketedExecutor`] / [`MemberExecutor`]: tasks in order per bucket, never lost; named
+//!   tasks on chosen members (`grid-exec`).
 //! - [`GridConfig`]: the configuration file and its environment overrides (`grid-core`).
 //! - [`METRICS`]: every metric grid records; a member serves them for Prometheus, with
 //!   health probes, when `metrics.listen` is set ([`GridBuilder::metrics_listen`]).
@@ -56,6 +58,11 @@ pub use grid_cache::{
 pub use grid_core::config::{MetricsConfig, PartitionConfig};
 pub use grid_core::runtime::{CoordinatorStatus, MemberStatus, MigrationStats};
 pub use grid_core::{codec, GridConfig, GridError};
+pub use grid_exec::bucketed::{
+    Batch, BucketedExecutor, BucketedExecutors, BucketedSettings, ClusterStatistics, Concurrency,
+    DeadLetter, ExecError, ExecStatistics, FullQueue,
+};
+pub use grid_exec::member::{MemberExecutor, TaskError};
 pub use grid_lock::{ClusterLock, KeyedLock, LockError, LockGuard, LockOwner, LockSettings, Locks};
 pub use grid_net::bulk_runtime::BulkPriority;
 pub use grid_net::config::{MembershipConfig, MulticastConfig, NetworkConfig, TlsConfig};
@@ -315,6 +322,12 @@ impl GridBuilder {
             node.cluster().clone(),
             self.lock_settings.clone(),
         );
+        let bucketed = BucketedExecutors::start(runtime.clone(), node.cluster().clone());
+        let executor = MemberExecutor::start(
+            node.transport().clone(),
+            node.cluster().clone(),
+            runtime.clone(),
+        );
         let probe = observe::Probe {
             runtime: runtime.clone(),
             cluster: node.cluster().clone(),
@@ -344,6 +357,8 @@ impl GridBuilder {
             runtime,
             caches,
             locks,
+            bucketed,
+            executor,
             probe,
             endpoint,
         })
@@ -358,6 +373,8 @@ pub struct Grid {
     runtime: Runtime,
     caches: grid_cache::Caches,
     locks: Locks,
+    bucketed: BucketedExecutors,
+    executor: MemberExecutor,
     probe: observe::Probe,
     /// The metrics and health endpoint, when served; it stops with the last clone.
     endpoint: Option<Arc<observe::Endpoint>>,
@@ -482,6 +499,34 @@ impl Grid {
     /// call that lowers it ([`Locks::set_expected_members`]).
     pub fn locks(&self) -> &Locks {
         &self.locks
+    }
+
+    /// The bucketed executor `name` with tasks `T` (see [`BucketedExecutor`]): the same
+    /// name is the same executor on every member; its settings must agree (a different one
+    /// is [`ExecError::SettingsConflict`]). Give a processor in `settings` for this member
+    /// to process its tasks; without one it only submits.
+    pub async fn bucketed_executor<T, K>(
+        &self,
+        name: &str,
+        settings: BucketedSettings<T, K>,
+    ) -> Result<BucketedExecutor<T>, ExecError>
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        K: Serialize + DeserializeOwned + Send + 'static,
+    {
+        self.bucketed.open(name, settings).await
+    }
+
+    /// This member's executor of named tasks (see [`MemberExecutor`]): register tasks
+    /// here, run them on one member, on all, or on the owner of a key.
+    pub fn executor(&self) -> &MemberExecutor {
+        &self.executor
+    }
+
+    /// This member's bucketed executors (tests look inside).
+    #[doc(hidden)]
+    pub fn bucketed_executors(&self) -> &BucketedExecutors {
+        &self.bucketed
     }
 
     /// This member's caches (benchmarks and tests look inside).

@@ -108,6 +108,14 @@ pub const METRICS: &[MetricDoc] = &[
     m("grid_cache_heap_bytes", "gauge", "`cache`", "Estimated bytes of those entries (at scrape)."),
     m("grid_cache_events_dropped_total", "counter", "", "Cache events this member could not queue for sending (listeners and near copies repair)."),
     m("grid_cache_event_batches_lost_total", "counter", "", "Batches of cache events lost on the way to another member."),
+    m("grid_exec_bucketed_submitted_total", "counter", "", "Tasks submitted to bucketed executors from this member (durable on their owner and backups)."),
+    m("grid_exec_bucketed_refused_total", "counter", "", "Submits refused because a bucketed executor's queue was full (each try of a waiting submit counts)."),
+    m("grid_exec_bucketed_processed_total", "counter", "", "Tasks of bucketed executors processed on this member."),
+    m("grid_exec_bucketed_failed_total", "counter", "", "Batches whose `process` failed (an error or a panic) on this member."),
+    m("grid_exec_bucketed_retried_total", "counter", "", "Batches run on this member that were a retry (attempt > 1)."),
+    m("grid_exec_bucketed_dead_lettered_total", "counter", "", "Batches that failed their last attempt on this member and went to the dead letters."),
+    m("grid_exec_bucketed_process_seconds", "histogram", "", "Duration of `process` calls on this member."),
+    m("grid_exec_member_tasks_total", "counter", "", "Member-executor tasks this member asked to run (on any member)."),
 ];
 
 /// [`METRICS`] as a Markdown table (the body of `docs/METRICS.md`).

@@ -13,6 +13,8 @@
 //!   kinds are on).
 //! - [`cache_workload`]: clients, the fault runner and the cache checkers; the next
 //!   services (locks, executor, scheduler) add a module of the same shape.
+//! - [`exec_workload`]: the bucketed executor's clients, processors and checkers (`sim
+//!   --workload exec`).
 //! - [`scale`]: the figures of a large cluster (100 members) in simulated time.
 //! - [`linearizability`]: a Wing & Gong / Lowe checker for single-key histories.
 
@@ -20,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod cache_workload;
+pub mod exec_workload;
 pub mod linearizability;
 pub mod net;
 pub mod scale;

@@ -5,6 +5,7 @@
 //! ```text
 //! sim --workload cache --seeds 10000 --members 5 --minutes 2 [--json] [--jobs 2]
 //! sim --workload cache --seed 42 --members 5 --seconds 120     # one seed, as reported
+//! sim --workload exec --seeds 100 --members 5 --minutes 1       # the bucketed executor
 //! ```
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -19,8 +20,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Parser, Debug)]
 #[command(about = "Deterministic simulation of a grid cluster under random faults")]
 struct Args {
-    /// Workload: `cache`, or `scale` (the figures of `--members` members; the next
-    /// services add `locks`, `exec`, `sched`).
+    /// Workload: `cache`, `exec` (the bucketed executor), or `scale` (the figures of
+    /// `--members` members; the next services add `locks`, `sched`).
     #[arg(long, default_value = "cache")]
     workload: String,
     /// How many seeds to run (from --first-seed).
@@ -85,6 +86,8 @@ fn run_child(args: &Args, seed: u64, duration: Duration) -> Outcome {
     let mut cmd = std::process::Command::new(exe);
     cmd.args([
         "--child",
+        "--workload",
+        &args.workload,
         "--seed",
         &seed.to_string(),
         "--members",
@@ -172,6 +175,12 @@ impl tracing_subscriber::fmt::time::FormatTime for SimulatedTime {
     }
 }
 
+/// The command that replays one seed of this run's workload.
+fn reproduce(args: &Args, opts: &RunOptions) -> String {
+    opts.reproduce()
+        .replace("--workload cache", &format!("--workload {}", args.workload))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -188,9 +197,20 @@ fn main() -> Result<()> {
         println!("{r}");
         return Ok(());
     }
-    if args.workload != "cache" {
-        bail!("unknown workload {:?} (known: cache, scale)", args.workload);
+    if args.workload != "cache" && args.workload != "exec" {
+        bail!(
+            "unknown workload {:?} (known: cache, exec, scale)",
+            args.workload
+        );
     }
+    let exec = args.workload == "exec";
+    let run_seed = move |opts: &RunOptions| {
+        if exec {
+            grid_sim::exec_workload::run(opts)
+        } else {
+            cache_workload::run(opts)
+        }
+    };
     let duration = Duration::from_secs(
         args.seconds
             .unwrap_or_else(|| (args.minutes * 60.0).round() as u64),
@@ -205,7 +225,7 @@ fn main() -> Result<()> {
             wall_budget: Duration::from_secs(args.wall_budget),
             ..RunOptions::new(seed)
         };
-        let r = cache_workload::run(&opts);
+        let r = run_seed(&opts);
         println!(
             "{}",
             serde_json::json!({
@@ -256,7 +276,7 @@ fn main() -> Result<()> {
                         let line = format!(
                             "seed {seed} FAILED: {} (reproduce: {})",
                             r.violations.join("; "),
-                            opts.reproduce()
+                            reproduce(&args, &opts)
                         );
                         if bar.is_hidden() {
                             println!("{line}");
@@ -270,7 +290,7 @@ fn main() -> Result<()> {
                     progress(&bar, &failed, &simulated_ms, wall);
                     continue;
                 }
-                let r = cache_workload::run(&opts);
+                let r = run_seed(&opts);
                 if seeds.len() == 1 {
                     println!(
                         "seed {seed}: digest {:016x}, {} operations ({} unanswered), {:.3}s simulated\n{}",
@@ -288,7 +308,7 @@ fn main() -> Result<()> {
                     let line = format!(
                         "seed {seed} FAILED: {} (reproduce: {})",
                         r.violations.join("; "),
-                        opts.reproduce()
+                        reproduce(&args, &opts)
                     );
                     if bar.is_hidden() {
                         println!("{line}");
