@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::coordinator::{Coordinator, Effect};
-use super::takeover::{Takeover, TakeoverGate};
 use super::messages::{routes, FreezeRequest, MigrateRequest, MigrateResponse, TableMessage};
+use super::takeover::{Takeover, TakeoverGate};
 use super::{CoordinatorStatus, Inner, Runtime};
 use crate::partition::table::PartitionTable;
 
@@ -86,7 +86,8 @@ fn may_coordinate(rt: &Runtime, gate: &mut TakeoverGate) -> bool {
                 warn!(
                     seen = view.iter().filter(|m| m.is_data_member()).count(),
                     members = gate.reference(),
-                    wait_ms = until.map(|u| u.saturating_duration_since(Instant::now()).as_millis() as u64),
+                    wait_ms = until
+                        .map(|u| u.saturating_duration_since(Instant::now()).as_millis() as u64),
                     "this member sees only a minority of its recent tables' members: it does \
                      not coordinate (no promotion, no new table) until it sees a majority"
                 );

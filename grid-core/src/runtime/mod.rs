@@ -170,7 +170,8 @@ struct PartitionCtl {
 
 /// Why an operation is retried while its owner confirms its ownership after a pause.
 const CONFIRMING: &str = "the owner is confirming its ownership after a pause";
-const BACKUP_GONE: &str = "a synchronous backup of the partition is not a live member; waiting for the next table";
+const BACKUP_GONE: &str =
+    "a synchronous backup of the partition is not a live member; waiting for the next table";
 /// At most this many members are asked for their table after a pause.
 const CONFIRM_FANOUT: usize = 16;
 /// How long a member waits for their answers.
@@ -737,9 +738,9 @@ impl Runtime {
                 Attempt::Indeterminate(e) | Attempt::Unreplicated(e) if !read => {
                     return Err(GridError::Indeterminate(e))
                 }
-                Attempt::Indeterminate(why)
-                | Attempt::Retry(why)
-                | Attempt::Unreplicated(why) => why,
+                Attempt::Indeterminate(why) | Attempt::Retry(why) | Attempt::Unreplicated(why) => {
+                    why
+                }
             };
             let backoff = backoff.get_or_insert_with(|| {
                 grid_net::backoff::Backoff::new(

@@ -363,7 +363,10 @@ mod tests {
             WriteOutcome::BackupGone { missing: 1 }
         );
         // A departed migration target (after the synchronous backups) is not a replica.
-        assert_eq!(write_outcome(&[Acked, Departed], 1), WriteOutcome::Acknowledged);
+        assert_eq!(
+            write_outcome(&[Acked, Departed], 1),
+            WriteOutcome::Acknowledged
+        );
         // A newer table somewhere still wins: this member must fetch it.
         assert!(matches!(
             write_outcome(&[Departed, Superseded(9)], 1),

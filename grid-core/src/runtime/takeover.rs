@@ -128,7 +128,10 @@ mod tests {
         let t = members(5);
         let now = Instant::now();
         let mut g = TakeoverGate::new(Some(Duration::from_secs(30)));
-        assert_eq!(g.check(&t, alive(&["m0", "m1", "m2"]), now), Takeover::Allowed);
+        assert_eq!(
+            g.check(&t, alive(&["m0", "m1", "m2"]), now),
+            Takeover::Allowed
+        );
         let m = g.check(&t, alive(&["m3", "m4"]), now);
         assert!(!m.allowed());
         // Alone, as a paused member that resumes sees itself: never the coordinator.
@@ -143,7 +146,10 @@ mod tests {
         for n in (2..=5).rev() {
             let t: Vec<Arc<str>> = members(5).into_iter().skip(5 - n).collect();
             let dead = t[0].clone();
-            assert!(g.check(&t, |m| *m != *dead, now).allowed(), "{n} members, one dead");
+            assert!(
+                g.check(&t, |m| *m != *dead, now).allowed(),
+                "{n} members, one dead"
+            );
             now += Duration::from_secs(60);
         }
     }

@@ -171,7 +171,11 @@ impl tracing_subscriber::fmt::time::FormatTime for SimulatedTime {
         static FIRST: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
         let now = tokio::time::Instant::now();
         let first = *FIRST.get_or_init(|| now);
-        write!(w, "{:>10.6}s", now.saturating_duration_since(first).as_secs_f64())
+        write!(
+            w,
+            "{:>10.6}s",
+            now.saturating_duration_since(first).as_secs_f64()
+        )
     }
 }
 
