@@ -315,6 +315,8 @@ impl GridBuilder {
             node.cluster().clone(),
             self.lock_settings.clone(),
         );
+        let scheduler =
+            grid_exec::scheduler::Scheduler::start(runtime.clone(), node.cluster().clone());
         let probe = observe::Probe {
             runtime: runtime.clone(),
             cluster: node.cluster().clone(),
@@ -344,6 +346,7 @@ impl GridBuilder {
             runtime,
             caches,
             locks,
+            scheduler,
             probe,
             endpoint,
         })
@@ -358,6 +361,7 @@ pub struct Grid {
     runtime: Runtime,
     caches: grid_cache::Caches,
     locks: Locks,
+    scheduler: grid_exec::scheduler::Scheduler,
     probe: observe::Probe,
     /// The metrics and health endpoint, when served; it stops with the last clone.
     endpoint: Option<Arc<observe::Endpoint>>,
@@ -482,6 +486,12 @@ impl Grid {
     /// call that lowers it ([`Locks::set_expected_members`]).
     pub fn locks(&self) -> &Locks {
         &self.locks
+    }
+
+    /// This member's scheduler (see [`grid_exec::scheduler`]): jobs that fire once per
+    /// cluster, or locally, on an interval, once, or on a cron expression.
+    pub fn scheduler(&self) -> &grid_exec::scheduler::Scheduler {
+        &self.scheduler
     }
 
     /// This member's caches (benchmarks and tests look inside).
