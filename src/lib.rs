@@ -56,6 +56,10 @@ pub use grid_cache::{
 pub use grid_core::config::{MetricsConfig, PartitionConfig};
 pub use grid_core::runtime::{CoordinatorStatus, MemberStatus, MigrationStats};
 pub use grid_core::{codec, GridConfig, GridError};
+pub use grid_exec::scheduler::{
+    JobConfig, JobRequest, JobResponse, MissedSlots, Outcome, RunMode, RunRecord, Schedule,
+    Scheduler, SchedulerError,
+};
 pub use grid_lock::{ClusterLock, KeyedLock, LockError, LockGuard, LockOwner, LockSettings, Locks};
 pub use grid_net::bulk_runtime::BulkPriority;
 pub use grid_net::config::{MembershipConfig, MulticastConfig, NetworkConfig, TlsConfig};
