@@ -319,8 +319,7 @@ impl GridBuilder {
             node.cluster().clone(),
             self.lock_settings.clone(),
         );
-        let scheduler =
-            grid_exec::scheduler::Scheduler::start(runtime.clone(), node.cluster().clone());
+        let scheduler = Scheduler::start(runtime.clone(), node.cluster().clone());
         let probe = observe::Probe {
             runtime: runtime.clone(),
             cluster: node.cluster().clone(),
@@ -365,7 +364,7 @@ pub struct Grid {
     runtime: Runtime,
     caches: grid_cache::Caches,
     locks: Locks,
-    scheduler: grid_exec::scheduler::Scheduler,
+    scheduler: Scheduler,
     probe: observe::Probe,
     /// The metrics and health endpoint, when served; it stops with the last clone.
     endpoint: Option<Arc<observe::Endpoint>>,
@@ -494,7 +493,7 @@ impl Grid {
 
     /// This member's scheduler (see [`grid_exec::scheduler`]): jobs that fire once per
     /// cluster, or locally, on an interval, once, or on a cron expression.
-    pub fn scheduler(&self) -> &grid_exec::scheduler::Scheduler {
+    pub fn scheduler(&self) -> &Scheduler {
         &self.scheduler
     }
 

@@ -356,10 +356,20 @@ impl PartitionService for SchedulerService {
             return;
         }
         let p = ctx.partition;
-        let (due, earliest) = match self.part(p) {
-            Some(t) => (t.is_due(grid_core::clock::unix_ms()), t.earliest()),
+        let live = |m: &str| self.is_live(m);
+        let (due, earliest, orphans) = match self.part(p) {
+            Some(t) => (
+                t.is_due(grid_core::clock::unix_ms()),
+                t.earliest(),
+                t.has_orphans(&live),
+            ),
             None => return,
         };
+        if orphans {
+            // A run on a member that is gone (its departure was seen before the member
+            // list dropped it): end it before it blocks the job's next slot.
+            fx.submit(Op::Reap);
+        }
         if let Some(a) = self.armed.get(p as usize) {
             *lock(a) = None;
         }
