@@ -285,7 +285,7 @@ impl Scheduler {
         let op = Op::Details { id: id.to_string() };
         match self.execute(id, op, OpKind::Read).await? {
             Answer::Details(d) => Ok(d.map(|d| *d)),
-            Answer::Done => Ok(None),
+            Answer::Done | Answer::Fired(_) => Ok(None),
         }
     }
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 use grid_core::runtime::service::*;
 use grid_net::membership::Cluster;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use super::job::{JobDetails, JobRequest};
@@ -58,6 +58,8 @@ pub struct SchedulerService {
     parts: Vec<Mutex<JobTable>>,
     armed: Vec<Mutex<Option<Instant>>>,
     owned: Vec<AtomicBool>,
+    /// Wakes the partition's owner task to fire its due slots.
+    wake: Vec<Arc<Notify>>,
     cluster: Cluster,
     me: Arc<str>,
     /// This member's runners.
@@ -94,6 +96,7 @@ impl SchedulerService {
             parts: (0..partitions).map(|_| Mutex::default()).collect(),
             armed: (0..partitions).map(|_| Mutex::default()).collect(),
             owned: (0..partitions).map(|_| AtomicBool::new(false)).collect(),
+            wake: (0..partitions).map(|_| Arc::new(Notify::new())).collect(),
             me: cluster.local_member().id.clone(),
             cluster,
             runners: RwLock::new(HashMap::new()),
@@ -374,7 +377,9 @@ impl PartitionService for SchedulerService {
             *lock(a) = None;
         }
         if due {
-            fx.submit(Op::FireDue);
+            if let Some(w) = self.wake.get(p as usize) {
+                w.notify_one();
+            }
             // Should the firing be dropped (the partition moved meanwhile, a full queue),
             // look again a little later; its change re-arms for the next slot anyway.
             let retry = grid_core::clock::unix_ms() + FIRE_RETRY.as_millis() as u64;
@@ -382,6 +387,11 @@ impl PartitionService for SchedulerService {
         } else {
             self.arm(p, earliest, ctx.now, fx);
         }
+    }
+
+    fn owner_task(&self, partition: u32, handle: ServiceHandle<Self>) -> Option<OwnerTask> {
+        let wake = self.wake.get(partition as usize)?.clone();
+        Some(Box::pin(fire_loop(partition, handle, wake)))
     }
 
     fn on_message(&self, from: &str, message: Msg) {
@@ -446,5 +456,61 @@ impl PartitionService for SchedulerService {
 
     fn partition_len(&self, partition: u32) -> usize {
         self.jobs_in(partition)
+    }
+}
+
+/// The owner task of a partition: fires its due slots when its timer says so, and sends
+/// the runs a firing claimed only once the firing's change is confirmed by the backups. A
+/// change the owner applied without a backup's confirmation could be lost if the owner
+/// died now, and its slot fired again by the promoted backup: such runs wait until a later
+/// change ([`Op::Sync`]) is confirmed (the backups then have every change before it).
+async fn fire_loop(p: u32, handle: ServiceHandle<SchedulerService>, wake: Arc<Notify>) {
+    loop {
+        wake.notified().await;
+        match handle.execute(p, Op::FireDue, OpKind::Write).await {
+            Ok(Ok(Answer::Fired(runs))) => send_runs(&handle, runs).await,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(partition = p, error = %e, "firing refused"),
+            Err(e) => {
+                tracing::debug!(partition = p, error = %e, "firing not confirmed; its runs wait");
+                confirm_then_resend(p, &handle).await;
+            }
+        }
+    }
+}
+
+/// Writes empty changes until one is confirmed, then sends every run under way in the
+/// partition (members ignore a run they have).
+async fn confirm_then_resend(p: u32, handle: &ServiceHandle<SchedulerService>) {
+    for attempt in 1..=50u32 {
+        match handle.execute(p, Op::Sync, OpKind::Write).await {
+            Ok(Ok(_)) => {
+                let service = handle.service();
+                let runs: Vec<Output> = match service.part(p) {
+                    Some(t) => t
+                        .resend()
+                        .into_iter()
+                        .filter(|Output::Dispatch { member, .. }| service.is_live(member))
+                        .collect(),
+                    None => return,
+                };
+                send_runs(handle, runs).await;
+                return;
+            }
+            Ok(Err(_)) => return,
+            Err(e) => {
+                tracing::debug!(partition = p, attempt, error = %e, "partition not confirmed yet");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+async fn send_runs(handle: &ServiceHandle<SchedulerService>, runs: Vec<Output>) {
+    for Output::Dispatch { member, request } in runs {
+        let job = request.job_id.clone();
+        if let Err(e) = handle.send(&member, &Msg::Run(request)).await {
+            tracing::debug!(%member, %job, error = %e, "run not sent (sent again at the job's next slot)");
+        }
     }
 }

@@ -89,6 +89,9 @@ pub enum Op {
     },
     /// The owner's own: runs on members that are gone end (or are retried).
     Reap,
+    /// The owner's own: an empty change, acknowledged only once the backups have every
+    /// change before it (a firing whose change was not confirmed is sent once this is).
+    Sync,
 }
 
 /// What the job table answers.
@@ -98,6 +101,9 @@ pub enum Answer {
     Done,
     /// A job's details (`None`: no such job).
     Details(Option<Box<JobDetails>>),
+    /// The runs a firing claimed (and runs under way to send again): the owner sends them
+    /// once the firing's change is confirmed by the backups, never before.
+    Fired(Vec<Output>),
 }
 
 /// One job's firing, as replicated.
@@ -191,7 +197,7 @@ pub struct Decision {
 }
 
 /// What applying a change asks the owner to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Output {
     /// Send this run to `member`.
     Dispatch {
@@ -341,6 +347,10 @@ impl JobTable {
                 })
             }
             Op::Reap => Ok(self.decide_reap(env)),
+            Op::Sync => Ok(Decision {
+                answer: Answer::Done,
+                change: Some(Change::Many(Vec::new())),
+            }),
         }
     }
 
@@ -404,8 +414,23 @@ impl JobTable {
             };
             firings.push(fire_one(id, job, *slot, env, &mut next_run));
         }
+        let mut runs = Vec::new();
+        for f in &firings {
+            let Some(job) = self.jobs.get(&f.id) else {
+                continue;
+            };
+            match &f.result {
+                FiringResult::Run(run) => runs.push(dispatch(&f.id, &job.config, run)),
+                FiringResult::Record(r) if r.message.as_deref() == Some(STILL_RUNNING) => {
+                    // Send the run under way again: if its member never got it (a message
+                    // lost), it runs now instead of blocking the job.
+                    runs.extend(job.running.iter().map(|r| dispatch(&f.id, &job.config, r)));
+                }
+                _ => {}
+            }
+        }
         Decision {
-            answer: Answer::Done,
+            answer: Answer::Fired(runs),
             change: (!firings.is_empty()).then_some(Change::Fire { firings, next_run }),
         }
     }
@@ -496,21 +521,11 @@ impl JobTable {
                         continue;
                     };
                     job.last_slot = Some(job.last_slot.map_or(f.slot, |l| l.max(f.slot)));
+                    // The runs are sent by the owner once this change is confirmed
+                    // ([`Answer::Fired`]), not here.
                     match &f.result {
-                        FiringResult::Run(run) => {
-                            out.push(dispatch(&f.id, &job.config, run));
-                            job.running.push(run.clone());
-                        }
-                        FiringResult::Record(record) => {
-                            if record.message.as_deref() == Some(STILL_RUNNING) {
-                                // Send the run under way again: if its member never got it
-                                // (a message lost), it runs now instead of blocking the job.
-                                out.extend(
-                                    job.running.iter().map(|r| dispatch(&f.id, &job.config, r)),
-                                );
-                            }
-                            push_history(job, record.clone());
-                        }
+                        FiringResult::Run(run) => job.running.push(run.clone()),
+                        FiringResult::Record(record) => push_history(job, record.clone()),
                         FiringResult::Skipped => {}
                     }
                     self.set_next(&f.id, f.next_slot);

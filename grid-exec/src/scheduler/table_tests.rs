@@ -44,6 +44,11 @@ impl World {
             live: &live,
         };
         let decision = self.owner.decide(op, &env)?;
+        if let Answer::Fired(runs) = &decision.answer {
+            for Output::Dispatch { member, request } in runs.clone() {
+                self.sent.push((member, request));
+            }
+        }
         if let Some(change) = decision.change {
             // Replicated: the backup applies it too, and ends in the same state.
             let _ = self.backup.apply(&change);
