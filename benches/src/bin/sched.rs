@@ -55,6 +55,9 @@ struct Args {
     /// Partitions of the grid.
     #[arg(long, default_value_t = 271)]
     partitions: u32,
+    /// Jobs retry a run whose member died (`JobConfig::retry_if_member_dies`).
+    #[arg(long)]
+    retry: bool,
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -177,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
     let t = std::time::Instant::now();
     let mut tasks = Vec::new();
     let per_task = args.jobs.div_ceil(64);
+    let retry = args.retry;
     for chunk in 0..64 {
         let s = grids[chunk % MEMBERS].scheduler().clone();
         let range = (chunk * per_task)..((chunk + 1) * per_task).min(args.jobs);
@@ -184,7 +188,8 @@ async fn main() -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             for (i, f) in firsts {
                 let config = JobConfig::for_runner("bench")
-                    .schedule(Schedule::interval(Duration::from_millis(p), Some(f)));
+                    .schedule(Schedule::interval(Duration::from_millis(p), Some(f)))
+                    .retry_if_member_dies(retry);
                 s.schedule_job(&format!("j{i}"), config).await?;
             }
             Ok::<(), grid::SchedulerError>(())
