@@ -63,6 +63,10 @@ pub use grid_exec::bucketed::{
     DeadLetter, ExecError, ExecStatistics, FullQueue,
 };
 pub use grid_exec::member::{MemberExecutor, TaskError};
+pub use grid_exec::scheduler::{
+    JobConfig, JobRequest, JobResponse, MissedSlots, Outcome, RunMode, RunRecord, Schedule,
+    Scheduler, SchedulerError,
+};
 pub use grid_lock::{ClusterLock, KeyedLock, LockError, LockGuard, LockOwner, LockSettings, Locks};
 pub use grid_net::bulk_runtime::BulkPriority;
 pub use grid_net::config::{MembershipConfig, MulticastConfig, NetworkConfig, TlsConfig};
@@ -328,6 +332,7 @@ impl GridBuilder {
             node.cluster().clone(),
             runtime.clone(),
         );
+        let scheduler = Scheduler::start(runtime.clone(), node.cluster().clone());
         let probe = observe::Probe {
             runtime: runtime.clone(),
             cluster: node.cluster().clone(),
@@ -359,6 +364,7 @@ impl GridBuilder {
             locks,
             bucketed,
             executor,
+            scheduler,
             probe,
             endpoint,
         })
@@ -375,6 +381,7 @@ pub struct Grid {
     locks: Locks,
     bucketed: BucketedExecutors,
     executor: MemberExecutor,
+    scheduler: Scheduler,
     probe: observe::Probe,
     /// The metrics and health endpoint, when served; it stops with the last clone.
     endpoint: Option<Arc<observe::Endpoint>>,
@@ -527,6 +534,12 @@ impl Grid {
     #[doc(hidden)]
     pub fn bucketed_executors(&self) -> &BucketedExecutors {
         &self.bucketed
+    }
+
+    /// This member's scheduler (see [`grid_exec::scheduler`]): jobs that fire once per
+    /// cluster, or locally, on an interval, once, or on a cron expression.
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
     }
 
     /// This member's caches (benchmarks and tests look inside).
