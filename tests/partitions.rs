@@ -492,7 +492,10 @@ async fn an_unconfirmed_put_reports_an_unknown_outcome_and_the_next_write_repair
         let owner = owner_of(&grids, &cache, key);
         grids[1 - owner].runtime().refuse_next_backups_for_tests(1);
         let r = cache.put(&key, &2).await;
-        assert!(matches!(r, Err(grid::GridError::Indeterminate(_))), "key {key}: {r:?}");
+        assert!(
+            matches!(r, Err(grid::GridError::Indeterminate(_))),
+            "key {key}: {r:?}"
+        );
         // Applied on the owner: a read sees it.
         assert_eq!(cache.get(&key).await.unwrap(), Some(2));
         let other = key + 100;
