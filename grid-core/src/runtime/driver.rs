@@ -64,6 +64,12 @@ fn may_coordinate(rt: &Runtime, gate: &mut TakeoverGate) -> bool {
         alive = view.len(),
         "takeover gate"
     );
+    if matches!(verdict, Takeover::Minority { .. }) {
+        // Whether or not it coordinates: an owner that sees most members fail at once may
+        // be the one cut off, and must not serve reads or writes of partitions the others
+        // are promoting meanwhile.
+        rt.suspect_isolation();
+    }
     if !is_coordinator(rt) {
         return false;
     }

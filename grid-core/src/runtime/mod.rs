@@ -569,6 +569,13 @@ impl Runtime {
         out
     }
 
+    /// This member saw a majority of its recent tables' members fail (see `takeover`): it
+    /// may be the one cut off, and serves nothing as an owner until a table asked for once
+    /// it sees a majority again confirms what it owns (the pause guard's confirmation).
+    pub(super) fn suspect_isolation(&self) {
+        self.with_pause_guard(|g| g.suspect(Instant::now()));
+    }
+
     /// After a pause: asks the other members for their tables, applies the newest, and
     /// lifts the suspicion once one answered (or there is nobody to ask).
     async fn confirm_ownership(&self) {
@@ -596,6 +603,12 @@ impl Runtime {
             .into_iter()
             .flatten()
             .collect();
+        if others.is_empty() && self.table().members().len() > 1 {
+            // Alone in its view while its table names others: cut off, or they all died.
+            // Wait for them, or for a table without them (see `takeover`).
+            debug!("no other member to confirm this member's table with; asking again");
+            return;
+        }
         if !others.is_empty() && answers.is_empty() {
             debug!("nobody confirmed this member's table after a pause; asking again");
             return;

@@ -78,6 +78,14 @@ impl PauseGuard {
             .then(|| self.last_turn + self.max_gap)
     }
 
+    /// This member has reason to think it was cut off (it saw a majority of its recent
+    /// tables' members fail; see `takeover`): as after a gap, it serves nothing as an owner
+    /// until a table asked for after `now` is applied. Called again while the reason lasts,
+    /// so that only a table asked for once it is over lifts the suspicion.
+    pub(crate) fn suspect(&mut self, now: Instant) {
+        self.suspect_since = Some(self.suspect_since.map_or(now, |s| s.max(now)));
+    }
+
     /// The cluster's table, asked for at `asked_at`, has been applied: a suspicion that
     /// began no later than the question is lifted.
     pub(crate) fn confirmed(&mut self, asked_at: Instant) {
@@ -90,6 +98,25 @@ impl PauseGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_member_that_sees_the_majority_fail_serves_nothing_until_a_later_table() {
+        let t0 = Instant::now();
+        let mut g = PauseGuard::new(GAP, t0);
+        let t1 = t0 + Duration::from_millis(100);
+        assert_eq!(g.turn(t1), Turn::Serving);
+        g.suspect(t1);
+        assert!(!g.may_serve(t1));
+        assert_eq!(g.turn(t1 + Duration::from_millis(100)), Turn::Confirming);
+        // Still cut off at t2: a table asked for before then lifts nothing.
+        let t2 = t1 + Duration::from_millis(200);
+        g.suspect(t2);
+        g.confirmed(t1 + Duration::from_millis(150));
+        assert!(!g.may_serve(t2));
+        g.confirmed(t2 + Duration::from_millis(10));
+        assert_eq!(g.turn(t2 + Duration::from_millis(50)), Turn::Serving);
+        assert!(g.may_serve(t2 + Duration::from_millis(60)));
+    }
 
     const GAP: Duration = Duration::from_millis(500);
 
