@@ -30,6 +30,39 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// Starts `members` data members on loopback (ids `m0`, `m1`, …; backups 1; a 30 s
+/// operation deadline) in cluster `name`, and waits until they have settled: the cluster
+/// the `locks`, `exec` and `sched` harnesses measure.
+pub async fn start_cluster(
+    name: &str,
+    members: usize,
+    partitions: u32,
+) -> anyhow::Result<Vec<Grid>> {
+    let mut grids: Vec<Grid> = Vec::new();
+    let mut seed: Option<std::net::SocketAddr> = None;
+    for i in 0..members {
+        let b = Grid::builder()
+            .cluster_name(format!("{name}-bench"))
+            .member_id(format!("m{i}"))
+            .secret(format!("{name} harness"))
+            .bind("127.0.0.1:0")
+            .partitions(partitions)
+            .backups(1)
+            .op_timeout(Duration::from_secs(30));
+        let b = match seed {
+            Some(s) => b.seed(s),
+            None => b.no_seeds(),
+        };
+        let g = b.start().await?;
+        seed.get_or_insert(g.addr());
+        grids.push(g);
+    }
+    if !settled(&grids, members, Duration::from_secs(60)).await {
+        anyhow::bail!("the cluster did not settle within 60 s");
+    }
+    Ok(grids)
+}
+
 /// Whether every member sees `members` members and applied the coordinator's settled table.
 pub async fn settled(grids: &[Grid], members: usize, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;

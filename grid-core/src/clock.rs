@@ -23,6 +23,15 @@ fn anchor() -> (Instant, u64) {
     })
 }
 
+thread_local! {
+    /// An anchor for this thread only (a simulated world: one thread, one paused clock),
+    /// which takes precedence over [`ANCHOR`]. Worlds run one after the other (or side by
+    /// side, one per thread) in one process, each with a clock of its own: a process-wide
+    /// anchor would carry the wall time between two worlds into the second one's Unix
+    /// times, and a seed would not replay.
+    static THREAD_ANCHOR: std::cell::Cell<Option<(Instant, u64)>> = const { std::cell::Cell::new(None) };
+}
+
 /// Now, on the runtime's clock.
 pub fn now() -> Instant {
     Instant::now()
@@ -33,7 +42,7 @@ pub fn now() -> Instant {
 /// times (an entry's expiry) through it; a simulation sets the anchor with
 /// [`set_unix_anchor`] so that a seed replays the same times.
 pub fn unix_ms() -> u64 {
-    let (at, wall) = anchor();
+    let (at, wall) = THREAD_ANCHOR.with(|a| a.get()).unwrap_or_else(anchor);
     wall.saturating_add(Instant::now().saturating_duration_since(at).as_millis() as u64)
 }
 
@@ -41,4 +50,10 @@ pub fn unix_ms() -> u64 {
 /// calls are ignored). Returns whether it took effect.
 pub fn set_unix_anchor(unix_ms: u64) -> bool {
     ANCHOR.set((Instant::now(), unix_ms)).is_ok()
+}
+
+/// Fixes the Unix time that the runtime's clock reads now, for the calling thread only,
+/// replacing any earlier anchor of this thread (a simulated world sets it when it starts).
+pub fn set_thread_unix_anchor(unix_ms: u64) {
+    THREAD_ANCHOR.with(|a| a.set(Some((Instant::now(), unix_ms))));
 }

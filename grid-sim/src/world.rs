@@ -162,7 +162,7 @@ fn seed_tokio(builder: &mut tokio::runtime::Builder, seed: u64) {
 impl World {
     /// Creates the world and starts its members (inside [`simulate`]).
     pub async fn start(config: WorldConfig) -> anyhow::Result<Self> {
-        grid_core::clock::set_unix_anchor(SIM_EPOCH_MS);
+        grid_core::clock::set_thread_unix_anchor(SIM_EPOCH_MS);
         let net = SimNet::new(derive(config.seed, "net"), config.wire.clone());
         let slots = (0..config.members)
             .map(|i| Slot {

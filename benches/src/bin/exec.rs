@@ -27,15 +27,13 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
 use clap::Parser;
 use grid::{Batch, BucketedSettings, Concurrency, Grid};
-use grid_bench::{settled, RedisServer};
+use grid_bench::RedisServer;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
@@ -222,29 +220,7 @@ async fn finish(tracker: &Tracker, submitted: u64, started_us: u64) -> Run {
 // ---- grid ----
 
 async fn start_cluster(args: &Args) -> anyhow::Result<Vec<Grid>> {
-    let mut grids: Vec<Grid> = Vec::new();
-    let mut seed: Option<SocketAddr> = None;
-    for i in 0..MEMBERS {
-        let b = Grid::builder()
-            .cluster_name("exec-bench")
-            .member_id(format!("m{i}"))
-            .secret("exec harness")
-            .bind("127.0.0.1:0")
-            .partitions(args.partitions)
-            .backups(1)
-            .op_timeout(Duration::from_secs(30));
-        let b = match seed {
-            Some(s) => b.seed(s),
-            None => b.no_seeds(),
-        };
-        let g = b.start().await?;
-        seed.get_or_insert(g.addr());
-        grids.push(g);
-    }
-    if !settled(&grids, MEMBERS, Duration::from_secs(60)).await {
-        bail!("the cluster did not settle within 60 s");
-    }
-    Ok(grids)
+    grid_bench::start_cluster("exec", MEMBERS, args.partitions).await
 }
 
 async fn grid_run(

@@ -28,14 +28,12 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
 use clap::Parser;
 use grid::Grid;
-use grid_bench::{settled, RedisServer};
+use grid_bench::RedisServer;
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -134,29 +132,7 @@ where
 // ---- grid ----
 
 async fn start_cluster(args: &Args) -> anyhow::Result<Vec<Grid>> {
-    let mut grids: Vec<Grid> = Vec::new();
-    let mut seed: Option<SocketAddr> = None;
-    for i in 0..MEMBERS {
-        let b = Grid::builder()
-            .cluster_name("locks-bench")
-            .member_id(format!("m{i}"))
-            .secret("locks harness")
-            .bind("127.0.0.1:0")
-            .partitions(args.partitions)
-            .backups(1)
-            .op_timeout(Duration::from_secs(30));
-        let b = match seed {
-            Some(s) => b.seed(s),
-            None => b.no_seeds(),
-        };
-        let g = b.start().await?;
-        seed.get_or_insert(g.addr());
-        grids.push(g);
-    }
-    if !settled(&grids, MEMBERS, Duration::from_secs(60)).await {
-        bail!("the cluster did not settle within 60 s");
-    }
-    Ok(grids)
+    grid_bench::start_cluster("locks", MEMBERS, args.partitions).await
 }
 
 async fn grid_runs(args: &Args) -> anyhow::Result<(Run, Run, Run)> {

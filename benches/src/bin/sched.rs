@@ -24,14 +24,12 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::bail;
 use clap::Parser;
 use grid::{Grid, JobConfig, JobRequest, JobResponse, Schedule};
-use grid_bench::settled;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
@@ -108,29 +106,7 @@ fn cpu_time() -> Duration {
 }
 
 async fn start_cluster(args: &Args) -> anyhow::Result<Vec<Grid>> {
-    let mut grids: Vec<Grid> = Vec::new();
-    let mut seed: Option<SocketAddr> = None;
-    for i in 0..MEMBERS {
-        let b = Grid::builder()
-            .cluster_name("sched-bench")
-            .member_id(format!("m{i}"))
-            .secret("sched harness")
-            .bind("127.0.0.1:0")
-            .partitions(args.partitions)
-            .backups(1)
-            .op_timeout(Duration::from_secs(30));
-        let b = match seed {
-            Some(s) => b.seed(s),
-            None => b.no_seeds(),
-        };
-        let g = b.start().await?;
-        seed.get_or_insert(g.addr());
-        grids.push(g);
-    }
-    if !settled(&grids, MEMBERS, Duration::from_secs(60)).await {
-        bail!("the cluster did not settle within 60 s");
-    }
-    Ok(grids)
+    grid_bench::start_cluster("sched", MEMBERS, args.partitions).await
 }
 
 #[tokio::main]
