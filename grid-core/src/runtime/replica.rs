@@ -420,13 +420,13 @@ impl Runtime {
     /// Resolves once `id` is no longer a live member in this member's view.
     async fn departure_of(&self, id: &str) {
         let mut view = self.inner.cluster.watch();
-        loop {
-            if !view.borrow_and_update().iter().any(|m| &*m.id == id) {
-                return;
-            }
-            if view.changed().await.is_err() {
-                return std::future::pending().await;
-            }
+        if view
+            .wait_for(|members| !members.iter().any(|m| &*m.id == id))
+            .await
+            .is_err()
+        {
+            // The member list is gone (the member is stopping): never resolve.
+            std::future::pending::<()>().await;
         }
     }
 
