@@ -248,24 +248,79 @@ async fn main() -> anyhow::Result<()> {
     let check_to = end.saturating_sub(3_000);
     let mut covered: HashMap<u32, Vec<(u64, u64)>> = HashMap::new();
     let mut missed_delay = 0u64;
+    let mut worst = None;
     for s in &all {
         let from = s.slot - (u64::from(s.slots.max(1)) - 1) * p;
         covered.entry(s.job).or_default().push((from, s.slot));
         if s.slot >= kill_at.saturating_sub(2 * p) {
-            missed_delay = missed_delay.max(s.started.saturating_sub(from));
+            let delay = s.started.saturating_sub(from);
+            if delay > missed_delay {
+                worst = Some((s.job, from as i64 - kill_at as i64, s.slots, s.member));
+            }
+            missed_delay = missed_delay.max(delay);
         }
     }
     let mut lost = 0u64;
+    let mut lost_slots: Vec<(u32, u64)> = Vec::new();
     for job in 0..args.jobs as u32 {
         let spans = covered.get(&job).map(Vec::as_slice).unwrap_or(&[]);
         let mut slot = first(job as usize);
         while slot < check_to {
             if !spans.iter().any(|(a, b)| *a <= slot && slot <= *b) {
                 lost += 1;
+                lost_slots.push((job, slot));
             }
             slot += p;
         }
     }
+    // Why: the record of the job's history that stands for the lost slot (its outcome and
+    // message), or none.
+    let mut lost_by_cause: std::collections::BTreeMap<String, u64> = Default::default();
+    for (job, slot) in lost_slots.iter().take(2_000) {
+        let details = grids[0].scheduler().job_details(&format!("j{job}")).await?;
+        let cause = match details {
+            None => "no such job".to_string(),
+            Some(d) => {
+                let record = d.history.iter().find(|r| {
+                    let from = r.scheduled_at_ms - (u64::from(r.slots.max(1)) - 1) * p;
+                    from <= *slot && *slot <= r.scheduled_at_ms
+                });
+                match record {
+                    Some(r) => format!(
+                        "{:?}: {} (member {:?}, {} slots, fired {} ms late)",
+                        r.outcome,
+                        r.message.clone().unwrap_or_default(),
+                        r.member,
+                        r.slots,
+                        r.fired_at_ms.saturating_sub(*slot) / 100 * 100
+                    ),
+                    None if d.running.iter().any(|r| r.scheduled_at_ms >= *slot) => {
+                        "still under way at the end".to_string()
+                    }
+                    None => format!(
+                        "no record (last slot {:?}, next {:?})",
+                        d.last_slot_ms.map(|l| l as i64 - *slot as i64),
+                        d.next_run_ms.map(|l| l as i64 - *slot as i64)
+                    ),
+                }
+            }
+        };
+        *lost_by_cause.entry(cause).or_default() += 1;
+    }
+    for (cause, n) in &lost_by_cause {
+        eprintln!("lost {n}: {cause}");
+    }
+    eprintln!(
+        "lost slots relative to the kill (ms): {:?}",
+        lost_slots
+            .iter()
+            .take(20)
+            .map(|(_, s)| *s as i64 - kill_at as i64)
+            .collect::<Vec<_>>()
+    );
+    eprintln!(
+        "longest missed-slot delay: (job, its first slot - kill ms, slots, member) {worst:?}"
+    );
     let mut runs_per_member = vec![0u64; MEMBERS];
     for s in &all {
         runs_per_member[s.member as usize] += 1;

@@ -24,13 +24,15 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use super::job::{JobDetails, JobRequest};
-use super::table::{Answer, Change, Env, JobTable, Op, Output, TableCopy};
+use super::table::{Answer, Change, Env, FiringResult, JobTable, Op, Output, TableCopy};
 use super::{JobRunner, SchedulerError};
 
 /// The firing timer of a partition (one per partition: armed at its earliest slot).
 const FIRE: u64 = 1;
 /// When a firing could not run (its operation was dropped), try again this much later.
 const FIRE_RETRY: Duration = Duration::from_millis(500);
+/// While runs are held (their claim not confirmed), the owner tries to confirm this often.
+const CONFIRM_RETRY: Duration = Duration::from_millis(100);
 /// Runs received and not yet started, per member.
 pub(crate) const RUN_QUEUE: usize = 16_384;
 /// Runs remembered per member to ignore one sent twice.
@@ -60,6 +62,14 @@ pub struct SchedulerService {
     owned: Vec<AtomicBool>,
     /// Wakes the partition's owner task to fire its due slots.
     wake: Vec<Arc<Notify>>,
+    /// Per partition, the runs this owner claimed (or moved to another member) whose
+    /// change is not confirmed by the backups yet: held, not sent. The owner task sends
+    /// them once a later change of its own is confirmed. Each with the partition version
+    /// of the change that holds it.
+    held: Vec<Mutex<HashMap<(String, u64), u64>>>,
+    /// Per partition, the version the owner task's last firing's change has (or would
+    /// have): once it is confirmed, so is every run held at or before it.
+    fire_version: Vec<std::sync::atomic::AtomicU64>,
     cluster: Cluster,
     me: Arc<str>,
     /// This member's runners.
@@ -97,6 +107,10 @@ impl SchedulerService {
             armed: (0..partitions).map(|_| Mutex::default()).collect(),
             owned: (0..partitions).map(|_| AtomicBool::new(false)).collect(),
             wake: (0..partitions).map(|_| Arc::new(Notify::new())).collect(),
+            held: (0..partitions).map(|_| Mutex::default()).collect(),
+            fire_version: (0..partitions)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
             me: cluster.local_member().id.clone(),
             cluster,
             runners: RwLock::new(HashMap::new()),
@@ -208,6 +222,47 @@ impl SchedulerService {
         }
     }
 
+    /// Whether partition `p` has held runs.
+    fn has_held(&self, p: u32) -> bool {
+        self.held
+            .get(p as usize)
+            .is_some_and(|h| !lock(h).is_empty())
+    }
+
+    /// Takes partition `p`'s runs held by changes up to the owner task's last firing
+    /// (confirmed), as they stand in the table now (runs that ended meanwhile are gone;
+    /// runs on members that left are not sent).
+    fn take_held(&self, p: u32) -> Vec<Output> {
+        let (Some(held), Some(upto)) =
+            (self.held.get(p as usize), self.fire_version.get(p as usize))
+        else {
+            return Vec::new();
+        };
+        let upto = upto.load(Ordering::Acquire);
+        let held: HashSet<(String, u64)> = {
+            let mut held = lock(held);
+            let confirmed: HashSet<(String, u64)> = held
+                .iter()
+                .filter(|(_, v)| **v <= upto)
+                .map(|(k, _)| k.clone())
+                .collect();
+            held.retain(|k, _| !confirmed.contains(k));
+            confirmed
+        };
+        if held.is_empty() {
+            return Vec::new();
+        }
+        let Some(t) = self.part(p) else {
+            return Vec::new();
+        };
+        t.resend()
+            .into_iter()
+            .filter(|Output::Dispatch { member, request }| {
+                held.contains(&(request.job_id.clone(), request.run_id)) && self.is_live(member)
+            })
+            .collect()
+    }
+
     /// A run sent to this member: queued for the run task, unless it came already.
     fn accept_run(&self, request: JobRequest) {
         let key = (request.job_id.clone(), request.run_id);
@@ -269,10 +324,23 @@ impl PartitionService for SchedulerService {
     fn prepare(&self, ctx: &Ctx, op: Op) -> Result<Prepared<Self>, SchedulerError> {
         let target = |key: &str, job: &str, slot: u64| self.target(key, job, slot);
         let live = |m: &str| self.is_live(m);
+        let held_runs = self
+            .held
+            .get(ctx.partition as usize)
+            .map(|h| lock(h).clone())
+            .unwrap_or_default();
+        let held = |id: &str, run: u64| held_runs.contains_key(&(id.to_string(), run));
+        if matches!(op, Op::FireDue) {
+            if let Some(v) = self.fire_version.get(ctx.partition as usize) {
+                v.store(ctx.version.saturating_add(1), Ordering::Release);
+            }
+        }
         let env = Env {
             now_ms: grid_core::clock::unix_ms(),
             target: &target,
             live: &live,
+            held: &held,
+            confirm: !held_runs.is_empty(),
         };
         let t = self
             .part(ctx.partition)
@@ -302,7 +370,26 @@ impl PartitionService for SchedulerService {
         if let Change::Fire { firings, .. } = change {
             metrics::counter!("grid_scheduler_firings_total").increment(firings.len() as u64);
         }
-        self.carry_out(outputs, fx);
+        // Every run this change sends (a firing's, a retry's) is held until the owner
+        // task sees a change of its own confirmed: sent before, it could run although a
+        // promoted backup never heard of its claim, and fire its slot again.
+        let mut new_runs = claimed_runs(change);
+        new_runs.extend(
+            outputs
+                .into_iter()
+                .map(|Output::Dispatch { request, .. }| (request.job_id, request.run_id)),
+        );
+        if !new_runs.is_empty() {
+            if let Some(h) = self.held.get(p as usize) {
+                lock(h).extend(new_runs.into_iter().map(|k| (k, ctx.version)));
+            }
+            if !matches!(change, Change::Fire { .. }) {
+                // Not the owner task's own firing: wake it to confirm and send.
+                if let Some(w) = self.wake.get(p as usize) {
+                    w.notify_one();
+                }
+            }
+        }
         self.arm(p, earliest, ctx.now, fx);
         Ok(())
     }
@@ -311,6 +398,9 @@ impl PartitionService for SchedulerService {
         let p = ctx.partition;
         if let Some(o) = self.owned.get(p as usize) {
             o.store(true, Ordering::Relaxed);
+        }
+        if let Some(h) = self.held.get(p as usize) {
+            lock(h).clear();
         }
         if let Some(a) = self.armed.get(p as usize) {
             *lock(a) = None;
@@ -337,6 +427,9 @@ impl PartitionService for SchedulerService {
     fn on_disowned(&self, p: u32) {
         if let Some(o) = self.owned.get(p as usize) {
             o.store(false, Ordering::Relaxed);
+        }
+        if let Some(h) = self.held.get(p as usize) {
+            lock(h).clear();
         }
         if let Some(a) = self.armed.get(p as usize) {
             *lock(a) = None;
@@ -462,47 +555,58 @@ impl PartitionService for SchedulerService {
 /// The owner task of a partition: fires its due slots when its timer says so, and sends
 /// the runs a firing claimed only once the firing's change is confirmed by the backups. A
 /// change the owner applied without a backup's confirmation could be lost if the owner
-/// died now, and its slot fired again by the promoted backup: such runs wait until a later
-/// change ([`Op::Sync`]) is confirmed (the backups then have every change before it).
+/// died now, and its slot fired again by the promoted backup: its runs are held
+/// ([`SchedulerService::take_held`]), and the owner fires again every [`CONFIRM_RETRY`]
+/// (a change even when nothing is due) until one is confirmed, then sends them. Slots
+/// that come due meanwhile join the held runs of their jobs ([`FiringResult::Merged`](super::table::FiringResult::Merged))
+/// rather than finding them "still running".
 async fn fire_loop(p: u32, handle: ServiceHandle<SchedulerService>, wake: Arc<Notify>) {
     loop {
-        wake.notified().await;
+        if handle.service().has_held(p) {
+            tokio::select! {
+                () = wake.notified() => {}
+                () = tokio::time::sleep(CONFIRM_RETRY) => {}
+            }
+        } else {
+            wake.notified().await;
+        }
         match handle.execute(p, Op::FireDue, OpKind::Write).await {
-            Ok(Ok(Answer::Fired(runs))) => send_runs(&handle, runs).await,
+            Ok(Ok(Answer::Fired(mut runs))) => {
+                // Confirmed: so is every change before it, and the held runs with them.
+                let held = handle.service().take_held(p);
+                let fresh: HashSet<(String, u64)> = held
+                    .iter()
+                    .map(|Output::Dispatch { request, .. }| {
+                        (request.job_id.clone(), request.run_id)
+                    })
+                    .collect();
+                runs.retain(|Output::Dispatch { request, .. }| {
+                    !fresh.contains(&(request.job_id.clone(), request.run_id))
+                });
+                runs.extend(held);
+                send_runs(&handle, runs).await;
+            }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(partition = p, error = %e, "firing refused"),
             Err(e) => {
-                tracing::debug!(partition = p, error = %e, "firing not confirmed; its runs wait");
-                confirm_then_resend(p, &handle).await;
+                tracing::debug!(partition = p, error = %e, "firing not confirmed; its runs are held");
             }
         }
     }
 }
 
-/// Writes empty changes until one is confirmed, then sends every run under way in the
-/// partition (members ignore a run they have).
-async fn confirm_then_resend(p: u32, handle: &ServiceHandle<SchedulerService>) {
-    for attempt in 1..=50u32 {
-        match handle.execute(p, Op::Sync, OpKind::Write).await {
-            Ok(Ok(_)) => {
-                let service = handle.service();
-                let runs: Vec<Output> = match service.part(p) {
-                    Some(t) => t
-                        .resend()
-                        .into_iter()
-                        .filter(|Output::Dispatch { member, .. }| service.is_live(member))
-                        .collect(),
-                    None => return,
-                };
-                send_runs(handle, runs).await;
-                return;
-            }
-            Ok(Err(_)) => return,
-            Err(e) => {
-                tracing::debug!(partition = p, attempt, error = %e, "partition not confirmed yet");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
+/// The runs a change claims (their sending waits for its confirmation).
+fn claimed_runs(change: &Change) -> Vec<(String, u64)> {
+    match change {
+        Change::Fire { firings, .. } => firings
+            .iter()
+            .filter_map(|f| match &f.result {
+                FiringResult::Run(run) => Some((f.id.clone(), run.run_id)),
+                _ => None,
+            })
+            .collect(),
+        Change::Many(changes) => changes.iter().flat_map(claimed_runs).collect(),
+        _ => Vec::new(),
     }
 }
 

@@ -68,7 +68,9 @@ pub enum Op {
         /// The job.
         id: String,
     },
-    /// The owner's own: fire every job whose slot is due.
+    /// The owner's own: fire every job whose slot is due (and, while the owner holds runs
+    /// whose claim is not confirmed, write a change even when nothing is due:
+    /// [`Env::confirm`]).
     FireDue,
     /// A run ended (from the member that ran it, or that refused it).
     Finish {
@@ -89,9 +91,6 @@ pub enum Op {
     },
     /// The owner's own: runs on members that are gone end (or are retried).
     Reap,
-    /// The owner's own: an empty change, acknowledged only once the backups have every
-    /// change before it (a firing whose change was not confirmed is sent once this is).
-    Sync,
 }
 
 /// What the job table answers.
@@ -130,6 +129,16 @@ pub enum FiringResult {
     Record(RunRecord),
     /// Skipped ([`MissedSlots::Skip`]).
     Skipped,
+    /// Added to a run of the job that this owner claimed but has not sent yet (its claim
+    /// is not confirmed by the backups): the run now stands for this slot too (its slot
+    /// becomes this one, its slot count grows by `slots`). A slot is not "still running"
+    /// behind a run that has not started.
+    Merged {
+        /// The run.
+        run_id: u64,
+        /// The slots added.
+        slots: u32,
+    },
 }
 
 /// A deterministic record of a decision, applied on the owner and every backup.
@@ -185,6 +194,13 @@ pub struct Env<'a> {
     pub target: &'a dyn Fn(&str, &str, u64) -> Option<String>,
     /// Whether a member is alive.
     pub live: &'a dyn Fn(&str) -> bool,
+    /// Whether run `(job, run_id)` was claimed by this owner and not sent yet (its claim
+    /// is not confirmed by the backups yet): a due slot of the job joins it
+    /// ([`FiringResult::Merged`]).
+    pub held: &'a dyn Fn(&str, u64) -> bool,
+    /// Whether [`Op::FireDue`] must write a change even when nothing is due: the owner has
+    /// held runs, and sends them once a change of its own is confirmed.
+    pub confirm: bool,
 }
 
 /// What a decision is: the answer and the change to replicate, if any.
@@ -347,10 +363,6 @@ impl JobTable {
                 })
             }
             Op::Reap => Ok(self.decide_reap(env)),
-            Op::Sync => Ok(Decision {
-                answer: Answer::Done,
-                change: Some(Change::Many(Vec::new())),
-            }),
         }
     }
 
@@ -414,6 +426,9 @@ impl JobTable {
             };
             firings.push(fire_one(id, job, *slot, env, &mut next_run));
         }
+        // Runs held by this owner are sent by it once this change is confirmed, not here.
+        let live_unheld =
+            |id: &str, r: &Running| (env.live)(&r.member) && !(env.held)(id, r.run_id);
         let mut runs = Vec::new();
         for f in &firings {
             let Some(job) = self.jobs.get(&f.id) else {
@@ -424,14 +439,26 @@ impl JobTable {
                 FiringResult::Record(r) if r.message.as_deref() == Some(STILL_RUNNING) => {
                     // Send the run under way again: if its member never got it (a message
                     // lost), it runs now instead of blocking the job.
-                    runs.extend(job.running.iter().map(|r| dispatch(&f.id, &job.config, r)));
+                    runs.extend(
+                        job.running
+                            .iter()
+                            .filter(|r| live_unheld(&f.id, r))
+                            .map(|r| dispatch(&f.id, &job.config, r)),
+                    );
                 }
                 _ => {}
             }
         }
+        let change = if !firings.is_empty() {
+            Some(Change::Fire { firings, next_run })
+        } else if env.confirm {
+            Some(Change::Many(Vec::new()))
+        } else {
+            None
+        };
         Decision {
             answer: Answer::Fired(runs),
-            change: (!firings.is_empty()).then_some(Change::Fire { firings, next_run }),
+            change,
         }
     }
 
@@ -527,6 +554,13 @@ impl JobTable {
                         FiringResult::Run(run) => job.running.push(run.clone()),
                         FiringResult::Record(record) => push_history(job, record.clone()),
                         FiringResult::Skipped => {}
+                        FiringResult::Merged { run_id, slots } => {
+                            if let Some(run) = job.running.iter_mut().find(|r| r.run_id == *run_id)
+                            {
+                                run.scheduled_at_ms = f.slot;
+                                run.slots = run.slots.saturating_add(*slots);
+                            }
+                        }
                     }
                     self.set_next(&f.id, f.next_slot);
                 }
@@ -616,6 +650,21 @@ fn fire_one(id: &str, job: &Job, first: u64, env: &Env<'_>, next_run: &mut u64) 
         MissedSlots::Collapse | MissedSlots::Skip => latest_due(&job.config.schedule, first, now),
     };
     let next_slot = next_after(slot);
+    // A run this owner claimed and has not sent yet (its claim waits for the backups'
+    // confirmation) takes the slot: it will stand for it once sent.
+    if job.config.missed_slots != MissedSlots::FireEach {
+        if let Some(held) = job.running.iter().find(|r| (env.held)(id, r.run_id)) {
+            return Firing {
+                id: id.to_string(),
+                slot,
+                next_slot,
+                result: FiringResult::Merged {
+                    run_id: held.run_id,
+                    slots,
+                },
+            };
+        }
+    }
     if job.config.missed_slots == MissedSlots::Skip
         && now.saturating_sub(slot) > job.config.missed_grace_ms
     {
@@ -641,8 +690,11 @@ fn fire_one(id: &str, job: &Job, first: u64, env: &Env<'_>, next_run: &mut u64) 
             slots,
         })
     };
-    let result = if !job.running.is_empty() && !job.config.allow_overlap {
-        let on = job.running.first().map(|r| r.member.clone());
+    // A run on a member that is gone is not running (it is ended, or retried, by the
+    // owner's [`Op::Reap`]): it must not turn the next slot into "still running".
+    let mut under_way = job.running.iter().filter(|r| (env.live)(&r.member));
+    let result = if let Some(on) = under_way.next().filter(|_| !job.config.allow_overlap) {
+        let on = Some(on.member.clone());
         record(Outcome::Aborted, STILL_RUNNING.to_string(), on)
     } else if job.running.len() >= MAX_RUNNING {
         record(

@@ -18,6 +18,8 @@ struct World {
     dead: RefCell<HashSet<String>>,
     /// Runs sent, in order.
     sent: Vec<(String, JobRequest)>,
+    /// Runs claimed whose claim the owner has not seen confirmed (not sent yet).
+    held: RefCell<HashSet<(String, u64)>>,
 }
 
 impl World {
@@ -29,6 +31,7 @@ impl World {
             runners: RefCell::new(vec!["m0".into()]),
             dead: RefCell::new(HashSet::new()),
             sent: Vec::new(),
+            held: RefCell::new(HashSet::new()),
         }
     }
 
@@ -38,10 +41,14 @@ impl World {
         let target =
             |_: &str, _: &str, _: u64| runners.iter().find(|m| !dead.contains(*m)).cloned();
         let live = |m: &str| !dead.contains(m);
+        let held_runs = self.held.borrow().clone();
+        let held = |id: &str, run: u64| held_runs.contains(&(id.to_string(), run));
         let env = Env {
             now_ms: self.now,
             target: &target,
             live: &live,
+            held: &held,
+            confirm: !held_runs.is_empty(),
         };
         let decision = self.owner.decide(op, &env)?;
         if let Answer::Fired(runs) = &decision.answer {
@@ -218,6 +225,81 @@ fn a_slot_that_finds_the_previous_run_still_running_is_aborted_and_the_run_resen
     assert_eq!(w.sent.len(), 2);
     assert_eq!(w.sent[1].1.run_id, first);
     assert_eq!(w.job("a").running.len(), 1);
+}
+
+#[test]
+fn a_run_on_a_dead_member_does_not_make_the_next_slot_still_running() {
+    // The owner claimed slot 1 for m1 and m1 died before running it; the next owner's
+    // first firing comes before its reap: the missed slot fires, it is not "still running".
+    let mut w = World::new();
+    *w.runners.borrow_mut() = vec!["m1".into(), "m2".into()];
+    w.schedule("a", every(1_000, 1_001_000));
+    w.now = 1_001_000;
+    w.fire();
+    assert_eq!(w.sent.last().unwrap().0, "m1");
+    w.dead.borrow_mut().insert("m1".into());
+    w.now = 1_003_100;
+    w.fire();
+    let (member, request) = w.sent.last().unwrap().clone();
+    assert_eq!(member, "m2");
+    assert_eq!((request.scheduled_at_ms, request.slots), (1_003_000, 2));
+    assert!(w.job("a").history.is_empty(), "{:?}", w.job("a").history);
+    // The reap then ends the dead member's run; the new one goes on.
+    w.op(Op::Reap).unwrap();
+    assert_eq!(w.job("a").history[0].outcome, Outcome::Aborted);
+    assert_eq!(w.job("a").running.len(), 1);
+    assert_eq!(w.job("a").running[0].member, "m2");
+}
+
+#[test]
+fn slots_due_while_a_run_is_held_unconfirmed_join_it_instead_of_being_aborted() {
+    // The owner claimed slot 1 but its backup did not confirm the claim: the run is held
+    // (not sent). Slots 2 and 3 come meanwhile; when the owner fires again (to confirm),
+    // they join the held run, which then stands for slots 1-3.
+    let mut w = World::new();
+    w.schedule("a", every(1_000, 1_001_000));
+    w.now = 1_001_000;
+    w.fire();
+    let (_, first) = w.sent.pop().unwrap();
+    w.held.borrow_mut().insert(("a".into(), first.run_id));
+    w.now = 1_003_050;
+    let versions_before = w.owner.clone();
+    w.fire();
+    assert_ne!(w.owner, versions_before);
+    assert!(w.sent.is_empty(), "a held run was sent: {:?}", w.sent);
+    let job = w.job("a");
+    assert!(job.history.is_empty(), "{:?}", job.history);
+    assert_eq!(job.running.len(), 1);
+    assert_eq!(job.running[0].run_id, first.run_id);
+    assert_eq!(
+        (job.running[0].scheduled_at_ms, job.running[0].slots),
+        (1_003_000, 3)
+    );
+    assert_eq!(job.next_slot, Some(1_004_000));
+    assert_eq!(job.last_slot, Some(1_003_000));
+    // Nothing due, runs held: the firing still writes a change, for the owner to confirm.
+    let decision = {
+        let live = |_: &str| true;
+        let target = |_: &str, _: &str, _: u64| Some("m0".to_string());
+        let held = |_: &str, _: u64| true;
+        let env = Env {
+            now_ms: w.now,
+            target: &target,
+            live: &live,
+            held: &held,
+            confirm: true,
+        };
+        w.owner.decide(Op::FireDue, &env).unwrap()
+    };
+    assert_eq!(decision.change, Some(Change::Many(Vec::new())));
+    // Once confirmed and sent, the run is an ordinary one: the next slot finds it running.
+    w.held.borrow_mut().clear();
+    w.now = 1_004_000;
+    w.fire();
+    assert_eq!(
+        w.job("a").history[0].message.as_deref(),
+        Some(STILL_RUNNING)
+    );
 }
 
 #[test]
