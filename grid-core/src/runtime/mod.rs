@@ -692,11 +692,7 @@ impl Runtime {
             table_version: table.version(),
             table_members: table.members().len(),
             cluster_members: self.inner.cluster.members().len(),
-            primaries: table
-                .primaries_per_member()
-                .get(&self.inner.me)
-                .copied()
-                .unwrap_or(0),
+            primaries: table.primaries_of(&self.inner.me),
             coordinator: self.coordinator_status(),
             moved_entries,
             moved_bytes,
