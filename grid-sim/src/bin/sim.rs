@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use grid_sim::cache_workload::{self, RunOptions};
+use grid_sim::workload::{self, RunOptions, Workload};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser, Debug)]
@@ -179,12 +179,6 @@ impl tracing_subscriber::fmt::time::FormatTime for SimulatedTime {
     }
 }
 
-/// The command that replays one seed of this run's workload.
-fn reproduce(args: &Args, opts: &RunOptions) -> String {
-    opts.reproduce()
-        .replace("--workload cache", &format!("--workload {}", args.workload))
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -201,20 +195,15 @@ fn main() -> Result<()> {
         println!("{r}");
         return Ok(());
     }
-    if args.workload != "cache" && args.workload != "exec" {
+    let Some(kind) = Workload::from_name(&args.workload) else {
+        let known: Vec<&str> = Workload::ALL.iter().map(|w| w.name()).collect();
         bail!(
-            "unknown workload {:?} (known: cache, exec, scale)",
-            args.workload
+            "unknown workload {:?} (known: {}, scale)",
+            args.workload,
+            known.join(", ")
         );
-    }
-    let exec = args.workload == "exec";
-    let run_seed = move |opts: &RunOptions| {
-        if exec {
-            grid_sim::exec_workload::run(opts)
-        } else {
-            cache_workload::run(opts)
-        }
     };
+    let run_seed = workload::run;
     let duration = Duration::from_secs(
         args.seconds
             .unwrap_or_else(|| (args.minutes * 60.0).round() as u64),
@@ -227,7 +216,7 @@ fn main() -> Result<()> {
             duration,
             partitions: !args.no_partitions,
             wall_budget: Duration::from_secs(args.wall_budget),
-            ..RunOptions::new(seed)
+            ..RunOptions::new(kind, seed)
         };
         let r = run_seed(&opts);
         println!(
@@ -270,7 +259,7 @@ fn main() -> Result<()> {
                     duration,
                     partitions: !args.no_partitions,
                     wall_budget: Duration::from_secs(args.wall_budget),
-                    ..RunOptions::new(seed)
+                    ..RunOptions::new(kind, seed)
                 };
                 if seeds.len() > 1 {
                     let r = run_child(&args, seed, duration);
@@ -280,7 +269,7 @@ fn main() -> Result<()> {
                         let line = format!(
                             "seed {seed} FAILED: {} (reproduce: {})",
                             r.violations.join("; "),
-                            reproduce(&args, &opts)
+                            opts.reproduce()
                         );
                         if bar.is_hidden() {
                             println!("{line}");
@@ -312,7 +301,7 @@ fn main() -> Result<()> {
                     let line = format!(
                         "seed {seed} FAILED: {} (reproduce: {})",
                         r.violations.join("; "),
-                        reproduce(&args, &opts)
+                        opts.reproduce()
                     );
                     if bar.is_hidden() {
                         println!("{line}");
