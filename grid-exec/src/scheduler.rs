@@ -54,7 +54,16 @@
 //! - **Never lost**: when the owner dies, the promoted backup has the job table; its slots
 //!   that passed fire at once (missed slots of one job collapse into one run by default;
 //!   [`MissedSlots`]). A run whose member dies is recorded [`Outcome::Aborted`] (or run once
-//!   more elsewhere: [`JobConfig::retry_if_member_dies`]).
+//!   more elsewhere: [`JobConfig::retry_if_member_dies`]). No member tells the partition
+//!   that it started a run (that would be one more replicated write per run), so a run
+//!   claimed for a member that dies before starting it is `Aborted` as well, and a retried
+//!   run may have started on the dead member already.
+//! - **Runs wait for their claim**: a run is sent only once the backups confirmed the
+//!   change that claimed it. When a backup did not confirm it, the owner holds the run and
+//!   fires again every 100 ms (a change even when nothing is due) until a change is
+//!   confirmed; the job's slots that come due meanwhile join the held run (it then stands
+//!   for them too) instead of finding it "still running". A run on a member that has left
+//!   does not count as running either.
 //! - **Overlap**: a slot that finds the previous run still running is recorded
 //!   [`Outcome::Aborted`], "still running" ([`JobConfig::allow_overlap`] to allow it).
 //! - **Locally** ([`RunMode::Locally`]): the job lives on the member that scheduled it, is
@@ -378,7 +387,7 @@ async fn announce_to_all(inner: &Inner) {
 }
 
 /// Tells the members this member's runners: every [`ANNOUNCE_EVERY`], and at once to a
-/// member that joins. Forgets what a departed member said.
+/// member that joins. Forgets what a member that left gracefully said.
 async fn announce(inner: Weak<Inner>, cluster: Cluster) {
     let mut events = cluster.events();
     let mut tick = tokio::time::interval(ANNOUNCE_EVERY);
@@ -392,9 +401,16 @@ async fn announce(inner: Weak<Inner>, cluster: Cluster) {
                         let keys = inner.handle.service().runner_keys();
                         let _ = inner.handle.send(&m.id, &Msg::Runners(keys)).await;
                     }
-                    MemberEvent::Left(m) | MemberEvent::Failed(m) => {
+                    MemberEvent::Left(m) => {
                         inner.handle.service().forget_member(&m.id);
                     }
+                    // A member that failed keeps its runner keys here: a member falsely
+                    // suspected (a pause, a lossy wire, or this member's own pause, after
+                    // which it suspects everyone) is back without announcing them again,
+                    // and until its next announcement this member would record its jobs
+                    // `Unavailable`. The directory is read through liveness, and a restarted
+                    // member announces its keys when it starts and registers its runners.
+                    MemberEvent::Failed(_) => {}
                 }
             }
             _ = tick.tick() => {

@@ -19,6 +19,8 @@
 //!   service adds a module of the same shape on the harness.
 //! - [`exec_workload`]: the bucketed executor's clients, processors and checkers (`sim
 //!   --workload exec`).
+//! - [`sched_workload`]: the cluster scheduler's jobs, runners and checkers (`sim
+//!   --workload sched`).
 //! - [`scale`]: the figures of a large cluster (100 members) in simulated time.
 //! - [`linearizability`]: a Wing & Gong / Lowe checker for single-key histories.
 
@@ -30,6 +32,7 @@ pub mod exec_workload;
 pub mod linearizability;
 pub mod net;
 pub mod scale;
+pub mod sched_workload;
 pub mod schedule;
 pub mod workload;
 pub mod world;

@@ -38,17 +38,20 @@ pub enum Workload {
     Cache,
     /// The bucketed executor ([`crate::exec_workload`]).
     Exec,
+    /// The cluster scheduler ([`crate::sched_workload`]).
+    Sched,
 }
 
 impl Workload {
     /// Every workload.
-    pub const ALL: &'static [Workload] = &[Workload::Cache, Workload::Exec];
+    pub const ALL: &'static [Self] = &[Self::Cache, Self::Exec, Self::Sched];
 
     /// Its name on the command line.
     pub fn name(self) -> &'static str {
         match self {
-            Workload::Cache => "cache",
-            Workload::Exec => "exec",
+            Self::Cache => "cache",
+            Self::Exec => "exec",
+            Self::Sched => "sched",
         }
     }
 
@@ -63,6 +66,7 @@ pub fn run(opts: &RunOptions) -> SeedReport {
     match opts.workload {
         Workload::Cache => crate::cache_workload::run(opts),
         Workload::Exec => crate::exec_workload::run(opts),
+        Workload::Sched => crate::sched_workload::run(opts),
     }
 }
 
@@ -239,7 +243,7 @@ impl Harness {
                 return Err(finish_report(report, opts, &[], ""));
             }
         };
-        let mut h = Harness {
+        let mut h = Self {
             opts: opts.clone(),
             world,
             schedule,

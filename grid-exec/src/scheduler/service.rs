@@ -172,7 +172,7 @@ impl SchedulerService {
         members
     }
 
-    /// Forgets what `member` said (it left).
+    /// Forgets what `member` said (it left gracefully).
     pub(crate) fn forget_member(&self, member: &str) {
         lock(&self.directory).remove(member);
     }
@@ -437,7 +437,8 @@ impl PartitionService for SchedulerService {
     }
 
     fn on_member_left(&self, ctx: &Ctx, member: &str, fx: &mut Effects<Self>) {
-        self.forget_member(member);
+        // The member's runner keys are kept (see `announce`): it may be back at once (a
+        // pause, a false suspicion), and the directory is read through liveness anyway.
         let gone = |m: &str| m != member && self.is_live(m);
         if self
             .part(ctx.partition)

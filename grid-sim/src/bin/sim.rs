@@ -6,6 +6,7 @@
 //! sim --workload cache --seeds 10000 --members 5 --minutes 2 [--json] [--jobs 2]
 //! sim --workload cache --seed 42 --members 5 --seconds 120     # one seed, as reported
 //! sim --workload exec --seeds 100 --members 5 --minutes 1       # the bucketed executor
+//! sim --workload sched --seeds 24 --seconds 30                  # the cluster scheduler
 //! ```
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -20,8 +21,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Parser, Debug)]
 #[command(about = "Deterministic simulation of a grid cluster under random faults")]
 struct Args {
-    /// Workload: `cache`, `exec` (the bucketed executor), or `scale` (the figures of
-    /// `--members` members; the next services add `locks`, `sched`).
+    /// Workload: `cache`, `exec` (the bucketed executor), `sched` (the scheduler), or
+    /// `scale` (the figures of `--members` members; the next services add `locks`).
     #[arg(long, default_value = "cache")]
     workload: String,
     /// How many seeds to run (from --first-seed).
