@@ -38,17 +38,20 @@ pub enum Workload {
     Cache,
     /// The bucketed executor ([`crate::exec_workload`]).
     Exec,
+    /// Near and replicated copies converge ([`crate::copies_workload`]).
+    Copies,
 }
 
 impl Workload {
     /// Every workload.
-    pub const ALL: &'static [Workload] = &[Workload::Cache, Workload::Exec];
+    pub const ALL: &'static [Workload] = &[Workload::Cache, Workload::Exec, Workload::Copies];
 
     /// Its name on the command line.
     pub fn name(self) -> &'static str {
         match self {
             Workload::Cache => "cache",
             Workload::Exec => "exec",
+            Workload::Copies => "copies",
         }
     }
 
@@ -63,6 +66,7 @@ pub fn run(opts: &RunOptions) -> SeedReport {
     match opts.workload {
         Workload::Cache => crate::cache_workload::run(opts),
         Workload::Exec => crate::exec_workload::run(opts),
+        Workload::Copies => crate::copies_workload::run(opts),
     }
 }
 
