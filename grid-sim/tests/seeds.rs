@@ -68,3 +68,9 @@ fn regression_seed_0_cut_off_coordinator_shrinks_the_cluster_to_itself() {
 fn regression_exec_seed_18_split_forks_the_table_and_loses_tasks() {
     check_workload(Workload::Exec, 18, 20);
 }
+
+/// Near and replicated copies converge after a kill (seed 5 kills member 0 mid-run).
+#[test]
+fn copies_converge_after_a_kill() {
+    check_workload(Workload::Copies, 5, 20);
+}
