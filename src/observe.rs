@@ -115,7 +115,12 @@ pub const METRICS: &[MetricDoc] = &[
     m("grid_exec_bucketed_retried_total", "counter", "", "Batches run on this member that were a retry (attempt > 1)."),
     m("grid_exec_bucketed_dead_lettered_total", "counter", "", "Batches that failed their last attempt on this member and went to the dead letters."),
     m("grid_exec_bucketed_process_seconds", "histogram", "", "Duration of `process` calls on this member."),
+    m("grid_exec_bucketed_queued", "gauge", "`exec`", "Tasks queued (not yet completed) in the partitions this member owns, per executor; updated every registry broadcast (3 s)."),
+    m("grid_exec_bucketed_in_flight", "gauge", "`exec`", "Batches handed out and not yet completed, of the partitions this member owns, per executor."),
+    m("grid_exec_bucketed_processing", "gauge", "`exec`", "Batches running on this member now, per executor."),
     m("grid_exec_member_tasks_total", "counter", "", "Member-executor tasks this member asked to run (on any member)."),
+    m("grid_scheduler_firings_total", "counter", "", "Slots of cluster-wide jobs fired by this member as their owner."),
+    m("grid_scheduler_runs_total", "counter", "`outcome`", "Job runs that ended on this member, by outcome (`Success`, `Failed`, ...)."),
 ];
 
 /// [`METRICS`] as a Markdown table (the body of `docs/METRICS.md`).

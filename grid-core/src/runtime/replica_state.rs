@@ -171,7 +171,16 @@ impl ReplicaState {
         }
         let older = (sender.epoch, version) < (self.epoch, self.version);
         let replaceable = self.diverged && sender.epoch == self.epoch;
-        if older && !replaceable {
+        // Epochs only grow along one line of tables. A receiver whose table is newer than
+        // its replica's epoch, yet gives the partition an older epoch, holds a replica
+        // from another line: tables a cut-off coordinator published during a split, which
+        // the cluster's tables superseded at the heal. The cluster's copy replaces it
+        // (else every copy is refused for ever and the cluster never settles: sched
+        // workload, seed 18).
+        let forked = view.epoch < self.epoch
+            && view.version > self.epoch
+            && sender.epoch >= view.epoch;
+        if older && !replaceable && !forked {
             return CopyVerdict::Older;
         }
         CopyVerdict::Install
@@ -348,6 +357,31 @@ mod tests {
             st.judge_copy(&view, &older_epoch, 100),
             CopyVerdict::Install
         );
+    }
+
+    /// A split: the replica took epoch 12 from a table of the cut-off side's coordinator;
+    /// the cluster's tables (from 4,096 on) kept the partition at epoch 5 with "a". The
+    /// cluster's copy replaces the forked replica; the same copy before the receiver
+    /// learned the cluster's table is still refused.
+    #[test]
+    fn a_replica_from_a_forked_line_of_tables_takes_the_clusters_copy() {
+        let (mut st, _) = backup_of_a();
+        st.installed(12, 3);
+        let cluster = TableView {
+            version: 4_100,
+            owner: Some("a"),
+            epoch: 5,
+        };
+        assert_eq!(
+            st.judge_copy(&cluster, &from_a(4_100), 7),
+            CopyVerdict::Install
+        );
+        let before = TableView {
+            version: NEW_TABLE,
+            owner: Some("a"),
+            epoch: 12,
+        };
+        assert_ne!(st.judge_copy(&before, &from_a(4_100), 7), CopyVerdict::Install);
     }
 
     /// The paused owner: "a" owned the partition in table 10 and was paused; "b", its

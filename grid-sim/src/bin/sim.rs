@@ -21,8 +21,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Parser, Debug)]
 #[command(about = "Deterministic simulation of a grid cluster under random faults")]
 struct Args {
-    /// Workload: `cache`, `exec` (the bucketed executor), `sched` (the scheduler), or
-    /// `scale` (the figures of `--members` members; the next services add `locks`).
+    /// Workload: `cache`, `exec` (the bucketed executor), `sched` (the scheduler), `copies`
+    /// (near and replicated copies converge), or `scale` (the figures of `--members`
+    /// members).
     #[arg(long, default_value = "cache")]
     workload: String,
     /// How many seeds to run (from --first-seed).
