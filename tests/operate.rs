@@ -69,7 +69,13 @@ fn docs_metrics_table_lists_every_metric() {
 fn every_metric_recorded_in_the_sources_is_documented() {
     let documented: BTreeSet<&str> = METRICS.iter().map(|m| m.name).collect();
     let mut found = BTreeSet::new();
-    for dir in ["src", "grid-net/src", "grid-core/src", "grid-cache/src"] {
+    for dir in [
+        "src",
+        "grid-net/src",
+        "grid-core/src",
+        "grid-cache/src",
+        "grid-lock/src",
+    ] {
         let mut stack = vec![root().join(dir)];
         while let Some(path) = stack.pop() {
             if path.is_dir() {

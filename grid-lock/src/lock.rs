@@ -355,6 +355,7 @@ impl ClusterLock {
             who: who.clone(),
         };
         let mut backoff = Duration::from_millis(5);
+        let called = grid_core::clock::now();
         loop {
             let sent = grid_core::clock::now();
             let op = Op::Acquire {
@@ -372,6 +373,8 @@ impl ClusterLock {
                 Ok(Ok(Answer::Granted { token, queued, .. })) => {
                     withdraw.lock = None;
                     let received = grid_core::clock::now();
+                    metrics::histogram!("grid_lock_wait_seconds")
+                        .record(received.saturating_duration_since(called).as_secs_f64());
                     return Ok(Some(LockGuard::new(
                         self, who, token, sent, received, queued,
                     )));
@@ -473,6 +476,7 @@ impl Shared {
     fn mark_lost(&self, why: &str) {
         if !*self.lost.borrow() {
             warn!(lock = %self.lock.id.name, token = self.token, why, "lock lost");
+            metrics::counter!("grid_lock_leases_lost_total").increment(1);
             self.lost.send_replace(true);
         }
     }

@@ -27,6 +27,8 @@ struct Local {
     live: HashSet<CallId>,
     /// When the expiry timer is armed for (`None`: not armed, or fired).
     armed: Option<Instant>,
+    /// Whether this member owns the partition (for the metrics read at scrape).
+    owned: bool,
 }
 
 /// The lock service of one member (registered on every member; lite members own nothing).
@@ -79,6 +81,24 @@ impl LockService {
     /// Locks recorded in partition `p` (held or waited for).
     pub fn locks_in(&self, p: u32) -> usize {
         self.part(p).map(|t| t.records.len()).unwrap_or(0)
+    }
+
+    /// Locks held and callers waiting in the partitions this member owns (what the
+    /// `grid_lock_held` and `grid_lock_waiters` gauges show).
+    pub fn owned_counts(&self) -> (usize, usize) {
+        let (mut held, mut waiting) = (0, 0);
+        for p in 0..self.parts.len() as u32 {
+            if !self.local(p).is_some_and(|l| l.owned) {
+                continue;
+            }
+            if let Some(t) = self.part(p) {
+                for r in t.records.values() {
+                    held += usize::from(r.holder.is_some());
+                    waiting += r.waiters.len();
+                }
+            }
+        }
+        (held, waiting)
     }
 
     /// The table of partition `p` (tests look inside).
@@ -149,7 +169,9 @@ impl PartitionService for LockService {
             quorum,
             live: &is_live,
         };
-        let decision = t.decide(op, &env)?;
+        let decision = t.decide(op, &env).inspect_err(|e| {
+            metrics::counter!("grid_lock_refusals_total", "reason" => refusal(e)).increment(1);
+        })?;
         Ok(match (decision.reply, decision.change) {
             (Reply::Now(a), None) => Prepared::answer(a),
             (Reply::Now(a), Some(c)) => Prepared::change(a, c),
@@ -162,6 +184,9 @@ impl PartitionService for LockService {
         let p = ctx.partition;
         let outputs = {
             let mut t = self.part(p).ok_or(bad_partition(p))?;
+            if ctx.role == Role::Owner {
+                count_change(&t, change, ctx.now);
+            }
             t.apply(change, ctx.now)
         };
         if ctx.role != Role::Owner {
@@ -193,6 +218,7 @@ impl PartitionService for LockService {
         if let Some(mut l) = self.local(p) {
             l.live.clear();
             l.armed = None;
+            l.owned = true;
             Self::arm_expiry(&mut l, next, fx);
         }
     }
@@ -201,6 +227,7 @@ impl PartitionService for LockService {
         if let Some(mut l) = self.local(p) {
             l.live.clear();
             l.armed = None;
+            l.owned = false;
         }
     }
 
@@ -293,6 +320,47 @@ impl PartitionService for LockService {
 
     fn partition_len(&self, partition: u32) -> usize {
         self.locks_in(partition)
+    }
+}
+
+/// The `reason` label of `grid_lock_refusals_total`.
+fn refusal(e: &LockError) -> &'static str {
+    match e {
+        LockError::NoQuorum { .. } => "no_quorum",
+        LockError::NotHolder => "not_holder",
+        LockError::Lost => "lost",
+        LockError::NotReentrant => "not_reentrant",
+        LockError::TooManyHolds { .. } => "too_many_holds",
+        LockError::TooManyWaiters { .. } => "too_many_waiters",
+        LockError::TooManyLocks { .. } => "too_many_locks",
+        _ => "other",
+    }
+}
+
+/// Counts the grants and releases a change makes (on the owner, before applying it to `t`).
+fn count_change(t: &PartitionLocks, change: &Change, now: Instant) {
+    match change {
+        Change::Grant { .. } => {
+            metrics::counter!("grid_lock_grants_total", "how" => "free").increment(1);
+        }
+        Change::Reenter { .. } => {
+            metrics::counter!("grid_lock_grants_total", "how" => "reentered").increment(1);
+        }
+        Change::Exit { .. } => {
+            metrics::counter!("grid_lock_releases_total", "how" => "exited").increment(1);
+        }
+        Change::Free { lock, next, .. } => {
+            let holder = t.records.get(lock).and_then(|r| r.holder.as_ref());
+            if let Some(h) = holder {
+                let how = if h.deadline <= now { "expired" } else { "released" };
+                metrics::counter!("grid_lock_releases_total", "how" => how).increment(1);
+            }
+            if next.is_some() {
+                metrics::counter!("grid_lock_grants_total", "how" => "queued").increment(1);
+            }
+        }
+        Change::Many(changes) => changes.iter().for_each(|c| count_change(t, c, now)),
+        Change::Renew { .. } | Change::Park { .. } | Change::Unpark { .. } => {}
     }
 }
 

@@ -15,6 +15,8 @@
 //!   services (locks, executor, scheduler) add a module of the same shape.
 //! - [`exec_workload`]: the bucketed executor's clients, processors and checkers (`sim
 //!   --workload exec`).
+//! - [`locks_workload`]: the cluster locks' clients and checkers (`sim --workload
+//!   locks`): mutual exclusion, growing fencing tokens, no waiter left waiting.
 //! - [`scale`]: the figures of a large cluster (100 members) in simulated time.
 //! - [`linearizability`]: a Wing & Gong / Lowe checker for single-key histories.
 
@@ -24,6 +26,7 @@
 pub mod cache_workload;
 pub mod exec_workload;
 pub mod linearizability;
+pub mod locks_workload;
 pub mod net;
 pub mod scale;
 pub mod schedule;

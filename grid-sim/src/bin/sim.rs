@@ -201,19 +201,11 @@ fn main() -> Result<()> {
         println!("{r}");
         return Ok(());
     }
-    if args.workload != "cache" && args.workload != "exec" {
-        bail!(
-            "unknown workload {:?} (known: cache, exec, scale)",
-            args.workload
-        );
-    }
-    let exec = args.workload == "exec";
-    let run_seed = move |opts: &RunOptions| {
-        if exec {
-            grid_sim::exec_workload::run(opts)
-        } else {
-            cache_workload::run(opts)
-        }
+    let run_seed: fn(&RunOptions) -> cache_workload::SeedReport = match args.workload.as_str() {
+        "cache" => cache_workload::run,
+        "exec" => grid_sim::exec_workload::run,
+        "locks" => grid_sim::locks_workload::run,
+        other => bail!("unknown workload {other:?} (known: cache, exec, locks, scale)"),
     };
     let duration = Duration::from_secs(
         args.seconds
