@@ -17,86 +17,17 @@ use std::time::Duration;
 use grid::Cache;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokio::time::Instant;
 
 use crate::linearizability::{self, Entry, Model};
-use crate::schedule::{Fault, Schedule};
-use crate::world::{derive, simulate, World, WorldConfig};
+use crate::workload::{Handles, Harness, RunOptions, SeedReport};
+use crate::world::{derive, simulate, World};
 
 /// Keys of the workload.
 const KEYS: usize = 4;
 /// Search steps the linearizability checker may take per key before it gives up.
 const CHECK_BUDGET: u64 = 2_000_000;
-/// How long the world may take to form, or to settle after the faults.
+/// How long the world may take to settle after the faults.
 const SETTLE_LIMIT: Duration = Duration::from_secs(60);
-
-/// What to run.
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    /// The seed.
-    pub seed: u64,
-    /// Members.
-    pub members: usize,
-    /// Simulated length of the workload (faults happen in its first 80%).
-    pub duration: Duration,
-    /// Whether the seed may choose partitions.
-    pub partitions: bool,
-    /// Synchronous backups.
-    pub backups: u8,
-    /// Partition count.
-    pub partition_count: u32,
-    /// Wall-clock budget of the run: past it the seed fails as a livelock.
-    pub wall_budget: Duration,
-}
-
-impl RunOptions {
-    /// Defaults for `seed`: 5 members, 2 simulated minutes, partitions allowed.
-    pub fn new(seed: u64) -> Self {
-        Self {
-            seed,
-            members: 5,
-            duration: Duration::from_secs(120),
-            partitions: true,
-            backups: 1,
-            partition_count: 271,
-            wall_budget: Duration::from_secs(120),
-        }
-    }
-
-    /// The command that replays this run.
-    pub fn reproduce(&self) -> String {
-        format!(
-            "cargo run --release -p grid-sim --bin sim -- --workload cache --seed {} --members {} --seconds {}{}",
-            self.seed,
-            self.members,
-            self.duration.as_secs(),
-            if self.partitions { "" } else { " --no-partitions" }
-        )
-    }
-}
-
-/// What a run found.
-#[derive(Debug, Clone)]
-pub struct SeedReport {
-    /// The seed.
-    pub seed: u64,
-    /// Violations found (empty: the seed passed).
-    pub violations: Vec<String>,
-    /// The faults.
-    pub schedule: Schedule,
-    /// Simulated time the run covered.
-    pub simulated: Duration,
-    /// Digest of the history.
-    pub digest: u64,
-    /// Operations run (answered and not).
-    pub ops: usize,
-    /// Operations without an answer (errors, timeouts).
-    pub unknown: usize,
-    /// The full failure report (seed, schedule, last operations, command), if any.
-    pub report: Option<String>,
-    /// The operations, in the order they were answered.
-    pub history: Vec<Record>,
-}
 
 /// One cache operation and what it returned (`None` fields: no answer).
 #[derive(Debug, Clone, PartialEq)]
@@ -167,7 +98,7 @@ pub struct Record {
     pub error: Option<String>,
 }
 
-type Caches = Arc<Mutex<Vec<Option<Cache<String, i64>>>>>;
+type Caches = Handles<Cache<String, i64>>;
 /// A final read: the member and what it read.
 type FinalRead = (usize, Result<Option<i64>, String>);
 
@@ -200,15 +131,13 @@ async fn client(
     seed: u64,
     caches: Caches,
     history: Arc<Mutex<Vec<Record>>>,
-    start: Instant,
+    ns: impl Fn() -> u64,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut n: i64 = 0;
-    let ns = || Instant::now().saturating_duration_since(start).as_nanos() as u64;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let cache = caches.lock().unwrap_or_else(|e| e.into_inner())[member].clone();
-        let Some(cache) = cache else {
+        let Some(cache) = caches.get(member) else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
@@ -239,7 +168,7 @@ async fn client(
                 Err(e) => (Op::Incr(None), Some(e.to_string())),
             },
         };
-        let ret = error.is_none().then(ns);
+        let ret = error.is_none().then(&ns);
         history
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -256,92 +185,6 @@ async fn client(
     }
 }
 
-/// Applies one fault to the world (and the clients' cache handles). Returns a note when
-/// it was skipped.
-async fn apply(world: &mut World, caches: &Caches, fault: &Fault) -> Option<String> {
-    let running = |w: &World, i: usize| w.slots[i].grid.is_some();
-    let set = |i: usize, c: Option<Cache<String, i64>>| {
-        caches.lock().unwrap_or_else(|e| e.into_inner())[i] = c;
-    };
-    let failing = matches!(
-        fault,
-        Fault::Kill(_) | Fault::Pause(_) | Fault::Leave(_) | Fault::Partition { .. }
-    ) || fault.is_partition();
-    if failing {
-        // At most `backup_count` (1) failures at any moment: the previous one must have
-        // been repaired (the cluster settled) before the next.
-        if world
-            .run_until(Duration::from_secs(30), |w| w.settled())
-            .await
-            .is_none()
-        {
-            return Some("skipped: the cluster had not settled".into());
-        }
-        if world.running().len() <= 2 {
-            return Some("skipped: too few members".into());
-        }
-    }
-    let ip = |w: &World, i: usize| w.slots[i].addr.ip();
-    match fault {
-        Fault::Wire(w) => world.net.set_faults(w.clone()),
-        Fault::CleanWire => world.net.set_faults(world.config.wire.clone()),
-        Fault::Partition { side } => {
-            for a in 0..world.slots.len() {
-                for b in 0..world.slots.len() {
-                    if side.contains(&a) != side.contains(&b) {
-                        world.net.cut(ip(world, a), ip(world, b));
-                    }
-                }
-            }
-        }
-        Fault::Isolate(m) => {
-            for b in 0..world.slots.len() {
-                if b != *m {
-                    world.net.cut(ip(world, *m), ip(world, b));
-                    world.net.cut(ip(world, b), ip(world, *m));
-                }
-            }
-        }
-        Fault::OneWay { from, to } => world.net.cut(ip(world, *from), ip(world, *to)),
-        Fault::Heal => world.net.heal(),
-        Fault::Kill(m) | Fault::Leave(m) if !running(world, *m) => {
-            return Some("skipped: not running".into())
-        }
-        Fault::Kill(m) => {
-            set(*m, None);
-            world.kill(*m);
-        }
-        Fault::Leave(m) => {
-            set(*m, None);
-            world.leave(*m).await;
-        }
-        Fault::Restart(m) | Fault::Join(m) => {
-            if running(world, *m) {
-                return Some("skipped: already running".into());
-            }
-            if let Err(e) = world.start_member(*m).await {
-                return Some(format!("restart failed: {e}"));
-            }
-            match open_cache(world, *m).await {
-                Ok(c) => set(*m, Some(c)),
-                Err(e) => return Some(format!("cache not opened after restart: {e}")),
-            }
-        }
-        Fault::Pause(m) => {
-            if !running(world, *m) {
-                return Some("skipped: not running".into());
-            }
-            world.pause(*m);
-        }
-        Fault::Resume(m) => {
-            if world.slots[*m].paused {
-                world.resume(*m);
-            }
-        }
-    }
-    None
-}
-
 /// Runs seed `opts.seed` of the cache workload and checks it.
 pub fn run(opts: &RunOptions) -> SeedReport {
     let opts = opts.clone();
@@ -349,66 +192,14 @@ pub fn run(opts: &RunOptions) -> SeedReport {
 }
 
 async fn run_in_world(opts: &RunOptions) -> SeedReport {
-    let window = opts.duration.mul_f64(0.8);
-    let schedule = Schedule::generate(
-        derive(opts.seed, "schedule"),
-        opts.members,
-        window,
-        opts.partitions,
-    );
-    let mut config = WorldConfig::new(opts.seed, opts.members);
-    config.backups = opts.backups;
-    config.partitions = opts.partition_count;
-    config.op_timeout = Duration::from_secs(5);
-    let mut report = SeedReport {
-        seed: opts.seed,
-        violations: Vec::new(),
-        schedule: schedule.clone(),
-        simulated: Duration::ZERO,
-        digest: 0,
-        ops: 0,
-        unknown: 0,
-        report: None,
-        history: Vec::new(),
+    let mut h = match Harness::start(opts).await {
+        Ok(h) => h,
+        Err(report) => return report,
     };
-    let mut world = match World::start(config).await {
-        Ok(mut w) => {
-            w.wall_deadline = Some(std::time::Instant::now() + opts.wall_budget);
-            w
-        }
-        Err(e) => {
-            report
-                .violations
-                .push(format!("members did not start: {e}"));
-            return finish(report, opts, &[], &[]);
-        }
-    };
-    if world
-        .run_until(SETTLE_LIMIT, |w| w.settled())
-        .await
-        .is_none()
-    {
-        report.violations.push(format!(
-            "the cluster did not form within {SETTLE_LIMIT:?}: {}",
-            world.observe()
-        ));
-        report.simulated = world.elapsed();
-        report.digest = world.digest();
-        return finish(report, opts, &[], &[]);
-    }
-    let caches: Caches = Arc::new(Mutex::new(vec![None; opts.members]));
-    for i in 0..opts.members {
-        match open_cache(&world, i).await {
-            Ok(c) => caches.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(c),
-            Err(e) => report
-                .violations
-                .push(format!("cache not opened on m{i}: {e}")),
-        }
-    }
+    let open = async |w: &World, i: usize| open_cache(w, i).await;
+    let caches: Caches = Handles::new(opts.members);
+    h.open_all(&caches, &open).await;
     let history = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let start = world.start;
-    let workload_start = Instant::now();
     let mut clients = Vec::new();
     for m in 0..opts.members {
         for c in 0..2 {
@@ -419,79 +210,21 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
                 derive(opts.seed, &format!("client {id}")),
                 caches.clone(),
                 history.clone(),
-                start,
-                stop.clone(),
+                h.clock(),
+                h.stop.clone(),
             )));
         }
     }
-    let mut notes = Vec::new();
-    for s in &schedule.faults {
-        if world.out_of_time.is_some() {
-            break;
-        }
-        let at = workload_start + s.at;
-        if Instant::now() < at {
-            let wait = at - Instant::now();
-            world.run_for(wait).await;
-        }
-        let note = apply(&mut world, &caches, &s.fault).await;
-        world
-            .net
-            .record(format!("{:?} {:?}", s.fault, note).as_bytes());
-        notes.push((world.elapsed(), format!("{:?}", s.fault), note));
-    }
-    // The faults end: heal, resume, restart whoever is down.
-    world.net.heal();
-    world.net.set_faults(world.config.wire.clone());
-    for i in 0..opts.members {
-        if world.slots[i].paused {
-            world.resume(i);
-        }
-        if world.slots[i].grid.is_none() {
-            let _ = apply(&mut world, &caches, &Fault::Restart(i)).await;
-        }
-    }
-    let end = workload_start + opts.duration;
-    if Instant::now() < end && world.out_of_time.is_none() {
-        world.run_for(end - Instant::now()).await;
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    if world.out_of_time.is_some() {
-        for c in &clients {
-            c.abort();
-        }
-    }
-    for c in clients {
-        let _ = c.await;
-    }
-    if world
-        .run_until(SETTLE_LIMIT, |w| w.settled())
-        .await
-        .is_none()
-    {
-        if let Some(at) = world.out_of_time {
-            report.violations.push(format!(
-                "livelock: the run used its wall-clock budget ({:?}) at {:.3}s simulated \
-                 (simulated time crawled: a busy retry loop?); {}",
-                opts.wall_budget,
-                at.as_secs_f64(),
-                world.observe()
-            ));
-            report.simulated = world.elapsed();
-            report.digest = world.digest();
-            return finish(report, opts, &[], &[]);
-        }
-        report.violations.push(format!(
-            "the cluster did not settle within {SETTLE_LIMIT:?} after the faults: {}",
-            world.observe()
-        ));
+    h.drive_faults(&caches, &open).await;
+    h.stop_clients(clients).await;
+    if !h.settle(SETTLE_LIMIT).await && h.world.out_of_time.is_some() {
+        return h.finish("");
     }
     // Final reads: every member, every key.
-    let ns = || Instant::now().saturating_duration_since(start).as_nanos() as u64;
+    let ns = h.clock();
     let mut finals: BTreeMap<usize, Vec<FinalRead>> = BTreeMap::new();
-    for m in world.running() {
-        let cache = caches.lock().unwrap_or_else(|e| e.into_inner())[m].clone();
-        let Some(cache) = cache else { continue };
+    for m in h.world.running() {
+        let Some(cache) = caches.get(m) else { continue };
         for key in 0..KEYS {
             let call = ns();
             let got = cache.get(&key_name(key)).await.map_err(|e| e.to_string());
@@ -516,7 +249,7 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
     for (key, reads) in &finals {
         let values: Vec<_> = reads.iter().map(|(_, r)| r.clone()).collect();
         if values.iter().any(|v| v.is_err()) || values.windows(2).any(|w| w[0] != w[1]) {
-            report.violations.push(format!(
+            h.report.violations.push(format!(
                 "convergence: members read different values of {} after the faults: {:?}",
                 key_name(*key),
                 reads
@@ -524,11 +257,10 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
         }
     }
     let history = history.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    report.ops = history.len();
-    report.history = history.clone();
-    report.unknown = history.iter().filter(|r| r.ret.is_none()).count();
+    h.report.ops = history.len();
+    h.report.unknown = history.iter().filter(|r| r.ret.is_none()).count();
     let mut bad_keys = Vec::new();
-    if !schedule.partitions() {
+    if !h.schedule.partitions() {
         for key in 0..KEYS {
             let entries: Vec<Entry<Op>> = history
                 .iter()
@@ -543,7 +275,7 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
                 Some(true) => {}
                 Some(false) => {
                     bad_keys.push(key);
-                    report.violations.push(format!(
+                    h.report.violations.push(format!(
                         "linearizability: the history of {} ({} operations) is not linearizable",
                         key_name(key),
                         entries.len()
@@ -557,34 +289,12 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
             }
         }
     }
-    report.simulated = world.elapsed();
-    report.digest = world.digest();
-    if let (Some(trace), Ok(path)) = (world.net.trace(), std::env::var("SIM_TRACE")) {
-        let _ = std::fs::write(path, trace.join("\n"));
-    }
-    let notes: Vec<String> = notes
-        .into_iter()
-        .map(|(t, f, n)| {
-            format!(
-                "  {:>9.3}s  {f}{}",
-                t.as_secs_f64(),
-                n.map(|n| format!("  ({n})")).unwrap_or_default()
-            )
-        })
-        .collect();
-    finish(report, opts, &history, &bad_keys).with_notes(&notes)
-}
-
-impl SeedReport {
-    fn with_notes(mut self, notes: &[String]) -> Self {
-        if let Some(r) = &mut self.report {
-            let _ = writeln!(r, "faults as applied (world time):");
-            for n in notes {
-                let _ = writeln!(r, "{n}");
-            }
-        }
-        self
-    }
+    let details = if h.report.violations.is_empty() {
+        String::new()
+    } else {
+        details(&history, &bad_keys)
+    };
+    h.finish(&details)
 }
 
 /// The length of the shortest prefix of `ops` (sorted by invocation) whose history is not
@@ -631,25 +341,9 @@ fn first_failing_prefix(ops: &[&Record]) -> Option<usize> {
     Some(hi)
 }
 
-fn finish(
-    mut report: SeedReport,
-    opts: &RunOptions,
-    history: &[Record],
-    keys: &[usize],
-) -> SeedReport {
-    if report.violations.is_empty() {
-        return report;
-    }
+/// The operations of each key in `keys` up to where its history stops being linearizable.
+fn details(history: &[Record], keys: &[usize]) -> String {
     let mut r = String::new();
-    let _ = writeln!(
-        r,
-        "seed {} FAILED ({} members, {:?} simulated)",
-        opts.seed, opts.members, report.simulated
-    );
-    for v in &report.violations {
-        let _ = writeln!(r, "  violation: {v}");
-    }
-    let _ = write!(r, "schedule: {}", report.schedule);
     for &key in keys {
         let mut ops: Vec<&Record> = history.iter().filter(|h| h.key == key).collect();
         ops.sort_by_key(|h| h.call);
@@ -680,7 +374,5 @@ fn finish(
             );
         }
     }
-    let _ = writeln!(r, "reproduce: {}", opts.reproduce());
-    report.report = Some(r);
-    report
+    r
 }

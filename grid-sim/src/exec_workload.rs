@@ -27,16 +27,15 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::cache_workload::{RunOptions, SeedReport};
-use crate::schedule::{Fault, Schedule};
-use crate::world::{derive, simulate, World, WorldConfig};
+use crate::workload::{Handles, Harness, RunOptions, SeedReport, Trouble};
+use crate::world::{derive, simulate, World};
 
 /// Buckets of the workload.
 const BUCKETS: u32 = 200;
 /// Batches at once per member.
 pub const PER_MEMBER: u32 = 4;
-/// How long the world may take to form, settle, or drain.
-const SETTLE_LIMIT: Duration = Duration::from_secs(120);
+/// How long the queues may take to drain after the faults.
+const DRAIN_LIMIT: Duration = Duration::from_secs(120);
 
 /// A task: who submitted it, its number for that client, its bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -58,13 +57,13 @@ struct Call {
 }
 
 type Calls = Arc<Mutex<Vec<Call>>>;
-type Execs = Arc<Mutex<Vec<Option<BucketedExecutor<Task>>>>>;
+type Execs = Handles<BucketedExecutor<Task>>;
 
-async fn open(
+async fn open_executor(
     world: &World,
     i: usize,
     calls: &Calls,
-    start: Instant,
+    ns: impl Fn() -> u64 + Clone + Send + Sync + 'static,
 ) -> anyhow::Result<BucketedExecutor<Task>> {
     let grid = world.slots[i]
         .grid
@@ -78,8 +77,8 @@ async fn open(
         .max_concurrency(PER_MEMBER, Concurrency::PerNode)
         .processor(move |batch: Batch<Task, u32>| {
             let calls = calls.clone();
+            let ns = ns.clone();
             async move {
-                let ns = || Instant::now().saturating_duration_since(start).as_nanos() as u64;
                 let began = ns();
                 let work = 1 + batch.tasks.iter().map(|t| t.n % 7).sum::<u32>();
                 tokio::time::sleep(Duration::from_millis(work as u64)).await;
@@ -111,8 +110,7 @@ async fn client(
     let mut rng = StdRng::seed_from_u64(seed);
     let mut n = 0u32;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let exec = execs.lock().unwrap_or_else(|e| e.into_inner())[member].clone();
-        let Some(exec) = exec else {
+        let Some(exec) = execs.get(member) else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
@@ -136,66 +134,19 @@ pub fn run(opts: &RunOptions) -> SeedReport {
 }
 
 async fn run_in_world(opts: &RunOptions) -> SeedReport {
-    let window = opts.duration.mul_f64(0.8);
-    let schedule = Schedule::generate(
-        derive(opts.seed, "schedule"),
-        opts.members,
-        window,
-        opts.partitions,
-    );
-    let mut config = WorldConfig::new(opts.seed, opts.members);
-    config.backups = opts.backups;
-    config.partitions = opts.partition_count;
-    config.op_timeout = Duration::from_secs(5);
-    let mut report = SeedReport {
-        seed: opts.seed,
-        violations: Vec::new(),
-        schedule: schedule.clone(),
-        simulated: Duration::ZERO,
-        digest: 0,
-        ops: 0,
-        unknown: 0,
-        report: None,
-        history: Vec::new(),
+    let mut h = match Harness::start(opts).await {
+        Ok(h) => h,
+        Err(report) => return report,
     };
-    let mut world = match World::start(config).await {
-        Ok(mut w) => {
-            w.wall_deadline = Some(std::time::Instant::now() + opts.wall_budget);
-            w
-        }
-        Err(e) => {
-            report
-                .violations
-                .push(format!("members did not start: {e}"));
-            return finish(report, opts);
-        }
-    };
-    if world
-        .run_until(SETTLE_LIMIT, |w| w.settled())
-        .await
-        .is_none()
-    {
-        report.violations.push(format!(
-            "the cluster did not form within {SETTLE_LIMIT:?}: {}",
-            world.observe()
-        ));
-        return finish(report, opts);
-    }
-    let start = world.start;
-    let ns = move || Instant::now().saturating_duration_since(start).as_nanos() as u64;
+    let ns = h.clock();
     let calls: Calls = Arc::default();
-    let execs: Execs = Arc::new(Mutex::new(vec![None; opts.members]));
-    for i in 0..opts.members {
-        match open(&world, i, &calls, start).await {
-            Ok(e) => execs.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(e),
-            Err(e) => report
-                .violations
-                .push(format!("executor not opened on m{i}: {e}")),
-        }
-    }
+    let execs: Execs = Handles::new(opts.members);
+    let open = {
+        let (calls, ns) = (calls.clone(), ns.clone());
+        async move |w: &World, i: usize| open_executor(w, i, &calls, ns.clone()).await
+    };
+    h.open_all(&execs, &open).await;
     let acked = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let workload_start = Instant::now();
     let mut clients = Vec::new();
     for m in 0..opts.members {
         for c in 0..2 {
@@ -206,68 +157,21 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
                 derive(opts.seed, &format!("exec client {id}")),
                 execs.clone(),
                 acked.clone(),
-                stop.clone(),
+                h.stop.clone(),
             )));
         }
     }
-    // Faults that may make a member look dead while it runs a batch: (member or all, when).
-    let mut troubled: Vec<(Option<usize>, u64)> = Vec::new();
-    let mut faulty = false;
-    for s in &schedule.faults {
-        if world.out_of_time.is_some() {
-            break;
-        }
-        let at = workload_start + s.at;
-        if Instant::now() < at {
-            world.run_for(at - Instant::now()).await;
-        }
-        let now = ns();
-        match &s.fault {
-            Fault::Kill(m) | Fault::Pause(m) | Fault::Leave(m) | Fault::Isolate(m) => {
-                troubled.push((Some(*m), now));
-                faulty = true;
-            }
-            Fault::Partition { .. } | Fault::OneWay { .. } => {
-                troubled.push((None, now));
-                faulty = true;
-            }
-            _ => {}
-        }
-        apply(&mut world, &execs, &calls, &s.fault, start).await;
-    }
-    world.net.heal();
-    world.net.set_faults(world.config.wire.clone());
-    for i in 0..opts.members {
-        if world.slots[i].paused {
-            world.resume(i);
-            troubled.push((Some(i), ns()));
-        }
-        if world.slots[i].grid.is_none() {
-            apply(&mut world, &execs, &calls, &Fault::Restart(i), start).await;
-        }
-    }
-    let end = workload_start + opts.duration;
-    if Instant::now() < end && world.out_of_time.is_none() {
-        world.run_for(end - Instant::now()).await;
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    if world.out_of_time.is_some() {
-        for c in &clients {
-            c.abort();
-        }
-    }
-    for c in clients {
-        let _ = c.await;
-    }
+    h.drive_faults(&execs, &open).await;
+    h.stop_clients(clients).await;
     let acked: Vec<Task> = acked.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    report.ops = acked.len();
+    h.report.ops = acked.len();
     // Drain: every acknowledged task processed.
     let want: BTreeSet<Task> = acked.iter().copied().collect();
     let drained = {
         let calls = calls.clone();
         let want = want.clone();
-        world
-            .run_until(SETTLE_LIMIT, move |_| {
+        h.world
+            .run_until(DRAIN_LIMIT, move |_| {
                 let got: BTreeSet<Task> = calls
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -283,47 +187,53 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
     if !drained {
         let got: BTreeSet<Task> = calls.iter().flat_map(|c| c.tasks.iter().copied()).collect();
         let lost: Vec<&Task> = want.difference(&got).take(5).collect();
-        // Where the first lost task's bucket stands on every member.
-        let mut state = String::new();
-        if let Some(t) = lost.first() {
-            let mut key = b"sim-exec".to_vec();
-            key.push(0);
-            key.extend_from_slice(&grid::codec::encode(&t.bucket).unwrap_or_default());
-            for i in world.running() {
-                let Some(g) = world.slots[i].grid.as_ref() else {
-                    continue;
-                };
-                let p = g.runtime().partition_of(&key);
-                let owner = g.runtime().table().owner(p).map(|o| o.to_string());
-                let service = g.bucketed_executors().service();
-                let bucket = service
-                    .queues(p)
-                    .and_then(|q| q.bucket("sim-exec", &key[9..]).cloned());
-                let _ = write!(
-                    state,
-                    " [m{i}: p{p} owner {owner:?}, processors {:?}, bucket {:?}]",
-                    service.processors("sim-exec"),
-                    bucket.map(|b| (
-                        b.queue.iter().map(|t| t.seq).collect::<Vec<_>>(),
-                        b.in_flight,
-                        b.attempts,
-                        b.retry_at
-                            .map(|r| r.saturating_duration_since(Instant::now()))
-                    )),
-                );
-            }
-        }
-        report.violations.push(format!(
-            "lost: {} of {} acknowledged tasks never processed (first: {lost:?}); {}{state}",
+        let state = lost
+            .first()
+            .map(|t| bucket_state(&h.world, t.bucket))
+            .unwrap_or_default();
+        let seen = h.world.observe();
+        h.report.violations.push(format!(
+            "lost: {} of {} acknowledged tasks never processed (first: {lost:?}); {seen}{state}",
             want.difference(&got).count(),
             want.len(),
-            world.observe()
         ));
     }
-    check(&mut report, &acked, &calls, &troubled, faulty);
-    report.simulated = world.elapsed();
-    report.digest = world.digest();
-    finish(report, opts)
+    let (troubles, faulty) = (h.troubles.clone(), h.faulty);
+    check(&mut h.report, &acked, &calls, &troubles, faulty);
+    h.finish("")
+}
+
+/// Where `bucket` stands on every member: its partition's owner, the processors each
+/// member knows, and the bucket's queue, in-flight batch, attempts and retry time.
+fn bucket_state(world: &World, bucket: u32) -> String {
+    let mut state = String::new();
+    let mut key = b"sim-exec".to_vec();
+    key.push(0);
+    key.extend_from_slice(&grid::codec::encode(&bucket).unwrap_or_default());
+    for i in world.running() {
+        let Some(g) = world.slots[i].grid.as_ref() else {
+            continue;
+        };
+        let p = g.runtime().partition_of(&key);
+        let owner = g.runtime().table().owner(p).map(|o| o.to_string());
+        let service = g.bucketed_executors().service();
+        let b = service
+            .queues(p)
+            .and_then(|q| q.bucket("sim-exec", &key[9..]).cloned());
+        let _ = write!(
+            state,
+            " [m{i}: p{p} owner {owner:?}, processors {:?}, bucket {:?}]",
+            service.processors("sim-exec"),
+            b.map(|b| (
+                b.queue.iter().map(|t| t.seq).collect::<Vec<_>>(),
+                b.in_flight,
+                b.attempts,
+                b.retry_at
+                    .map(|r| r.saturating_duration_since(Instant::now()))
+            )),
+        );
+    }
+    state
 }
 
 /// The checkers (see the module docs).
@@ -331,16 +241,12 @@ fn check(
     report: &mut SeedReport,
     acked: &[Task],
     calls: &[Call],
-    troubled: &[(Option<usize>, u64)],
+    troubles: &[Trouble],
     faulty: bool,
 ) {
     // A call is excused from exclusivity and concurrency if a fault hit its member (or the
     // whole cluster) while it ran.
-    let excused = |c: &Call| {
-        troubled
-            .iter()
-            .any(|(m, at)| m.is_none_or(|m| m == c.member) && c.start <= *at && *at <= c.end)
-    };
+    let excused = |c: &Call| troubles.iter().any(|t| t.hits(c.member, c.start, c.end));
     // Exactly once without faults.
     let mut times: BTreeMap<Task, usize> = BTreeMap::new();
     for c in calls {
@@ -413,97 +319,4 @@ fn check(
             }
         }
     }
-}
-
-async fn apply(world: &mut World, execs: &Execs, calls: &Calls, fault: &Fault, start: Instant) {
-    let set = |i: usize, e: Option<BucketedExecutor<Task>>| {
-        execs.lock().unwrap_or_else(|e| e.into_inner())[i] = e;
-    };
-    let running = |w: &World, i: usize| w.slots[i].grid.is_some();
-    if matches!(fault, Fault::Kill(_) | Fault::Pause(_) | Fault::Leave(_)) || fault.is_partition() {
-        // At most one failure at a time (backups 1): the last one repaired first.
-        if world
-            .run_until(Duration::from_secs(30), |w| w.settled())
-            .await
-            .is_none()
-            || world.running().len() <= 2
-        {
-            return;
-        }
-    }
-    let ip = |w: &World, i: usize| w.slots[i].addr.ip();
-    match fault {
-        Fault::Wire(w) => world.net.set_faults(w.clone()),
-        Fault::CleanWire => world.net.set_faults(world.config.wire.clone()),
-        Fault::Partition { side } => {
-            for a in 0..world.slots.len() {
-                for b in 0..world.slots.len() {
-                    if side.contains(&a) != side.contains(&b) {
-                        world.net.cut(ip(world, a), ip(world, b));
-                    }
-                }
-            }
-        }
-        Fault::Isolate(m) => {
-            for b in 0..world.slots.len() {
-                if b != *m {
-                    world.net.cut(ip(world, *m), ip(world, b));
-                    world.net.cut(ip(world, b), ip(world, *m));
-                }
-            }
-        }
-        Fault::OneWay { from, to } => world.net.cut(ip(world, *from), ip(world, *to)),
-        Fault::Heal => world.net.heal(),
-        Fault::Kill(m) | Fault::Leave(m) if !running(world, *m) => {}
-        Fault::Kill(m) => {
-            set(*m, None);
-            world.kill(*m);
-        }
-        Fault::Leave(m) => {
-            set(*m, None);
-            world.leave(*m).await;
-        }
-        Fault::Restart(m) | Fault::Join(m) => {
-            if running(world, *m) || world.start_member(*m).await.is_err() {
-                return;
-            }
-            if let Ok(e) = open(world, *m, calls, start).await {
-                set(*m, Some(e));
-            }
-        }
-        Fault::Pause(m) => {
-            if running(world, *m) {
-                world.pause(*m);
-            }
-        }
-        Fault::Resume(m) => {
-            if world.slots[*m].paused {
-                world.resume(*m);
-            }
-        }
-    }
-}
-
-fn finish(mut report: SeedReport, opts: &RunOptions) -> SeedReport {
-    if report.violations.is_empty() {
-        return report;
-    }
-    let mut r = String::new();
-    let _ = writeln!(
-        r,
-        "seed {} FAILED ({} members, {:?} simulated)",
-        opts.seed, opts.members, report.simulated
-    );
-    for v in &report.violations {
-        let _ = writeln!(r, "  violation: {v}");
-    }
-    let _ = write!(r, "schedule: {}", report.schedule);
-    let _ = writeln!(
-        r,
-        "reproduce: {}",
-        opts.reproduce()
-            .replace("--workload cache", "--workload exec")
-    );
-    report.report = Some(r);
-    report
 }

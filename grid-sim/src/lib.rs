@@ -11,8 +11,12 @@
 //!   single-threaded, paused-clock runtime a world runs in.
 //! - [`schedule`]: faults as data, generated from a seed (swarm: each seed picks which
 //!   kinds are on).
-//! - [`cache_workload`]: clients, the fault runner and the cache checkers; the next
-//!   services (locks, executor, scheduler) add a module of the same shape.
+//! - [`workload`]: what every workload shares: [`workload::RunOptions`], the
+//!   [`workload::SeedReport`], and the [`workload::Harness`] that starts a world, drives the
+//!   seed's faults through it (at most one failure at a time) and ends them; the list of
+//!   workloads ([`workload::Workload`]) and [`workload::run`].
+//! - [`cache_workload`]: the cache's clients and checkers (`sim --workload cache`); each
+//!   service adds a module of the same shape on the harness.
 //! - [`exec_workload`]: the bucketed executor's clients, processors and checkers (`sim
 //!   --workload exec`).
 //! - [`locks_workload`]: the cluster locks' clients and checkers (`sim --workload
@@ -30,4 +34,5 @@ pub mod locks_workload;
 pub mod net;
 pub mod scale;
 pub mod schedule;
+pub mod workload;
 pub mod world;

@@ -14,7 +14,7 @@
 //!   believed intervals);
 //! - **no waiter left waiting**: every `lock()` completes (granted or refused) within
 //!   [`WAIT_BOUND`] of the later of its call and the moment the cluster settled after the
-//!   faults, except a call on a member that was killed or left while it waited;
+//!   faults (even a call on a member that was killed meanwhile: it must fail, not hang);
 //! - **all free at the end**: once every client has stopped, no owner keeps a record of
 //!   any of the workload's locks within two leases (held, or a waiter on a free lock).
 //!
@@ -32,6 +32,9 @@ use grid::{ClusterLock, Locks};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
+
+use crate::workload::{Handles, Harness, RunOptions, SeedReport};
+use crate::world::{derive, simulate, World};
 
 /// Plain locks of the workload.
 pub const PLAIN: usize = 3;
@@ -221,12 +224,10 @@ pub async fn client(
 
 /// The checkers over the log: mutual exclusion and growing tokens per lock, and no
 /// `lock()` waiting longer than [`WAIT_BOUND`] after `settled` (ns; `None`: the cluster
-/// never settled, nothing to check), except calls on members in `gone` (member, ns: it was
-/// killed or left then) while they waited. `now`: the end of the run (ns).
+/// never settled, nothing to check). `now`: the end of the run (ns).
 pub fn check(
     log: &Log,
     settled: Option<u64>,
-    gone: &[(usize, u64)],
     now: u64,
     violations: &mut Vec<String>,
 ) {
@@ -289,12 +290,6 @@ pub fn check(
         if end <= limit {
             continue;
         }
-        let excused = gone
-            .iter()
-            .any(|(m, at)| *m == a.member && a.start <= *at && *at <= end);
-        if excused {
-            continue;
-        }
         stuck += 1;
         if stuck <= 3 {
             violations.push(format!(
@@ -345,7 +340,7 @@ pub fn summary(log: &Log) -> String {
 
 /// The workload's lock records that owners still keep (held, or waited for), as
 /// `member: lock (holder, waiters)`; empty when every lock is free.
-pub fn records_left(world: &crate::world::World) -> Vec<String> {
+pub fn records_left(world: &World) -> Vec<String> {
     let mut left = Vec::new();
     for i in world.running() {
         let Some(g) = world.slots[i].grid.as_ref() else {
@@ -375,16 +370,10 @@ pub fn records_left(world: &crate::world::World) -> Vec<String> {
     left
 }
 
-// ---- the run (interim: the exec workload's fault loop; to be ported to the shared runner)
+// ---- the run, on the shared harness
 
-use crate::cache_workload::{RunOptions, SeedReport};
-use crate::schedule::{Fault, Schedule};
-use crate::world::{derive, simulate, World, WorldConfig};
-
-/// How long the world may take to form, settle, or drain.
+/// How long the cluster may take to settle after the faults.
 const SETTLE_LIMIT: Duration = Duration::from_secs(120);
-
-type Handles = Arc<Mutex<Vec<Option<Locks>>>>;
 
 /// Runs seed `opts.seed` of the locks workload and checks it.
 pub fn run(opts: &RunOptions) -> SeedReport {
@@ -392,62 +381,25 @@ pub fn run(opts: &RunOptions) -> SeedReport {
     simulate(opts.seed, async move { run_in_world(&opts).await })
 }
 
+async fn open_locks(world: &World, i: usize) -> anyhow::Result<Locks> {
+    world.slots[i]
+        .grid
+        .as_ref()
+        .map(|g| g.locks().clone())
+        .ok_or_else(|| anyhow::anyhow!("member {i} is not running"))
+}
+
 async fn run_in_world(opts: &RunOptions) -> SeedReport {
-    let window = opts.duration.mul_f64(0.8);
-    let schedule = Schedule::generate(
-        derive(opts.seed, "schedule"),
-        opts.members,
-        window,
-        opts.partitions,
-    );
-    let mut config = WorldConfig::new(opts.seed, opts.members);
-    config.backups = opts.backups;
-    config.partitions = opts.partition_count;
-    config.op_timeout = Duration::from_secs(5);
-    let mut report = SeedReport {
-        seed: opts.seed,
-        violations: Vec::new(),
-        schedule: schedule.clone(),
-        simulated: Duration::ZERO,
-        digest: 0,
-        ops: 0,
-        unknown: 0,
-        report: None,
-        history: Vec::new(),
+    let mut h = match Harness::start(opts).await {
+        Ok(h) => h,
+        Err(report) => return report,
     };
-    let mut world = match World::start(config).await {
-        Ok(mut w) => {
-            w.wall_deadline = Some(std::time::Instant::now() + opts.wall_budget);
-            w
-        }
-        Err(e) => {
-            report
-                .violations
-                .push(format!("members did not start: {e}"));
-            return finish(report, opts, "");
-        }
-    };
-    if world
-        .run_until(SETTLE_LIMIT, |w| w.settled())
-        .await
-        .is_none()
-    {
-        report.violations.push(format!(
-            "the cluster did not form within {SETTLE_LIMIT:?}: {}",
-            world.observe()
-        ));
-        return finish(report, opts, "");
-    }
-    let start = world.start;
-    let ns = move || Instant::now().saturating_duration_since(start).as_nanos() as u64;
-    let handles: Handles = Arc::new(Mutex::new(
-        (0..opts.members)
-            .map(|i| world.slots[i].grid.as_ref().map(|g| g.locks().clone()))
-            .collect(),
-    ));
+    let ns = h.clock();
+    let handles: Handles<Locks> = Handles::new(opts.members);
+    let open = async |w: &World, i: usize| open_locks(w, i).await;
+    h.open_all(&handles, &open).await;
     let record: SharedLog = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let workload_start = Instant::now();
+    let start = h.world.start;
     let mut clients = Vec::new();
     for m in 0..opts.members {
         for c in 0..CLIENTS_PER_MEMBER {
@@ -458,56 +410,25 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
                 m,
                 derive(opts.seed, &format!("locks client {id}")),
                 start,
-                move || hs.lock().unwrap_or_else(|e| e.into_inner())[m].clone(),
+                move || hs.get(m),
                 record.clone(),
-                stop.clone(),
+                h.stop.clone(),
             )));
         }
     }
-    let mut gone: Vec<(usize, u64)> = Vec::new();
-    for s in &schedule.faults {
-        if world.out_of_time.is_some() {
-            break;
-        }
-        let at = workload_start + s.at;
-        if Instant::now() < at {
-            world.run_for(at - Instant::now()).await;
-        }
-        if matches!(s.fault, Fault::Kill(_) | Fault::Leave(_)) {
-            if let Fault::Kill(m) | Fault::Leave(m) = s.fault {
-                gone.push((m, ns()));
-            }
-        }
-        apply(&mut world, &handles, &s.fault).await;
-    }
-    world.net.heal();
-    world.net.set_faults(world.config.wire.clone());
-    for i in 0..opts.members {
-        if world.slots[i].paused {
-            world.resume(i);
-        }
-        if world.slots[i].grid.is_none() {
-            apply(&mut world, &handles, &Fault::Restart(i)).await;
-        }
-    }
-    let settled = world
-        .run_until(SETTLE_LIMIT, |w| w.settled())
-        .await
-        .map(|_| ns());
-    if settled.is_none() {
-        report.violations.push(format!(
-            "the cluster did not settle within {SETTLE_LIMIT:?} after the faults: {}",
-            world.observe()
-        ));
-    }
-    let end = workload_start + opts.duration;
-    if Instant::now() < end && world.out_of_time.is_none() {
-        world.run_for(end - Instant::now()).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    // The clients finish what they do: a waiting lock() must end within the bound.
+    h.drive_faults(&handles, &open).await;
+    // From here on every lock() must end within the bound.
+    let settled = if h.settle(SETTLE_LIMIT).await {
+        Some(ns())
+    } else {
+        None
+    };
+    // The clients stop and finish what they do (a waiting lock() ends, a hold is
+    // released); not awaited blindly: a lock() that never ends is what the check looks for.
+    h.stop.store(true, Ordering::Relaxed);
     let drain = WAIT_BOUND + MAX_HOLD + LEASE * 2;
-    let finished = world
+    let finished = h
+        .world
         .run_until(drain, |_| clients.iter().all(|c| c.is_finished()))
         .await
         .is_some();
@@ -515,121 +436,29 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
         c.abort();
     }
     let now = ns();
+    let mut left = Vec::new();
     if finished {
-        // Every lock free once its holders released (leases of dead holders run out).
-        let free = world
+        // Every lock free once its holders released (the leases of dead holders run out).
+        let free = h
+            .world
             .run_until(LEASE * 2 + Duration::from_secs(5), |w| {
                 records_left(w).is_empty()
             })
             .await
             .is_some();
         if !free {
-            let left = records_left(&world);
-            report.violations.push(format!(
+            left = records_left(&h.world);
+            h.report.violations.push(format!(
                 "locks not free {:?} after every client stopped: {}",
-                LEASE * 2,
+                LEASE * 2 + Duration::from_secs(5),
                 left.join("; ")
             ));
         }
     }
     let log = std::mem::take(&mut *log(&record));
-    report.ops = log.attempts.len();
-    report.unknown = log.attempts.iter().filter(|a| a.end.is_none()).count();
-    check(&log, settled, &gone, now, &mut report.violations);
-    report.simulated = world.elapsed();
-    report.digest = world.digest();
-    let summary = summary(&log);
-    finish(report, opts, &summary)
-}
-
-async fn apply(world: &mut World, handles: &Handles, fault: &Fault) {
-    let set = |i: usize, h: Option<Locks>| {
-        handles.lock().unwrap_or_else(|e| e.into_inner())[i] = h;
-    };
-    let running = |w: &World, i: usize| w.slots[i].grid.is_some();
-    if matches!(fault, Fault::Kill(_) | Fault::Pause(_) | Fault::Leave(_)) || fault.is_partition() {
-        // At most one failure at a time (backups 1): the last one repaired first.
-        if world
-            .run_until(Duration::from_secs(30), |w| w.settled())
-            .await
-            .is_none()
-            || world.running().len() <= 2
-        {
-            return;
-        }
-    }
-    let ip = |w: &World, i: usize| w.slots[i].addr.ip();
-    match fault {
-        Fault::Wire(w) => world.net.set_faults(w.clone()),
-        Fault::CleanWire => world.net.set_faults(world.config.wire.clone()),
-        Fault::Partition { side } => {
-            for a in 0..world.slots.len() {
-                for b in 0..world.slots.len() {
-                    if side.contains(&a) != side.contains(&b) {
-                        world.net.cut(ip(world, a), ip(world, b));
-                    }
-                }
-            }
-        }
-        Fault::Isolate(m) => {
-            for b in 0..world.slots.len() {
-                if b != *m {
-                    world.net.cut(ip(world, *m), ip(world, b));
-                    world.net.cut(ip(world, b), ip(world, *m));
-                }
-            }
-        }
-        Fault::OneWay { from, to } => world.net.cut(ip(world, *from), ip(world, *to)),
-        Fault::Heal => world.net.heal(),
-        Fault::Kill(m) | Fault::Leave(m) if !running(world, *m) => {}
-        Fault::Kill(m) => {
-            set(*m, None);
-            world.kill(*m);
-        }
-        Fault::Leave(m) => {
-            set(*m, None);
-            world.leave(*m).await;
-        }
-        Fault::Restart(m) | Fault::Join(m) => {
-            if running(world, *m) || world.start_member(*m).await.is_err() {
-                return;
-            }
-            set(*m, world.slots[*m].grid.as_ref().map(|g| g.locks().clone()));
-        }
-        Fault::Pause(m) => {
-            if running(world, *m) {
-                world.pause(*m);
-            }
-        }
-        Fault::Resume(m) => {
-            if world.slots[*m].paused {
-                world.resume(*m);
-            }
-        }
-    }
-}
-
-fn finish(mut report: SeedReport, opts: &RunOptions, summary: &str) -> SeedReport {
-    if report.violations.is_empty() {
-        return report;
-    }
-    let mut r = String::new();
-    let _ = writeln!(
-        r,
-        "seed {} FAILED ({} members, {:?} simulated)",
-        opts.seed, opts.members, report.simulated
-    );
-    for v in &report.violations {
-        let _ = writeln!(r, "  violation: {v}");
-    }
-    let _ = writeln!(r, "  workload: {summary}");
-    let _ = write!(r, "schedule: {}", report.schedule);
-    let _ = writeln!(
-        r,
-        "reproduce: {}",
-        opts.reproduce()
-            .replace("--workload cache", "--workload locks")
-    );
-    report.report = Some(r);
-    report
+    h.report.ops = log.attempts.len();
+    h.report.unknown = log.attempts.iter().filter(|a| a.end.is_none()).count();
+    check(&log, settled, now, &mut h.report.violations);
+    let details = format!("workload: {}\n", summary(&log));
+    h.finish(&details)
 }

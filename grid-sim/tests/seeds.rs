@@ -7,10 +7,10 @@
 
 use std::time::Duration;
 
-use grid_sim::cache_workload::{run, RunOptions};
+use grid_sim::workload::{run, RunOptions, Workload};
 
 fn check(seed: u64, seconds: u64) {
-    let mut opts = RunOptions::new(seed);
+    let mut opts = RunOptions::new(Workload::Cache, seed);
     opts.duration = Duration::from_secs(seconds);
     let r = run(&opts);
     if let Some(report) = &r.report {

@@ -6,6 +6,7 @@
 //! sim --workload cache --seeds 10000 --members 5 --minutes 2 [--json] [--jobs 2]
 //! sim --workload cache --seed 42 --members 5 --seconds 120     # one seed, as reported
 //! sim --workload exec --seeds 100 --members 5 --minutes 1       # the bucketed executor
+//! sim --workload locks --seeds 24 --members 5 --seconds 30      # the cluster locks
 //! ```
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -14,14 +15,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use grid_sim::cache_workload::{self, RunOptions};
+use grid_sim::workload::{self, RunOptions, Workload};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser, Debug)]
 #[command(about = "Deterministic simulation of a grid cluster under random faults")]
 struct Args {
     /// Workload: `cache`, `exec` (the bucketed executor), or `scale` (the figures of
-    /// `--members` members; the next services add `locks`, `sched`).
+    /// `--members` members; the next services add `sched`).
     #[arg(long, default_value = "cache")]
     workload: String,
     /// How many seeds to run (from --first-seed).
@@ -179,12 +180,6 @@ impl tracing_subscriber::fmt::time::FormatTime for SimulatedTime {
     }
 }
 
-/// The command that replays one seed of this run's workload.
-fn reproduce(args: &Args, opts: &RunOptions) -> String {
-    opts.reproduce()
-        .replace("--workload cache", &format!("--workload {}", args.workload))
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -201,12 +196,15 @@ fn main() -> Result<()> {
         println!("{r}");
         return Ok(());
     }
-    let run_seed: fn(&RunOptions) -> cache_workload::SeedReport = match args.workload.as_str() {
-        "cache" => cache_workload::run,
-        "exec" => grid_sim::exec_workload::run,
-        "locks" => grid_sim::locks_workload::run,
-        other => bail!("unknown workload {other:?} (known: cache, exec, locks, scale)"),
+    let Some(kind) = Workload::from_name(&args.workload) else {
+        let known: Vec<&str> = Workload::ALL.iter().map(|w| w.name()).collect();
+        bail!(
+            "unknown workload {:?} (known: {}, scale)",
+            args.workload,
+            known.join(", ")
+        );
     };
+    let run_seed = workload::run;
     let duration = Duration::from_secs(
         args.seconds
             .unwrap_or_else(|| (args.minutes * 60.0).round() as u64),
@@ -219,7 +217,7 @@ fn main() -> Result<()> {
             duration,
             partitions: !args.no_partitions,
             wall_budget: Duration::from_secs(args.wall_budget),
-            ..RunOptions::new(seed)
+            ..RunOptions::new(kind, seed)
         };
         let r = run_seed(&opts);
         println!(
@@ -262,7 +260,7 @@ fn main() -> Result<()> {
                     duration,
                     partitions: !args.no_partitions,
                     wall_budget: Duration::from_secs(args.wall_budget),
-                    ..RunOptions::new(seed)
+                    ..RunOptions::new(kind, seed)
                 };
                 if seeds.len() > 1 {
                     let r = run_child(&args, seed, duration);
@@ -272,7 +270,7 @@ fn main() -> Result<()> {
                         let line = format!(
                             "seed {seed} FAILED: {} (reproduce: {})",
                             r.violations.join("; "),
-                            reproduce(&args, &opts)
+                            opts.reproduce()
                         );
                         if bar.is_hidden() {
                             println!("{line}");
@@ -304,7 +302,7 @@ fn main() -> Result<()> {
                     let line = format!(
                         "seed {seed} FAILED: {} (reproduce: {})",
                         r.violations.join("; "),
-                        reproduce(&args, &opts)
+                        opts.reproduce()
                     );
                     if bar.is_hidden() {
                         println!("{line}");
