@@ -134,24 +134,37 @@ fn log(l: &SharedLog) -> std::sync::MutexGuard<'_, Log> {
     l.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A member's lock service and the incarnation it belongs to.
+pub type Handle = (u32, Locks);
+
 /// A client: until `stop`, picks a lock, takes it (`lock()` 4 times in 5, else
 /// `try_lock()`), holds it for a random time or until `lost()` fires, and releases it.
-/// `handle` gives the member's current lock service (`None` while it is down).
+/// `handle` gives the member's current lock service (`None` while it is down). An acquire
+/// whose member is killed or leaves while it waits is dropped (the process it ran in is
+/// gone) and recorded as `member gone`.
 pub async fn client(
     id: u32,
     member: usize,
     seed: u64,
     start: Instant,
-    handle: impl Fn() -> Option<Locks>,
+    handle: impl Fn() -> Option<Handle>,
     record: SharedLog,
     stop: Arc<AtomicBool>,
 ) {
     let ns = move || Instant::now().saturating_duration_since(start).as_nanos() as u64;
     let mut rng = StdRng::seed_from_u64(seed);
     while !stop.load(Ordering::Relaxed) {
-        let Some(locks) = handle() else {
+        let Some((incarnation, locks)) = handle() else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
+        };
+        let gone = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if handle().is_none_or(|(i, _)| i != incarnation) {
+                    return;
+                }
+            }
         };
         let i = rng.gen_range(0..LOCKS);
         let Some(lock) = lock_of(&locks, i) else {
@@ -171,20 +184,28 @@ pub async fn client(
             });
             l.attempts.len() - 1
         };
-        let got = if waits {
-            lock.lock().await.map(Some)
-        } else {
-            lock.try_lock().await
+        let acquire = async {
+            if waits {
+                lock.lock().await.map(Some)
+            } else {
+                lock.try_lock().await
+            }
+        };
+        let got = tokio::select! {
+            got = acquire => Some(got),
+            _ = gone => None,
         };
         {
             let mut l = log(&record);
             l.attempts[a].end = Some(ns());
             l.attempts[a].outcome = match &got {
-                Ok(Some(_)) => "granted".into(),
-                Ok(None) => "not granted".into(),
-                Err(e) => e.to_string(),
+                Some(Ok(Some(_))) => "granted".into(),
+                Some(Ok(None)) => "not granted".into(),
+                Some(Err(e)) => e.to_string(),
+                None => "member gone".into(),
             };
         }
+        let Some(got) = got else { continue };
         match got {
             Ok(Some(guard)) => {
                 let h = {
@@ -381,11 +402,11 @@ pub fn run(opts: &RunOptions) -> SeedReport {
     simulate(opts.seed, async move { run_in_world(&opts).await })
 }
 
-async fn open_locks(world: &World, i: usize) -> anyhow::Result<Locks> {
-    world.slots[i]
-        .grid
+async fn open_locks(world: &World, i: usize) -> anyhow::Result<Handle> {
+    let slot = &world.slots[i];
+    slot.grid
         .as_ref()
-        .map(|g| g.locks().clone())
+        .map(|g| (slot.incarnation, g.locks().clone()))
         .ok_or_else(|| anyhow::anyhow!("member {i} is not running"))
 }
 
@@ -395,7 +416,7 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
         Err(report) => return report,
     };
     let ns = h.clock();
-    let handles: Handles<Locks> = Handles::new(opts.members);
+    let handles: Handles<Handle> = Handles::new(opts.members);
     let open = async |w: &World, i: usize| open_locks(w, i).await;
     h.open_all(&handles, &open).await;
     let record: SharedLog = Arc::default();
@@ -436,7 +457,6 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
         c.abort();
     }
     let now = ns();
-    let mut left = Vec::new();
     if finished {
         // Every lock free once its holders released (the leases of dead holders run out).
         let free = h
@@ -447,7 +467,7 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
             .await
             .is_some();
         if !free {
-            left = records_left(&h.world);
+            let left = records_left(&h.world);
             h.report.violations.push(format!(
                 "locks not free {:?} after every client stopped: {}",
                 LEASE * 2 + Duration::from_secs(5),

@@ -21,7 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Parser, Debug)]
 #[command(about = "Deterministic simulation of a grid cluster under random faults")]
 struct Args {
-    /// Workload: `cache`, `exec` (the bucketed executor), or `scale` (the figures of
+    /// Workload: `cache`, `exec` (the bucketed executor), `locks`, or `scale` (the figures of
     /// `--members` members; the next services add `sched`).
     #[arg(long, default_value = "cache")]
     workload: String,
