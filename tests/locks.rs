@@ -397,3 +397,65 @@ async fn the_minority_side_cannot_acquire_and_its_holder_sees_lost() {
     ));
     got.unlock().await.unwrap();
 }
+
+/// A grant from the queue that reaches its waiter late is not believed beyond the owner's
+/// lease: the waiter counts the lease from when it asked (the owner granted after that), and
+/// confirms it with a renewal if little is left. It used to count from the grant's arrival,
+/// less a tenth of the lease, assuming no grant took longer to arrive: `sim --workload
+/// locks` found two holders when a member's datagrams were held up (seeds 109 and 181 of
+/// the first run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_grant_from_the_queue_is_not_believed_beyond_the_owners_lease() {
+    let lease = Duration::from_secs(2);
+    let grids = data_cluster("lock-late-grant", 3, |b| {
+        b.partitions(31)
+            .backups(1)
+            .lock_settings(short_lease(lease))
+    })
+    .await;
+    let name = "late-grant";
+    let o = owner_of(&grids, name);
+    let w = (o + 1) % grids.len();
+    let first = grids[o].lock(name).lock().await.unwrap();
+    let waiter = grids[w].lock(name);
+    let waiting = tokio::spawn(async move { waiter.lock().await });
+    assert!(
+        eventually(Duration::from_secs(10), || waiters(&grids, name) == 1).await,
+        "the waiter did not queue"
+    );
+    // Hold up what the owner sends the waiter's member, release (the owner grants the lock
+    // to the waiter at once), and let the grant through 600 ms later.
+    grids[o].transport().faults().block(grids[w].addr());
+    first.unlock().await.unwrap();
+    let p = grids[o].locks().partition_of(name);
+    let id = LockId {
+        name: name.into(),
+        key: Vec::new(),
+    };
+    let owner_deadline = || {
+        grids[o]
+            .locks()
+            .service()
+            .table(p)
+            .and_then(|t| t.records.get(&id).and_then(|r| r.holder.clone()))
+            .expect("granted to the waiter")
+            .deadline
+    };
+    let granted = owner_deadline();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    grids[o].transport().faults().unblock(grids[w].addr());
+    let guard = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the grant arrived")
+        .unwrap()
+        .unwrap();
+    // The owner's lease now (a renewal may have pushed it later).
+    let owner_until = owner_deadline();
+    assert!(
+        guard.held_until() <= owner_until,
+        "the waiter believes it holds the lock {:?} past the owner's lease (granted with a \
+         lease to {granted:?}, now to {owner_until:?})",
+        guard.held_until() - owner_until
+    );
+    guard.unlock().await.unwrap();
+}

@@ -352,7 +352,11 @@ fn count_change(t: &PartitionLocks, change: &Change, now: Instant) {
         Change::Free { lock, next, .. } => {
             let holder = t.records.get(lock).and_then(|r| r.holder.as_ref());
             if let Some(h) = holder {
-                let how = if h.deadline <= now { "expired" } else { "released" };
+                let how = if h.deadline <= now {
+                    "expired"
+                } else {
+                    "released"
+                };
                 metrics::counter!("grid_lock_releases_total", "how" => how).increment(1);
             }
             if next.is_some() {

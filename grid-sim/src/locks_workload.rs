@@ -84,6 +84,8 @@ pub struct Hold {
     pub client: u32,
     /// The member it ran on.
     pub member: usize,
+    /// The lock's partition.
+    pub partition: u32,
     /// The fencing token.
     pub token: u64,
     /// When the guard was returned.
@@ -214,6 +216,7 @@ pub async fn client(
                         lock: i,
                         client: id,
                         member,
+                        partition: lock.partition(),
                         token: guard.fencing_token(),
                         start: ns(),
                         believed: guard.is_held(),
@@ -246,25 +249,23 @@ pub async fn client(
 /// The checkers over the log: mutual exclusion and growing tokens per lock, and no
 /// `lock()` waiting longer than [`WAIT_BOUND`] after `settled` (ns; `None`: the cluster
 /// never settled, nothing to check). `now`: the end of the run (ns).
-pub fn check(
-    log: &Log,
-    settled: Option<u64>,
-    now: u64,
-    violations: &mut Vec<String>,
-) {
+pub fn check(log: &Log, settled: Option<u64>, now: u64, violations: &mut Vec<String>) {
     let mut per_lock: BTreeMap<usize, Vec<&Hold>> = BTreeMap::new();
     for h in log.holds.iter().filter(|h| h.believed) {
         per_lock.entry(h.lock).or_default().push(h);
     }
     let show = |h: &Hold| {
         format!(
-            "client {} on m{} token {} [{:.3}s, {}]",
+            "client {} on m{} p{} token {} [{:.3}s, {}]",
             h.client,
             h.member,
+            h.partition,
             h.token,
             h.start as f64 / 1e9,
-            h.end
-                .map_or("still held".to_string(), |e| format!("{:.3}s", e as f64 / 1e9))
+            h.end.map_or("still held".to_string(), |e| format!(
+                "{:.3}s",
+                e as f64 / 1e9
+            ))
         )
     };
     for (lock, mut holds) in per_lock {
