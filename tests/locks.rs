@@ -459,3 +459,32 @@ async fn a_late_grant_from_the_queue_is_not_believed_beyond_the_owners_lease() {
     );
     guard.unlock().await.unwrap();
 }
+
+/// An owner whose copy of a lock's partition is thrown away (as the runtime does when it
+/// adopts a table by force) and that goes on owning it never grants a smaller token than
+/// before: `sim --workload locks` saw tokens restart at the epoch's floor (seeds 18 and
+/// 153: the owner discarded its partitions on a forced table and kept them at the same
+/// epoch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_grow_after_the_owner_throws_its_copy_away() {
+    let grids = data_cluster("lock-discard", 2, |b| b.partitions(31).backups(1)).await;
+    let name = "discarded";
+    let o = owner_of(&grids, name);
+    let lock = grids[o].lock(name);
+    let mut last = 0;
+    for _ in 0..3 {
+        let g = lock.lock().await.unwrap();
+        assert!(g.fencing_token() > last);
+        last = g.fencing_token();
+        g.unlock().await.unwrap();
+    }
+    let p = grids[o].locks().partition_of(name);
+    grids[o].runtime().forget_replica_for_tests(p).await;
+    let g = lock.lock().await.unwrap();
+    assert!(
+        g.fencing_token() > last,
+        "token {} after {last}: the forgotten copy's high-water mark was lost",
+        g.fencing_token()
+    );
+    g.unlock().await.unwrap();
+}

@@ -29,6 +29,10 @@ struct Local {
     armed: Option<Instant>,
     /// Whether this member owns the partition (for the metrics read at scrape).
     owned: bool,
+    /// The largest fencing token of any table of this partition this member threw away or
+    /// replaced (member-local, kept across drops): a table that comes back empty or stale
+    /// (the runtime discarding a replica, a stale copy) never grants a smaller token here.
+    floor: u64,
 }
 
 /// The lock service of one member (registered on every member; lite members own nothing).
@@ -114,6 +118,13 @@ impl LockService {
         self.local.get(p as usize).map(lock)
     }
 
+    /// Remembers `token` as the smallest token this member may grant next in `p`.
+    fn raise_floor(&self, p: u32, token: u64) {
+        if let Some(mut l) = self.local(p) {
+            l.floor = l.floor.max(token);
+        }
+    }
+
     /// Arms the expiry timer at `at` unless it is armed for an earlier time already (a
     /// timer that fires early finds nothing expired and re-arms for the earliest lease).
     fn arm_expiry(local: &mut Local, at: Option<Instant>, fx: &mut Effects<Self>) {
@@ -159,6 +170,7 @@ impl PartitionService for LockService {
         let live_calls: HashSet<CallId> = self.local(p).map(|l| l.live.clone()).unwrap_or_default();
         let call = ctx.call;
         let is_live = move |c: CallId| live_calls.contains(&c) || Some(c) == call;
+        let floor = self.local(p).map_or(0, |l| l.floor);
         let t = self.part(p).ok_or(bad_partition(p))?;
         let env = Env {
             now: ctx.now,
@@ -168,6 +180,7 @@ impl PartitionService for LockService {
             call: ctx.call,
             quorum,
             live: &is_live,
+            floor,
         };
         let decision = t.decide(op, &env).inspect_err(|e| {
             metrics::counter!("grid_lock_refusals_total", "reason" => refusal(e)).increment(1);
@@ -307,14 +320,22 @@ impl PartitionService for LockService {
         let copy = rebuilt
             .downcast::<PartitionCopy>()
             .map_err(|_| LockError::BadCopy("not a lock table".into()))?;
-        let table = PartitionLocks::from_copy(*copy, grid_core::clock::now())?;
-        *self.part(partition).ok_or(bad_partition(partition))? = table;
+        let mut table = PartitionLocks::from_copy(*copy, grid_core::clock::now())?;
+        let old = {
+            let mut t = self.part(partition).ok_or(bad_partition(partition))?;
+            table.high_water = table.high_water.max(t.high_water);
+            std::mem::replace(&mut *t, table).high_water
+        };
+        self.raise_floor(partition, old);
         Ok(())
     }
 
     fn drop_partition(&self, partition: u32) {
-        if let Some(mut t) = self.part(partition) {
-            *t = PartitionLocks::default();
+        let old = self
+            .part(partition)
+            .map(|mut t| std::mem::take(&mut *t).high_water);
+        if let Some(old) = old {
+            self.raise_floor(partition, old);
         }
     }
 

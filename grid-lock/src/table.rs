@@ -338,6 +338,10 @@ pub struct Env<'a> {
     /// Whether a queued call is parked on this member and alive (owner-local knowledge:
     /// after a promotion, the queue's calls were parked on the old owner).
     pub live: &'a dyn Fn(CallId) -> bool,
+    /// The smallest token this member may grant next, whatever the table says: the largest
+    /// token of any earlier table of this partition the member threw away or replaced
+    /// (member-local knowledge; 0 if none).
+    pub floor: u64,
 }
 
 /// The lock table of one partition.
@@ -413,7 +417,7 @@ impl PartitionLocks {
                         Change::Exit { lock },
                     ));
                 }
-                let mut high_water = self.high_water;
+                let mut high_water = self.high_water.max(env.floor);
                 let free = self.free(&lock, &mut high_water, env);
                 Ok(Decision::change(Answer::Released(0), free))
             }
@@ -449,7 +453,7 @@ impl PartitionLocks {
                 };
                 if let Some(h) = &record.holder {
                     if h.who == who && h.count == 1 {
-                        let mut high_water = self.high_water;
+                        let mut high_water = self.high_water.max(env.floor);
                         let free = self.free(&lock, &mut high_water, env);
                         return Ok(Decision::change(Answer::Done, free));
                     }
@@ -490,7 +494,7 @@ impl PartitionLocks {
             }
             Op::Expire => {
                 Self::check_internal(env)?;
-                let mut high_water = self.high_water;
+                let mut high_water = self.high_water.max(env.floor);
                 let mut expired: Vec<&LockId> = self
                     .records
                     .iter()
@@ -569,10 +573,10 @@ impl PartitionLocks {
                     limit: MAX_LOCKS_PER_PARTITION,
                 });
             }
-            return Ok(grant(self.high_water));
+            return Ok(grant(self.high_water.max(env.floor)));
         };
         match &record.holder {
-            None if record.waiters.is_empty() => return Ok(grant(self.high_water)),
+            None if record.waiters.is_empty() => return Ok(grant(self.high_water.max(env.floor))),
             Some(h) if h.who.same_owner(&who) => {
                 if h.who.nonce == who.nonce {
                     // A retried acquire that got the lock: the same grant, lease renewed.
@@ -602,7 +606,7 @@ impl PartitionLocks {
             }
             Some(h) if h.deadline <= env.now && record.waiters.is_empty() => {
                 // The holder's lease ran out (its expiry is on its way): take it now.
-                return Ok(grant(self.high_water));
+                return Ok(grant(self.high_water.max(env.floor)));
             }
             _ => {}
         }
@@ -897,6 +901,7 @@ mod tests {
             call: Some(CallId(call)),
             quorum: Ok(()),
             live: &all_live,
+            floor: 0,
         }
     }
 
