@@ -44,14 +44,14 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload.
-    pub const ALL: &'static [Workload] = &[Workload::Cache, Workload::Exec, Workload::Locks];
+    pub const ALL: &'static [Self] = &[Self::Cache, Self::Exec, Self::Locks];
 
     /// Its name on the command line.
     pub fn name(self) -> &'static str {
         match self {
-            Workload::Cache => "cache",
-            Workload::Exec => "exec",
-            Workload::Locks => "locks",
+            Self::Cache => "cache",
+            Self::Exec => "exec",
+            Self::Locks => "locks",
         }
     }
 
@@ -243,7 +243,7 @@ impl Harness {
                 return Err(finish_report(report, opts, &[], ""));
             }
         };
-        let mut h = Harness {
+        let mut h = Self {
             opts: opts.clone(),
             world,
             schedule,
