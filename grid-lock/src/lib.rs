@@ -66,6 +66,15 @@
 //! - The simulator (`sim --workload locks`) checks mutual exclusion under kills, pauses
 //!   and partitions on one shared clock: clock drift between members is not simulated yet.
 //!
+//! # Metrics
+//! Through the `metrics` facade (listed in `docs/METRICS.md`): on the owner of a lock's
+//! partition, `grid_lock_grants_total` (`how`: free, queued, reentered),
+//! `grid_lock_releases_total` (`how`: released, expired, exited) and
+//! `grid_lock_refusals_total` (`reason`: no_quorum, not_holder — a forged or stale unlock
+//! or renewal —, lost, limits); read at scrape, `grid_lock_held` and `grid_lock_waiters`
+//! for the partitions a member owns; on the caller's member, `grid_lock_wait_seconds`
+//! (call to grant) and `grid_lock_leases_lost_total` (`lost()` fired).
+//!
 //! # Layout
 //! - [`table`]: one partition's lock table as a sans-IO state machine (decide, apply).
 //! - [`quorum`]: the expected cluster size and the quorum (sans-IO).
