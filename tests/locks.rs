@@ -488,3 +488,41 @@ async fn tokens_grow_after_the_owner_throws_its_copy_away() {
     );
     g.unlock().await.unwrap();
 }
+
+/// A lock whose record its owner threw away while it was held is not granted again while
+/// its holder may still believe it holds it: the owner waits until the lease it knew of
+/// has run out (`sim --workload locks` seed 18: the runtime discarded an owner's
+/// partitions on a forced table, and the owner granted a held lock at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_lock_whose_record_the_owner_threw_away_waits_for_the_lease() {
+    let lease = Duration::from_secs(2);
+    let grids = data_cluster("lock-discard-held", 2, |b| {
+        b.partitions(31)
+            .backups(1)
+            .lock_settings(short_lease(lease))
+    })
+    .await;
+    let name = "discarded-held";
+    let o = owner_of(&grids, name);
+    let holder = grids[(o + 1) % grids.len()]
+        .lock(name)
+        .lock()
+        .await
+        .unwrap();
+    let p = grids[o].locks().partition_of(name);
+    grids[o].runtime().forget_replica_for_tests(p).await;
+    assert!(
+        grids[o].lock(name).try_lock().await.unwrap().is_none(),
+        "granted at once, though its holder still holds it"
+    );
+    let next = tokio::time::timeout(Duration::from_secs(20), grids[o].lock(name).lock())
+        .await
+        .expect("granted once the holder's lease ran out")
+        .unwrap();
+    assert!(
+        !holder.is_held(),
+        "the first holder still believes it holds the lock when the next gets it"
+    );
+    assert!(next.fencing_token() > holder.fencing_token());
+    next.unlock().await.unwrap();
+}

@@ -33,6 +33,10 @@ struct Local {
     /// replaced (member-local, kept across drops): a table that comes back empty or stale
     /// (the runtime discarding a replica, a stale copy) never grants a smaller token here.
     floor: u64,
+    /// Until when the partition grants no lock its table has no holder for: this member
+    /// threw away a copy of it whose holders' leases ran until then (member-local, kept
+    /// across drops; see [`crate::table::Env::quiet_until`]).
+    quiet_until: Option<Instant>,
 }
 
 /// The lock service of one member (registered on every member; lite members own nothing).
@@ -170,7 +174,9 @@ impl PartitionService for LockService {
         let live_calls: HashSet<CallId> = self.local(p).map(|l| l.live.clone()).unwrap_or_default();
         let call = ctx.call;
         let is_live = move |c: CallId| live_calls.contains(&c) || Some(c) == call;
-        let floor = self.local(p).map_or(0, |l| l.floor);
+        let (floor, quiet_until) = self
+            .local(p)
+            .map_or((0, None), |l| (l.floor, l.quiet_until));
         let t = self.part(p).ok_or(bad_partition(p))?;
         let env = Env {
             now: ctx.now,
@@ -181,6 +187,7 @@ impl PartitionService for LockService {
             quorum,
             live: &is_live,
             floor,
+            quiet_until,
         };
         let decision = t.decide(op, &env).inspect_err(|e| {
             metrics::counter!("grid_lock_refusals_total", "reason" => refusal(e)).increment(1);
@@ -218,7 +225,13 @@ impl PartitionService for LockService {
             }
         }
         // Renewals only push leases later: a timer armed for an earlier lease end fires
-        // early, harmlessly (`on_timer` re-arms).
+        // early, harmlessly (`on_timer` re-arms). Waiters parked while the partition is quiet
+        // are served when it ends.
+        let quiet = local.quiet_until.filter(|q| *q > ctx.now);
+        let earliest = match (earliest, quiet) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         Self::arm_expiry(&mut local, earliest, fx);
         Ok(())
     }
@@ -232,7 +245,9 @@ impl PartitionService for LockService {
             l.live.clear();
             l.armed = None;
             l.owned = true;
+            let quiet = l.quiet_until.filter(|q| *q > ctx.now);
             Self::arm_expiry(&mut l, next, fx);
+            Self::arm_expiry(&mut l, quiet, fx);
         }
     }
 
@@ -259,13 +274,17 @@ impl PartitionService for LockService {
         if timer != EXPIRY {
             return;
         }
+        let quiet = self
+            .local(ctx.partition)
+            .and_then(|l| l.quiet_until)
+            .filter(|q| *q > ctx.now);
         let Some(t) = self.part(ctx.partition) else {
             return;
         };
-        let expired = t
-            .records
-            .values()
-            .any(|r| r.holder.as_ref().is_some_and(|h| h.deadline <= ctx.now));
+        let expired = t.records.values().any(|r| match &r.holder {
+            Some(h) => h.deadline <= ctx.now,
+            None => quiet.is_none() && !r.waiters.is_empty(),
+        });
         let later = t
             .records
             .values()
@@ -273,6 +292,10 @@ impl PartitionService for LockService {
             .filter(|d| *d > ctx.now)
             .min();
         drop(t);
+        let later = match (later, quiet) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let Some(mut local) = self.local(ctx.partition) else {
             return;
         };
@@ -331,11 +354,15 @@ impl PartitionService for LockService {
     }
 
     fn drop_partition(&self, partition: u32) {
-        let old = self
-            .part(partition)
-            .map(|mut t| std::mem::take(&mut *t).high_water);
+        let old = self.part(partition).map(|mut t| std::mem::take(&mut *t));
         if let Some(old) = old {
-            self.raise_floor(partition, old);
+            self.raise_floor(partition, old.high_water);
+            // Its holders may still believe they hold their locks until their leases end
+            // (counted on this replica from after they asked): should this member own the
+            // partition again meanwhile, with a table that lost them, it waits.
+            if let (Some(until), Some(mut l)) = (old.next_deadline_max(), self.local(partition)) {
+                l.quiet_until = l.quiet_until.max(Some(until));
+            }
         }
     }
 
