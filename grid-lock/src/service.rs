@@ -202,12 +202,21 @@ impl PartitionService for LockService {
 
     fn apply(&self, ctx: &Ctx, change: &Change, fx: &mut Effects<Self>) -> Result<(), LockError> {
         let p = ctx.partition;
-        let outputs = {
+        let (outputs, stranded) = {
             let mut t = self.part(p).ok_or(bad_partition(p))?;
             if ctx.role == Role::Owner {
                 count_change(&t, change, ctx.now);
             }
-            t.apply(change, ctx.now)
+            let outputs = t.apply(change, ctx.now);
+            // A waiter parked on a lock nobody holds (while the partition was quiet) is
+            // served by the expiry.
+            let stranded = match change {
+                Change::Park { lock, .. } => {
+                    t.records.get(lock).is_some_and(|r| r.holder.is_none())
+                }
+                _ => false,
+            };
+            (outputs, stranded)
         };
         if ctx.role != Role::Owner {
             return Ok(());
@@ -228,6 +237,11 @@ impl PartitionService for LockService {
         // early, harmlessly (`on_timer` re-arms). Waiters parked while the partition is quiet
         // are served when it ends.
         let quiet = local.quiet_until.filter(|q| *q > ctx.now);
+        let quiet = if stranded {
+            Some(quiet.unwrap_or(ctx.now))
+        } else {
+            quiet
+        };
         let earliest = match (earliest, quiet) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -240,12 +254,25 @@ impl PartitionService for LockService {
         let p = ctx.partition;
         // A new owner (promoted backup, migration's destination) waits out a whole lease
         // before any lock can expire.
-        let next = self.part(p).and_then(|mut t| t.restart_leases(ctx.now));
+        let (next, stranded) = self.part(p).map_or((None, false), |mut t| {
+            let stranded = t
+                .records
+                .values()
+                .any(|r| r.holder.is_none() && !r.waiters.is_empty());
+            (t.restart_leases(ctx.now), stranded)
+        });
         if let Some(mut l) = self.local(p) {
             l.live.clear();
             l.armed = None;
             l.owned = true;
+            // Waiters of a lock nobody holds (parked on an earlier owner while it was
+            // quiet) are served by the expiry, once this member's own quiet ends.
             let quiet = l.quiet_until.filter(|q| *q > ctx.now);
+            let quiet = if stranded {
+                Some(quiet.unwrap_or(ctx.now))
+            } else {
+                quiet
+            };
             Self::arm_expiry(&mut l, next, fx);
             Self::arm_expiry(&mut l, quiet, fx);
         }
