@@ -115,6 +115,9 @@ pub const METRICS: &[MetricDoc] = &[
     m("grid_exec_bucketed_retried_total", "counter", "", "Batches run on this member that were a retry (attempt > 1)."),
     m("grid_exec_bucketed_dead_lettered_total", "counter", "", "Batches that failed their last attempt on this member and went to the dead letters."),
     m("grid_exec_bucketed_process_seconds", "histogram", "", "Duration of `process` calls on this member."),
+    m("grid_exec_bucketed_queued", "gauge", "`exec`", "Tasks queued (not yet completed) in the partitions this member owns, per executor; updated every registry broadcast (3 s)."),
+    m("grid_exec_bucketed_in_flight", "gauge", "`exec`", "Batches handed out and not yet completed, of the partitions this member owns, per executor."),
+    m("grid_exec_bucketed_processing", "gauge", "`exec`", "Batches running on this member now, per executor."),
     m("grid_exec_member_tasks_total", "counter", "", "Member-executor tasks this member asked to run (on any member)."),
     m("grid_lock_grants_total", "counter", "`how`: `free`, `queued`, `reentered`", "Lock grants made by this member as the owner of the locks' partitions: a free lock taken at once, the head of a queue given a released or expired lock (pushed to the waiter), a reentrant lock entered again."),
     m("grid_lock_releases_total", "counter", "`how`: `released`, `expired`, `exited`", "Locks freed by this member as their owner: released by their holder, freed because the holder's lease ran out (a dead, paused or cut-off holder), or one hold of a reentered lock left."),
@@ -123,6 +126,8 @@ pub const METRICS: &[MetricDoc] = &[
     m("grid_lock_waiters", "gauge", "", "Callers queued for locks in the partitions this member owns (at scrape)."),
     m("grid_lock_wait_seconds", "histogram", "", "Time this member's callers took to get a lock (`lock()`, `try_lock()`): from the call to the grant."),
     m("grid_lock_leases_lost_total", "counter", "", "Locks held by this member's callers that were lost before their release (`LockGuard::lost` fired: the lease ran out or a renewal was refused)."),
+    m("grid_scheduler_firings_total", "counter", "", "Slots of cluster-wide jobs fired by this member as their owner."),
+    m("grid_scheduler_runs_total", "counter", "`outcome`", "Job runs that ended on this member, by outcome (`Success`, `Failed`, ...)."),
 ];
 
 /// [`METRICS`] as a Markdown table (the body of `docs/METRICS.md`).

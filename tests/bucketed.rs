@@ -154,6 +154,69 @@ async fn tasks_of_a_bucket_are_processed_in_order_from_several_submitters() {
     );
 }
 
+/// `submit_all` from three members at once: every task once, each submitter's tasks in
+/// order within each bucket, and the statistics count them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submit_all_queues_every_task_in_order_from_several_submitters() {
+    let grids = data_cluster("exec-submit-all", 3, |b| b.partitions(31).backups(1)).await;
+    let seen = Seen::default();
+    let mut execs = Vec::new();
+    for g in &grids {
+        let s = recording(
+            BucketedSettings::new(by_bucket).batch_size(50),
+            &seen,
+            &id(g),
+            Duration::ZERO,
+        );
+        execs.push(g.bucketed_executor("submit-all", s).await.unwrap());
+    }
+    let mut submitters = Vec::new();
+    for (s, exec) in execs.iter().enumerate() {
+        let exec = exec.clone();
+        submitters.push(tokio::spawn(async move {
+            // Four calls of 100 tasks (10 per bucket), each awaited before the next.
+            for round in 0..4u32 {
+                let tasks = (0..100u32).map(|i| Job {
+                    bucket: i % 10,
+                    submitter: s as u32,
+                    n: round * 10 + i / 10,
+                });
+                exec.submit_all(tasks).await.unwrap();
+            }
+        }));
+    }
+    for s in submitters {
+        s.await.unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(60), || seen.count() >= 1_200).await,
+        "only {} of 1200 tasks processed",
+        seen.count()
+    );
+    let mut per_bucket: BTreeMap<u32, Vec<Job>> = BTreeMap::new();
+    for t in seen.tasks() {
+        per_bucket.entry(t.bucket).or_default().push(t);
+    }
+    for (bucket, tasks) in per_bucket {
+        assert_eq!(tasks.len(), 120, "bucket {bucket}: lost or doubled tasks");
+        for s in 0..3 {
+            let ns: Vec<u32> = tasks
+                .iter()
+                .filter(|t| t.submitter == s)
+                .map(|t| t.n)
+                .collect();
+            assert_eq!(
+                ns,
+                (0..40).collect::<Vec<_>>(),
+                "bucket {bucket}, submitter {s}"
+            );
+        }
+    }
+    let stats = execs[0].cluster_statistics(Duration::from_secs(5)).await;
+    assert_eq!(stats.total.submitted, 1_200);
+    assert_eq!(stats.total.processed, 1_200);
+}
+
 fn execs_queued(g: &Grid, name: &str) -> u64 {
     g.bucketed_executors().service().statistics(name).queued
 }

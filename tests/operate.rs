@@ -75,6 +75,7 @@ fn every_metric_recorded_in_the_sources_is_documented() {
         "grid-core/src",
         "grid-cache/src",
         "grid-lock/src",
+        "grid-exec/src",
     ] {
         let mut stack = vec![root().join(dir)];
         while let Some(path) = stack.pop() {

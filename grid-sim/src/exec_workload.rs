@@ -104,7 +104,8 @@ async fn client(
     member: usize,
     seed: u64,
     execs: Execs,
-    acked: Arc<Mutex<Vec<Task>>>,
+    acked: Arc<Mutex<Vec<(Task, u64)>>>,
+    ns: impl Fn() -> u64,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -121,7 +122,10 @@ async fn client(
             bucket: rng.gen_range(0..BUCKETS),
         };
         if exec.submit(task).await.is_ok() {
-            acked.lock().unwrap_or_else(|e| e.into_inner()).push(task);
+            acked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((task, ns()));
         }
         tokio::time::sleep(Duration::from_millis(rng.gen_range(0..40))).await;
     }
@@ -157,13 +161,15 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
                 derive(opts.seed, &format!("exec client {id}")),
                 execs.clone(),
                 acked.clone(),
+                ns.clone(),
                 h.stop.clone(),
             )));
         }
     }
     h.drive_faults(&execs, &open).await;
     h.stop_clients(clients).await;
-    let acked: Vec<Task> = acked.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let acked_at: Vec<(Task, u64)> = acked.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let acked: Vec<Task> = acked_at.iter().map(|(t, _)| *t).collect();
     h.report.ops = acked.len();
     // Drain: every acknowledged task processed.
     let want: BTreeSet<Task> = acked.iter().copied().collect();
@@ -191,11 +197,23 @@ async fn run_in_world(opts: &RunOptions) -> SeedReport {
             .first()
             .map(|t| bucket_state(&h.world, t.bucket))
             .unwrap_or_default();
+        // When the lost tasks were acknowledged, and to clients of which members.
+        let lost_at: Vec<(u64, usize)> = acked_at
+            .iter()
+            .filter(|(t, _)| !got.contains(t))
+            .map(|(t, at)| (*at, t.client as usize / 100))
+            .collect();
+        let first = lost_at.iter().map(|(at, _)| *at).min().unwrap_or(0);
+        let last = lost_at.iter().map(|(at, _)| *at).max().unwrap_or(0);
+        let members: BTreeSet<usize> = lost_at.iter().map(|(_, m)| *m).collect();
         let seen = h.world.observe();
         h.report.violations.push(format!(
-            "lost: {} of {} acknowledged tasks never processed (first: {lost:?}); {seen}{state}",
-            want.difference(&got).count(),
+            "lost: {} of {} acknowledged tasks never processed (first: {lost:?}), acknowledged \
+             between {:.3}s and {:.3}s to clients on members {members:?}; {seen}{state}",
+            lost_at.len(),
             want.len(),
+            first as f64 / 1e9,
+            last as f64 / 1e9,
         ));
     }
     let (troubles, faulty) = (h.troubles.clone(), h.faulty);

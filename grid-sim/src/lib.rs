@@ -17,6 +17,8 @@
 //!   workloads ([`workload::Workload`]) and [`workload::run`].
 //! - [`cache_workload`]: the cache's clients and checkers (`sim --workload cache`); each
 //!   service adds a module of the same shape on the harness.
+//! - [`copies_workload`]: near and replicated copies converge after the faults (`sim
+//!   --workload copies`).
 //! - [`exec_workload`]: the bucketed executor's clients, processors and checkers (`sim
 //!   --workload exec`).
 //! - [`locks_workload`]: the cluster locks' clients and checkers (`sim --workload
@@ -28,6 +30,7 @@
 #![warn(missing_docs)]
 
 pub mod cache_workload;
+pub mod copies_workload;
 pub mod exec_workload;
 pub mod linearizability;
 pub mod locks_workload;

@@ -40,11 +40,13 @@ pub enum Workload {
     Exec,
     /// The cluster locks ([`crate::locks_workload`]).
     Locks,
+    /// Near and replicated copies converge ([`crate::copies_workload`]).
+    Copies,
 }
 
 impl Workload {
     /// Every workload.
-    pub const ALL: &'static [Self] = &[Self::Cache, Self::Exec, Self::Locks];
+    pub const ALL: &'static [Self] = &[Self::Cache, Self::Exec, Self::Locks, Self::Copies];
 
     /// Its name on the command line.
     pub fn name(self) -> &'static str {
@@ -52,6 +54,7 @@ impl Workload {
             Self::Cache => "cache",
             Self::Exec => "exec",
             Self::Locks => "locks",
+            Self::Copies => "copies",
         }
     }
 
@@ -67,6 +70,7 @@ pub fn run(opts: &RunOptions) -> SeedReport {
         Workload::Cache => crate::cache_workload::run(opts),
         Workload::Exec => crate::exec_workload::run(opts),
         Workload::Locks => crate::locks_workload::run(opts),
+        Workload::Copies => crate::copies_workload::run(opts),
     }
 }
 

@@ -6,7 +6,9 @@
 //! - max rate, batch 1 and batch 100: `--producers` tasks submit as fast as they can for
 //!   `--seconds` (producer `i` owns the buckets `b % producers == i` and submits to them in
 //!   turn, each task numbered in its bucket); then the bench waits until everything is
-//!   processed. Tasks per second = tasks / (last processed - first submitted).
+//!   processed. Tasks per second = tasks / (last processed - first submitted). Batch 1:
+//!   `submit` per task, processed one at a time; batch 100: `submit_all` of 100 tasks per
+//!   call (one replicated write per partition they fall in), processed up to 100 at once.
 //! - latency at half the batch-1 rate: the same producers, paced to half the rate measured;
 //!   the time from the start of `submit` to the start of `process` (p50, p99).
 //! - every processor checks each bucket's numbers: a gap or a step back is an order
@@ -150,22 +152,25 @@ struct Run {
     duplicates: u64,
 }
 
-/// Runs the producers: `submit(bucket, seq)` for `seconds`, at most `rate` per second in all
-/// (0: as fast as they go). Returns how many were submitted.
-async fn produce<F, Fut>(args: &Args, rate: f64, submit: F) -> anyhow::Result<u64>
+/// Runs the producers: `submit(tasks)` with `chunk` tasks (bucket, seq) per call, for
+/// `seconds`, at most `rate` tasks per second in all (0: as fast as they go). Returns how
+/// many were submitted.
+async fn produce<F, Fut>(args: &Args, rate: f64, chunk: usize, submit: F) -> anyhow::Result<u64>
 where
-    F: Fn(u32, u64) -> Fut + Send + Sync + 'static,
+    F: Fn(Vec<(u32, u64)>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
 {
     let submit = Arc::new(submit);
     let end = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let chunk = chunk.max(1);
     let mut tasks = Vec::new();
     for i in 0..args.producers {
         let submit = submit.clone();
         let mine: Vec<u32> = (0..args.buckets)
             .filter(|b| b % args.producers == i)
             .collect();
-        let interval = (rate > 0.0).then(|| Duration::from_secs_f64(args.producers as f64 / rate));
+        let interval = (rate > 0.0)
+            .then(|| Duration::from_secs_f64(args.producers as f64 * chunk as f64 / rate));
         tasks.push(tokio::spawn(async move {
             let mut seqs = vec![0u64; mine.len()];
             let mut n = 0u64;
@@ -178,10 +183,14 @@ where
                     next += every;
                     tokio::time::sleep_until(next.into()).await;
                 }
-                let k = (n as usize) % mine.len();
-                seqs[k] += 1;
-                submit(mine[k], seqs[k]).await?;
-                n += 1;
+                let mut call = Vec::with_capacity(chunk);
+                for _ in 0..chunk {
+                    let k = (n as usize) % mine.len();
+                    seqs[k] += 1;
+                    call.push((mine[k], seqs[k]));
+                    n += 1;
+                }
+                submit(call).await?;
             }
             Ok(n)
         }));
@@ -258,10 +267,19 @@ async fn grid_run(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let execs = Arc::new(execs);
-    let submitted = produce(args, rate, move |bucket, seq| {
-        let exec = execs[bucket as usize % MEMBERS].clone();
-        let t = task(bucket, seq, epoch);
-        async move { Ok(exec.submit(t).await?) }
+    // Batches of `batch` tasks are submitted `batch` at a time (one `submit_all`, one
+    // write per partition), single tasks with `submit`.
+    let submitted = produce(args, rate, batch as usize, move |call| {
+        let exec = execs[call[0].0 as usize % MEMBERS].clone();
+        let tasks: Vec<Task> = call.iter().map(|(b, seq)| task(*b, *seq, epoch)).collect();
+        async move {
+            if tasks.len() == 1 {
+                let t = tasks.into_iter().next().expect("one task");
+                Ok(exec.submit(t).await?)
+            } else {
+                Ok(exec.submit_all(tasks).await?)
+            }
+        }
     })
     .await?;
     Ok(finish(&tracker, submitted, 0).await)
@@ -304,8 +322,9 @@ async fn redis_run(args: &Args, client: &redis::Client) -> anyhow::Result<Run> {
         }));
     }
     let conn = client.get_multiplexed_async_connection().await?;
-    let submitted = produce(args, 0.0, move |bucket, seq| {
+    let submitted = produce(args, 0.0, 1, move |call| {
         let mut conn = conn.clone();
+        let (bucket, seq) = call[0];
         let t = task(bucket, seq, epoch);
         async move {
             let bytes = grid::codec::encode(&t)?;

@@ -363,6 +363,18 @@ impl PartitionTable {
         counts
     }
 
+    /// How many partitions `member` owns (what [`Self::primaries_per_member`] says of it,
+    /// without building the map: a member's status asks this often).
+    pub fn primaries_of(&self, member: &str) -> usize {
+        let Ok(index) = self.members.binary_search_by(|m| (**m).cmp(member)) else {
+            return 0;
+        };
+        self.replicas
+            .iter()
+            .filter(|r| r.first().is_some_and(|&i| usize::from(i) == index))
+            .count()
+    }
+
     /// Checks the structural invariants a received table must satisfy before it is used:
     /// lengths, member list sorted and distinct, indices in range, distinct replicas per
     /// partition, and `min(backups + 1, members)` replicas per partition.
@@ -1091,6 +1103,10 @@ mod tests {
         let primaries = t.primaries_per_member();
         assert_eq!(primaries.len(), 4);
         assert_eq!(primaries.values().sum::<usize>(), 7);
+        for (m, n) in &primaries {
+            assert_eq!(t.primaries_of(m), *n);
+        }
+        assert_eq!(t.primaries_of("zz"), 0);
 
         let bytes = rmp_serde::to_vec(&t).unwrap();
         let back: PartitionTable = rmp_serde::from_slice(&bytes).unwrap();

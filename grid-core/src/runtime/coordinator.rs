@@ -65,6 +65,25 @@ pub(crate) struct Coordinator {
     ready: BTreeMap<u32, bool>,
     max_parallel: usize,
     stats: MigrationStats,
+    /// The least version this coordinator publishes (see [`first_version_of_term`]).
+    first_version: u64,
+}
+
+/// How far ahead of the newest table a new coordinator starts (a power of two).
+const TERM_STRIDE: u64 = 1 << 12;
+
+/// The first version a new coordinator publishes after `newest`: the next multiple of
+/// [`TERM_STRIDE`] (4,096) above it, a new "term". Two coordinators at once (a split: the
+/// old one still planning on the minority side, cut off but not yet seeing it, while the
+/// majority side's oldest member takes over) then publish tables that every member orders
+/// the same way, the new coordinator's first, unless the old one made 4,096 tables after
+/// the split (the takeover gate stops it once it sees a majority fail, within failure
+/// detection): the sides converge on the coordinator that took over instead of on whichever
+/// made more tables. The stride is small because services build ids above epochs (a lock's
+/// fencing tokens and the executor's batch ids are `epoch << 32` at least): 2^20
+/// coordinator changes before a version needs 32 bits.
+fn first_version_of_term(newest: u64) -> u64 {
+    (newest / TERM_STRIDE + 1) * TERM_STRIDE
 }
 
 impl Coordinator {
@@ -73,14 +92,20 @@ impl Coordinator {
         Self {
             config,
             target: newest.clone(),
-            published: newest,
             pending: BTreeSet::new(),
             in_flight: BTreeSet::new(),
             freezing: BTreeSet::new(),
             ready: BTreeMap::new(),
             max_parallel: max_parallel.max(1),
             stats: MigrationStats::default(),
+            first_version: first_version_of_term(newest.version()),
+            published: newest,
         }
+    }
+
+    /// The version of the next table this coordinator publishes.
+    fn next_version(&self) -> u64 {
+        (self.published.version() + 1).max(self.first_version)
     }
 
     pub(crate) fn published(&self) -> &PartitionTable {
@@ -122,7 +147,7 @@ impl Coordinator {
         let published_members: BTreeSet<&Arc<str>> = self.published.members().iter().collect();
         if published_members.iter().any(|m| !alive.contains(&***m)) || self.published.version() == 0
         {
-            let version = self.published.version() + 1;
+            let version = self.next_version();
             let mut assignments = Vec::new();
             let mut epochs = Vec::new();
             for p in 0..self.published.partitions() {
@@ -311,7 +336,7 @@ impl Coordinator {
         if self.ready.is_empty() {
             return None;
         }
-        let version = self.published.version() + 1;
+        let version = self.next_version();
         let mut assignments = Vec::new();
         let mut epochs = Vec::new();
         for p in 0..self.published.partitions() {
@@ -392,6 +417,35 @@ mod tests {
             effects = next;
         }
         all
+    }
+
+    /// Seed 18 of the executor's workload: a split of {a, b} from {c, d, e}. The old
+    /// coordinator a, not yet seeing it is cut off, drops the others one at a time and
+    /// publishes several tables; c takes over on the majority side from the table of the
+    /// split and publishes fewer. Every member must order c's tables first.
+    #[test]
+    fn a_coordinator_that_takes_over_outranks_every_table_of_the_one_before() {
+        let cfg = config(31, 1);
+        let mut old = Coordinator::new(PartitionTable::empty(31), cfg.clone(), 4);
+        let e = old.on_members(&members(&["a", "b", "c", "d", "e"]), &[]);
+        drive(&mut old, e);
+        let split = old.published().clone();
+        for alive in [&["a", "b", "c", "d"][..], &["a", "b", "c"], &["a", "b"]] {
+            let e = old.on_members(&members(alive), &[]);
+            drive(&mut old, e);
+        }
+        assert!(old.published().version() >= split.version() + 3);
+        let mut new = Coordinator::new(split.clone(), cfg, 4);
+        let e = new.on_members(&members(&["c", "d", "e"]), &[]);
+        let first = published(&e).expect("a table").clone();
+        assert!(first.version() > old.published().version());
+        // Within its term, a coordinator counts one by one.
+        drive(&mut new, e);
+        assert!(new.published().version() >= first.version());
+        assert_eq!(
+            new.published().version() / TERM_STRIDE,
+            first.version() / TERM_STRIDE
+        );
     }
 
     #[test]

@@ -613,9 +613,32 @@ impl Runtime {
             debug!("nobody confirmed this member's table after a pause; asking again");
             return;
         }
+        let answered: Vec<Arc<str>> = answers.iter().map(|(m, _)| m.clone()).collect();
         for (source, table) in answers {
             if let Some(table) = table {
                 self.apply_table_from(&source, table);
+            }
+        }
+        // Confirmed only by a strict majority of the table's members (this one counted):
+        // two members cut off together must not confirm each other (seed 18 of the
+        // executor's workload: both kept serving as owner and backup of the same
+        // partitions, on the minority side). Tables of one or two members are exempt, as
+        // in the takeover gate.
+        let table = self.table();
+        let members = table.members();
+        if members.len() > 2 {
+            let votes = 1 + answered
+                .iter()
+                .filter(|m| **m != self.inner.me && members.contains(m))
+                .count();
+            if votes * 2 <= members.len() {
+                debug!(
+                    votes,
+                    members = members.len(),
+                    table = table.version(),
+                    "a minority of the table's members answered; not confirmed"
+                );
+                return;
             }
         }
         info!(member = %self.inner.me, table = self.table().version(), "ownership confirmed after a pause");
@@ -669,11 +692,7 @@ impl Runtime {
             table_version: table.version(),
             table_members: table.members().len(),
             cluster_members: self.inner.cluster.members().len(),
-            primaries: table
-                .primaries_per_member()
-                .get(&self.inner.me)
-                .copied()
-                .unwrap_or(0),
+            primaries: table.primaries_of(&self.inner.me),
             coordinator: self.coordinator_status(),
             moved_entries,
             moved_bytes,
@@ -915,8 +934,13 @@ impl Runtime {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         // Adopting an older table is only for a member whose table is its own (it started
-        // alone) meeting the cluster's coordinator.
-        let own = current.as_ref().is_none_or(|c| *c == self.inner.me);
+        // alone) meeting the cluster's coordinator. Not for a coordinator whose table names
+        // others: after a split, the side that coordinated its own tables would swap its
+        // newer table for the other side's older one and drop data (seed 18 of the
+        // executor's workload); tables are ordered by version alone, and a coordinator
+        // that takes over starts far ahead of the one before (`first_version_of_term`).
+        let alone = self.table().members().iter().all(|m| *m == self.inner.me);
+        let own = alone && current.as_ref().is_none_or(|c| *c == self.inner.me);
         let adopt = own && *source != self.inner.me && coordinator.as_ref() == Some(source);
         if table.version() > self.table().version() || adopt {
             *current = Some(source.clone());

@@ -223,6 +223,17 @@ pub enum Op {
         /// Joins the queue this much later (0: now).
         delay_ms: u64,
     },
+    /// Queues several tasks, all or none, in this order (one change: one replicated write).
+    SubmitMany {
+        /// The executor.
+        exec: String,
+        /// Its settings.
+        settings: ExecSettings,
+        /// The tasks, with their buckets.
+        tasks: Vec<NewTask>,
+        /// They join their queues this much later (0: now).
+        delay_ms: u64,
+    },
     /// A member reports how a batch went.
     Complete {
         /// The executor.
@@ -252,6 +263,17 @@ pub enum Op {
     /// The owner's own: start what is ready, release due delayed tasks, take back batches
     /// of members that are gone.
     Kick,
+}
+
+/// A task of [`Op::SubmitMany`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewTask {
+    /// The encoded bucket key.
+    #[serde(with = "grid_core::codec::bin")]
+    pub bucket: Vec<u8>,
+    /// The encoded task.
+    #[serde(with = "grid_core::codec::bin")]
+    pub task: Vec<u8>,
 }
 
 /// What the queues answer.
@@ -504,6 +526,12 @@ impl PartitionQueues {
                 task,
                 delay_ms,
             } => self.decide_submit(exec, settings, bucket, task, delay_ms, env),
+            Op::SubmitMany {
+                exec,
+                settings,
+                tasks,
+                delay_ms,
+            } => self.decide_submit_many(exec, settings, tasks, delay_ms, env),
             Op::Complete {
                 exec,
                 bucket,
@@ -608,6 +636,105 @@ impl PartitionQueues {
             }
         }
         Ok((Answer::Accepted { seq }, Some(Change(steps))))
+    }
+
+    fn decide_submit_many(
+        &self,
+        exec: String,
+        settings: ExecSettings,
+        tasks: Vec<NewTask>,
+        delay_ms: u64,
+        env: &Env<'_>,
+    ) -> Result<(Answer, Option<Change>), ExecError> {
+        check_name(&exec)?;
+        settings.check()?;
+        let first = self.next_seq;
+        if tasks.is_empty() {
+            return Ok((Answer::Accepted { seq: first }, None));
+        }
+        // Tasks per bucket, buckets in the order they first appear.
+        let mut added: Vec<(&[u8], usize)> = Vec::new();
+        for t in &tasks {
+            if t.bucket.len() > MAX_BUCKET_BYTES {
+                return Err(ExecError::BucketTooLarge {
+                    len: t.bucket.len(),
+                });
+            }
+            if t.task.len() > MAX_TASK_BYTES {
+                return Err(ExecError::TaskTooLarge { len: t.task.len() });
+            }
+            match added.iter_mut().find(|(b, _)| *b == t.bucket.as_slice()) {
+                Some((_, n)) => *n += 1,
+                None => added.push((&t.bucket, 1)),
+            }
+        }
+        let queues = self.execs.get(&exec);
+        for (bucket, n) in &added {
+            let in_bucket = queues.map_or(0, |e| {
+                e.buckets.get(*bucket).map_or(0, |b| b.queue.len())
+                    + e.delayed
+                        .values()
+                        .filter(|d| d.bucket.as_slice() == *bucket)
+                        .count()
+            });
+            if in_bucket + n > settings.max_per_bucket as usize {
+                return Err(ExecError::QueueFull {
+                    queued: in_bucket,
+                    limit: settings.max_per_bucket as usize,
+                    scope: "bucket".into(),
+                });
+            }
+        }
+        let in_member = (env.member_queued)(&exec);
+        if in_member + tasks.len() > settings.max_per_member as usize {
+            return Err(ExecError::QueueFull {
+                queued: in_member,
+                limit: settings.max_per_member as usize,
+                scope: "member".into(),
+            });
+        }
+        let mut starts = Vec::new();
+        if delay_ms == 0 {
+            let empty = Bucket::default();
+            let mut last = self.last_batch;
+            for (bucket, n) in &added {
+                let b = queues
+                    .and_then(|e| e.buckets.get(*bucket))
+                    .unwrap_or(&empty);
+                if b.in_flight.is_some() || b.retry_at.is_some_and(|at| at > env.now) {
+                    continue;
+                }
+                let Some(member) = (env.pick)(&exec, bucket) else {
+                    continue;
+                };
+                let batch = Self::next_batch(last, env.epoch);
+                last = batch;
+                starts.push(Step::Start {
+                    count: b.next_count(settings.batch_size, *n),
+                    attempt: b.attempts + 1,
+                    batch,
+                    exec: exec.clone(),
+                    bucket: bucket.to_vec(),
+                    member,
+                });
+            }
+        }
+        let mut steps: Vec<Step> = tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| Step::Enqueue {
+                exec: exec.clone(),
+                settings: settings.clone(),
+                bucket: t.bucket,
+                task: Task {
+                    seq: first + i as u64,
+                    body: t.task,
+                },
+                delay_ms,
+            })
+            .collect();
+        steps.extend(starts);
+        Ok((Answer::Accepted { seq: first }, Some(Change(steps))))
     }
 
     fn decide_complete(

@@ -193,6 +193,7 @@ impl BucketedService {
                     _ = every.tick() => {
                         let Some(s) = weak.upgrade() else { return };
                         s.broadcast_registry();
+                        s.export_gauges();
                     }
                 }
             }
@@ -210,6 +211,19 @@ impl BucketedService {
             .entry(exec.to_string())
             .or_default()
             .clone()
+    }
+
+    /// Sets the gauges of every executor this member knows of (its statistics, as
+    /// `metrics` gauges labelled by executor), at each registry broadcast.
+    fn export_gauges(&self) {
+        let names: Vec<String> = lock(&self.counters).keys().cloned().collect();
+        for exec in names {
+            let s = self.statistics(&exec);
+            let label = [("exec", exec)];
+            metrics::gauge!("grid_exec_bucketed_queued", &label).set(s.queued as f64);
+            metrics::gauge!("grid_exec_bucketed_in_flight", &label).set(s.in_flight as f64);
+            metrics::gauge!("grid_exec_bucketed_processing", &label).set(s.processing as f64);
+        }
     }
 
     /// This member's statistics of `exec`.

@@ -21,8 +21,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Parser, Debug)]
 #[command(about = "Deterministic simulation of a grid cluster under random faults")]
 struct Args {
-    /// Workload: `cache`, `exec` (the bucketed executor), `locks`, or `scale` (the figures of
-    /// `--members` members; the next services add `sched`).
+    /// Workload: `cache`, `exec` (the bucketed executor), `locks`, `copies` (near and
+    /// replicated copies converge), or `scale` (the figures of `--members` members; the
+    /// next service adds `sched`).
     #[arg(long, default_value = "cache")]
     workload: String,
     /// How many seeds to run (from --first-seed).

@@ -576,3 +576,83 @@ fn random_histories_keep_order_and_exclusivity() {
         );
     }
 }
+
+fn submit_many(w: &mut World, tasks: &[(&str, &str)]) -> Result<(Answer, Vec<Offer>), ExecError> {
+    w.run(Op::SubmitMany {
+        exec: "x".into(),
+        settings: w.settings.clone(),
+        tasks: tasks
+            .iter()
+            .map(|(b, t)| NewTask {
+                bucket: b.as_bytes().to_vec(),
+                task: t.as_bytes().to_vec(),
+            })
+            .collect(),
+        delay_ms: 0,
+    })
+}
+
+#[test]
+fn many_tasks_queue_in_one_change_in_order_and_start_each_idle_bucket_once() {
+    let mut w = World::new();
+    let (_, busy) = w.submit("b2", "t0").unwrap();
+    assert_eq!(busy.len(), 1);
+    let (a, offers) = submit_many(
+        &mut w,
+        &[
+            ("b1", "t1"),
+            ("b2", "t2"),
+            ("b1", "t3"),
+            ("b3", "t4"),
+            ("b1", "t5"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(a, Answer::Accepted { seq: 1 });
+    // b1 and b3 were idle: one batch each (b1's of batch_size 2, in order); b2 has one in
+    // flight and waits.
+    let mut started: Vec<(String, Vec<String>)> = offers
+        .iter()
+        .map(|o| (String::from_utf8(o.bucket.clone()).unwrap(), bodies(o)))
+        .collect();
+    started.sort();
+    assert_eq!(
+        started,
+        [
+            ("b1".to_string(), vec!["t1".to_string(), "t3".to_string()]),
+            ("b3".to_string(), vec!["t4".to_string()]),
+        ]
+    );
+    let batches: BTreeSet<u64> = offers.iter().map(|o| o.batch).collect();
+    assert_eq!(batches.len(), 2, "distinct batch ids");
+    assert!(batches.iter().all(|b| *b > busy[0].batch));
+    assert_eq!(w.owner.queued("x"), 6);
+    // The rest of b1 follows in order.
+    let b1 = offers.iter().find(|o| o.bucket == b"b1").unwrap().clone();
+    let (_, next) = w.complete(&b1, Outcome::Done);
+    assert_eq!(bodies(&next[0]), ["t5"]);
+}
+
+#[test]
+fn many_tasks_are_queued_all_or_none() {
+    let mut w = World::new();
+    w.submit("b1", "t0").unwrap();
+    // max_per_bucket 5: one queued, five more do not fit; nothing is queued.
+    let six = [
+        ("b2", "x"),
+        ("b1", "1"),
+        ("b1", "2"),
+        ("b1", "3"),
+        ("b1", "4"),
+        ("b1", "5"),
+    ];
+    let err = submit_many(&mut w, &six).unwrap_err();
+    assert!(matches!(err, ExecError::QueueFull { .. }), "{err:?}");
+    assert_eq!(w.owner.queued("x"), 1);
+    assert!(w.owner.bucket("x", b"b2").is_none());
+    // Four do.
+    submit_many(&mut w, &six[..5]).unwrap();
+    assert_eq!(w.owner.queued("x"), 6);
+    // None at all is an answer without a change.
+    assert_eq!(submit_many(&mut w, &[]).unwrap().1, vec![]);
+}
