@@ -337,6 +337,7 @@ impl GridBuilder {
             runtime: runtime.clone(),
             cluster: node.cluster().clone(),
             caches: caches.clone(),
+            locks: locks.clone(),
             cluster_name: self.config.cluster_name.as_str().into(),
             leaving: Arc::new(AtomicBool::new(false)),
         };

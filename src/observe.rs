@@ -119,6 +119,13 @@ pub const METRICS: &[MetricDoc] = &[
     m("grid_exec_bucketed_in_flight", "gauge", "`exec`", "Batches handed out and not yet completed, of the partitions this member owns, per executor."),
     m("grid_exec_bucketed_processing", "gauge", "`exec`", "Batches running on this member now, per executor."),
     m("grid_exec_member_tasks_total", "counter", "", "Member-executor tasks this member asked to run (on any member)."),
+    m("grid_lock_grants_total", "counter", "`how`: `free`, `queued`, `reentered`", "Lock grants made by this member as the owner of the locks' partitions: a free lock taken at once, the head of a queue given a released or expired lock (pushed to the waiter), a reentrant lock entered again."),
+    m("grid_lock_releases_total", "counter", "`how`: `released`, `expired`, `exited`", "Locks freed by this member as their owner: released by their holder, freed because the holder's lease ran out (a dead, paused or cut-off holder), or one hold of a reentered lock left."),
+    m("grid_lock_refusals_total", "counter", "`reason`: `no_quorum`, `not_holder`, `lost`, `not_reentrant`, `too_many_holds`, `too_many_waiters`, `too_many_locks`, `other`", "Lock operations this member refused as an owner: no quorum in view, an operation on a hold from someone else (a forged or stale unlock or renewal), a renewal after the lease ran out, a non-reentrant lock asked for again by its holder, limits."),
+    m("grid_lock_held", "gauge", "", "Locks held in the partitions this member owns (at scrape)."),
+    m("grid_lock_waiters", "gauge", "", "Callers queued for locks in the partitions this member owns (at scrape)."),
+    m("grid_lock_wait_seconds", "histogram", "", "Time this member's callers took to get a lock (`lock()`, `try_lock()`): from the call to the grant."),
+    m("grid_lock_leases_lost_total", "counter", "", "Locks held by this member's callers that were lost before their release (`LockGuard::lost` fired: the lease ran out or a renewal was refused)."),
     m("grid_scheduler_firings_total", "counter", "", "Slots of cluster-wide jobs fired by this member as their owner."),
     m("grid_scheduler_runs_total", "counter", "`outcome`", "Job runs that ended on this member, by outcome (`Success`, `Failed`, ...)."),
 ];
@@ -180,6 +187,7 @@ pub(crate) struct Probe {
     pub(crate) runtime: Runtime,
     pub(crate) cluster: Cluster,
     pub(crate) caches: grid_cache::Caches,
+    pub(crate) locks: grid_lock::Locks,
     pub(crate) cluster_name: Arc<str>,
     pub(crate) leaving: Arc<AtomicBool>,
 }
@@ -221,6 +229,9 @@ impl Probe {
         let (entries, bytes) = self.runtime.moved();
         metrics::counter!("grid_copied_entries_total").absolute(entries);
         metrics::counter!("grid_copied_bytes_total").absolute(bytes);
+        let (held, waiting) = self.locks.service().owned_counts();
+        metrics::gauge!("grid_lock_held").set(held as f64);
+        metrics::gauge!("grid_lock_waiters").set(waiting as f64);
         for (name, s) in self.caches.opened_statistics() {
             let c = |metric: &'static str, v: u64| {
                 metrics::counter!(metric, "cache" => name.clone()).absolute(v)

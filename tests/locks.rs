@@ -397,3 +397,132 @@ async fn the_minority_side_cannot_acquire_and_its_holder_sees_lost() {
     ));
     got.unlock().await.unwrap();
 }
+
+/// A grant from the queue that reaches its waiter late is not believed beyond the owner's
+/// lease: the waiter counts the lease from when it asked (the owner granted after that), and
+/// confirms it with a renewal if little is left. It used to count from the grant's arrival,
+/// less a tenth of the lease, assuming no grant took longer to arrive: `sim --workload
+/// locks` found two holders when a member's datagrams were held up (seeds 109 and 181 of
+/// the first run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_grant_from_the_queue_is_not_believed_beyond_the_owners_lease() {
+    let lease = Duration::from_secs(2);
+    let grids = data_cluster("lock-late-grant", 3, |b| {
+        b.partitions(31)
+            .backups(1)
+            .lock_settings(short_lease(lease))
+    })
+    .await;
+    let name = "late-grant";
+    let o = owner_of(&grids, name);
+    let w = (o + 1) % grids.len();
+    let first = grids[o].lock(name).lock().await.unwrap();
+    let waiter = grids[w].lock(name);
+    let waiting = tokio::spawn(async move { waiter.lock().await });
+    assert!(
+        eventually(Duration::from_secs(10), || waiters(&grids, name) == 1).await,
+        "the waiter did not queue"
+    );
+    // Hold up what the owner sends the waiter's member, release (the owner grants the lock
+    // to the waiter at once), and let the grant through 600 ms later.
+    grids[o].transport().faults().block(grids[w].addr());
+    first.unlock().await.unwrap();
+    let p = grids[o].locks().partition_of(name);
+    let id = LockId {
+        name: name.into(),
+        key: Vec::new(),
+    };
+    let owner_deadline = || {
+        grids[o]
+            .locks()
+            .service()
+            .table(p)
+            .and_then(|t| t.records.get(&id).and_then(|r| r.holder.clone()))
+            .expect("granted to the waiter")
+            .deadline
+    };
+    let granted = owner_deadline();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    grids[o].transport().faults().unblock(grids[w].addr());
+    let guard = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the grant arrived")
+        .unwrap()
+        .unwrap();
+    // The owner's lease now (a renewal may have pushed it later).
+    let owner_until = owner_deadline();
+    assert!(
+        guard.held_until() <= owner_until,
+        "the waiter believes it holds the lock {:?} past the owner's lease (granted with a \
+         lease to {granted:?}, now to {owner_until:?})",
+        guard.held_until() - owner_until
+    );
+    guard.unlock().await.unwrap();
+}
+
+/// An owner whose copy of a lock's partition is thrown away (as the runtime does when it
+/// adopts a table by force) and that goes on owning it never grants a smaller token than
+/// before: `sim --workload locks` saw tokens restart at the epoch's floor (seeds 18 and
+/// 153: the owner discarded its partitions on a forced table and kept them at the same
+/// epoch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_grow_after_the_owner_throws_its_copy_away() {
+    let grids = data_cluster("lock-discard", 2, |b| b.partitions(31).backups(1)).await;
+    let name = "discarded";
+    let o = owner_of(&grids, name);
+    let lock = grids[o].lock(name);
+    let mut last = 0;
+    for _ in 0..3 {
+        let g = lock.lock().await.unwrap();
+        assert!(g.fencing_token() > last);
+        last = g.fencing_token();
+        g.unlock().await.unwrap();
+    }
+    let p = grids[o].locks().partition_of(name);
+    grids[o].runtime().forget_replica_for_tests(p).await;
+    let g = lock.lock().await.unwrap();
+    assert!(
+        g.fencing_token() > last,
+        "token {} after {last}: the forgotten copy's high-water mark was lost",
+        g.fencing_token()
+    );
+    g.unlock().await.unwrap();
+}
+
+/// A lock whose record its owner threw away while it was held is not granted again while
+/// its holder may still believe it holds it: the owner waits until the lease it knew of
+/// has run out (`sim --workload locks` seed 18: the runtime discarded an owner's
+/// partitions on a forced table, and the owner granted a held lock at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_lock_whose_record_the_owner_threw_away_waits_for_the_lease() {
+    let lease = Duration::from_secs(2);
+    let grids = data_cluster("lock-discard-held", 2, |b| {
+        b.partitions(31)
+            .backups(1)
+            .lock_settings(short_lease(lease))
+    })
+    .await;
+    let name = "discarded-held";
+    let o = owner_of(&grids, name);
+    let holder = grids[(o + 1) % grids.len()]
+        .lock(name)
+        .lock()
+        .await
+        .unwrap();
+    let p = grids[o].locks().partition_of(name);
+    grids[o].runtime().forget_replica_for_tests(p).await;
+    assert!(
+        grids[o].lock(name).try_lock().await.unwrap().is_none(),
+        "granted at once, though its holder still holds it"
+    );
+    let next = tokio::time::timeout(Duration::from_secs(20), grids[o].lock(name).lock())
+        .await
+        .expect("granted once the holder's lease ran out")
+        .unwrap();
+    assert!(
+        !holder.is_held(),
+        "the first holder still believes it holds the lock when the next gets it"
+    );
+    assert!(next.fencing_token() > holder.fencing_token());
+    next.unlock().await.unwrap();
+}

@@ -43,18 +43,37 @@
 //! so on clocks. With lease `L` ([`LockSettings::lease`]) and drift bound `ρ`
 //! ([`LockSettings::clock_drift`]):
 //! - The holder counts its lease from the moment it *sent* the request that got or renewed
-//!   it, and believes it holds the lock for `L·(1-ρ)` only; a grant from the queue is
-//!   counted from its arrival, less a tenth of `L` for the time the grant spent on its way.
+//!   it — also for a grant from the queue, since the waiter was parked by that very request
+//!   — and believes it holds the lock for `L·(1-ρ)` only. A grant that arrives with less
+//!   than `L/3` of that left (a long wait in the queue, a slow answer) is first confirmed
+//!   by a renewal, counted from the renewal's sending; one whose lease is over before that
+//!   is given back and asked for again. No bound on how long a grant takes to arrive is
+//!   assumed.
 //! - Every replica counts the same lease from when it applied the change, which is after
 //!   the holder sent it; a new owner (a promoted backup, a migration's destination) waits a
 //!   whole `L` from taking over before any lease can end; a minority-side owner refuses
 //!   renewals as soon as it sees no quorum, and renewals that did not reach a backup are
 //!   not counted by the holder.
 //! - So the holder stops believing before any replica can grant again, provided two
-//!   members' clocks run at rates within `ρ` of each other over one lease, and a queued
-//!   grant reaches its caller within `L/10`. Defaults: `L` = 10 s, `ρ` = 1%.
-//!   A member paused for longer than its lease (a frozen VM) is covered by `lost()` only
-//!   once it runs again: fencing tokens are the defence for what it does meanwhile.
+//!   members' clocks run at rates within `ρ` of each other over one lease. Defaults: `L` =
+//!   10 s, `ρ` = 1%. A member paused for longer than its lease (a frozen VM) is covered by
+//!   `lost()` only once it runs again: fencing tokens are the defence for what it does
+//!   meanwhile.
+//! - It also assumes what the runtime promises: one owner per partition at a time, whose
+//!   replicas hold every acknowledged change (at most `backup_count` members failed at
+//!   once). A partition whose every replica is lost starts empty on its next owner, which
+//!   may then grant a lock that a cut-off holder still believes it holds.
+//! - The simulator (`sim --workload locks`) checks mutual exclusion under kills, pauses
+//!   and partitions on one shared clock: clock drift between members is not simulated yet.
+//!
+//! # Metrics
+//! Through the `metrics` facade (listed in `docs/METRICS.md`): on the owner of a lock's
+//! partition, `grid_lock_grants_total` (`how`: free, queued, reentered),
+//! `grid_lock_releases_total` (`how`: released, expired, exited) and
+//! `grid_lock_refusals_total` (`reason`: no_quorum, not_holder — a forged or stale unlock
+//! or renewal —, lost, limits); read at scrape, `grid_lock_held` and `grid_lock_waiters`
+//! for the partitions a member owns; on the caller's member, `grid_lock_wait_seconds`
+//! (call to grant) and `grid_lock_leases_lost_total` (`lost()` fired).
 //!
 //! # Layout
 //! - [`table`]: one partition's lock table as a sans-IO state machine (decide, apply).

@@ -286,6 +286,12 @@ impl ClusterLock {
         &self.id.name
     }
 
+    /// The partition the lock's record lives in (tests and the simulator).
+    #[doc(hidden)]
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
     /// Waits for the lock (first come, first served) and returns its guard. Fails at once
     /// without a quorum ([`LockError::NoQuorum`]). Dropping the future leaves the queue.
     pub async fn lock(&self) -> Result<LockGuard, LockError> {
@@ -341,6 +347,33 @@ impl ClusterLock {
 
     async fn acquire(&self, owner: &LockOwner, wait: bool) -> Result<Option<LockGuard>, LockError> {
         self.id.check()?;
+        let called = grid_core::clock::now();
+        // A grant that came too late to be used (its lease over before it could be
+        // confirmed) is given back and asked for again: a waiting acquire until it gets one,
+        // a `try_lock` a few times.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.attempt(owner, wait).await? {
+                Attempt::Granted(guard) => {
+                    metrics::histogram!("grid_lock_wait_seconds").record(
+                        grid_core::clock::now()
+                            .saturating_duration_since(called)
+                            .as_secs_f64(),
+                    );
+                    return Ok(Some(guard));
+                }
+                Attempt::NotGranted => return Ok(None),
+                Attempt::Stale if wait || tries < 3 => {
+                    debug!(lock = %self.id.name, "grant arrived too late to use; asking again");
+                }
+                Attempt::Stale => return Ok(None),
+            }
+        }
+    }
+
+    /// One acquire attempt (one nonce): asked until the owner answers.
+    async fn attempt(&self, owner: &LockOwner, wait: bool) -> Result<Attempt, LockError> {
         let inner = &self.locks.inner;
         let who = Who {
             member: inner.member.clone(),
@@ -369,16 +402,43 @@ impl ClusterLock {
                 .execute(self.partition, op, OpKind::IdempotentWrite)
                 .await;
             match answer {
-                Ok(Ok(Answer::Granted { token, queued, .. })) => {
-                    withdraw.lock = None;
+                Ok(Ok(Answer::Granted { token, .. })) => {
+                    // The owner granted the lock after `sent` (also a grant from the queue:
+                    // the waiter was parked by this very request), so every replica counts
+                    // the lease from a later moment: the holder counts it from `sent`. If
+                    // little of it is left (a long wait in the queue, a slow answer), the
+                    // holder first renews it, and counts from that renewal.
+                    let mut from = sent;
                     let received = grid_core::clock::now();
-                    return Ok(Some(LockGuard::new(
-                        self, who, token, sent, received, queued,
-                    )));
+                    if received + self.lease / 3 >= from + self.believed() {
+                        let renewing = grid_core::clock::now();
+                        let op = Op::Renew {
+                            lock: self.id.clone(),
+                            who: who.clone(),
+                            token,
+                            lease_ms: self.lease.as_millis() as u64,
+                        };
+                        let renewal = inner
+                            .handle
+                            .execute(self.partition, op, OpKind::IdempotentWrite)
+                            .await;
+                        match renewal {
+                            Ok(Ok(_)) => from = renewing,
+                            // Refused (its lease ran out: the lock may be someone else's
+                            // already) or no answer: not ours to use. `withdraw` gives it
+                            // back if it is still ours.
+                            _ => return Ok(Attempt::Stale),
+                        }
+                        if grid_core::clock::now() >= from + self.believed() {
+                            return Ok(Attempt::Stale);
+                        }
+                    }
+                    withdraw.lock = None;
+                    return Ok(Attempt::Granted(LockGuard::new(self, who, token, from)));
                 }
                 Ok(Ok(Answer::NotGranted)) => {
                     withdraw.lock = None;
-                    return Ok(None);
+                    return Ok(Attempt::NotGranted);
                 }
                 Ok(Ok(other)) => {
                     return Err(LockError::Cluster(format!("unexpected answer {other:?}")))
@@ -395,6 +455,12 @@ impl ClusterLock {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// The part of a lease a holder counts on: `lease * (1 - clock_drift)`.
+    fn believed(&self) -> Duration {
+        let drift = self.locks.inner.settings.clock_drift.clamp(0.0, 0.5);
+        self.lease.mul_f64(1.0 - drift)
     }
 
     fn release_in_background(&self, who: Who, token: Option<u64>) {
@@ -425,6 +491,16 @@ impl ClusterLock {
             }
         });
     }
+}
+
+/// What one acquire attempt came to.
+enum Attempt {
+    /// The lock, with enough of its lease left.
+    Granted(LockGuard),
+    /// Held by someone else (`try_lock`).
+    NotGranted,
+    /// Granted, but too late to use: its lease ran out before a renewal confirmed it.
+    Stale,
 }
 
 /// Whether a waiting acquire asks again after `e`: the runtime's deadline, an owner that
@@ -473,14 +549,14 @@ impl Shared {
     fn mark_lost(&self, why: &str) {
         if !*self.lost.borrow() {
             warn!(lock = %self.lock.id.name, token = self.token, why, "lock lost");
+            metrics::counter!("grid_lock_leases_lost_total").increment(1);
             self.lost.send_replace(true);
         }
     }
 
     /// The part of a lease this member counts on.
     fn believed(&self) -> Duration {
-        let drift = self.lock.locks.inner.settings.clock_drift.clamp(0.0, 0.5);
-        self.lock.lease.mul_f64(1.0 - drift)
+        self.lock.believed()
     }
 }
 
@@ -503,32 +579,18 @@ impl std::fmt::Debug for LockGuard {
 }
 
 impl LockGuard {
-    fn new(
-        lock: &ClusterLock,
-        who: Who,
-        token: u64,
-        sent: Instant,
-        received: Instant,
-        queued: bool,
-    ) -> Self {
+    /// A guard whose lease is counted from `from` (when the request that got or renewed
+    /// it was sent).
+    fn new(lock: &ClusterLock, who: Who, token: u64, from: Instant) -> Self {
         let (lost, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             lock: lock.clone(),
             who,
             token,
-            deadline: Mutex::new(sent),
+            deadline: Mutex::new(from + lock.believed()),
             lost,
         });
-        let deadline = if queued {
-            // Counted from its arrival, less what it may have spent on its way.
-            (received + shared.believed())
-                .checked_sub(lock.lease / 10)
-                .unwrap_or(received)
-        } else {
-            sent + shared.believed()
-        };
-        shared.set_deadline(deadline);
-        let renewer = tokio::spawn(renew(shared.clone())).abort_handle();
+        let renewer = tokio::spawn(renew(shared.clone(), from)).abort_handle();
         Self {
             shared,
             renewer,
@@ -540,6 +602,12 @@ impl LockGuard {
     /// lock. Give it to the resource the lock protects.
     pub fn fencing_token(&self) -> u64 {
         self.shared.token
+    }
+
+    /// Until when this member believes it holds the lock unless renewed (tests).
+    #[doc(hidden)]
+    pub fn held_until(&self) -> Instant {
+        self.shared.deadline()
     }
 
     /// Whether this member still believes it holds the lock (its lease is current).
@@ -596,10 +664,11 @@ impl Drop for LockGuard {
 
 /// Renews a guard's lease every third of it until the guard goes (the task is aborted) or
 /// the lease is lost.
-async fn renew(shared: Arc<Shared>) {
+async fn renew(shared: Arc<Shared>, from: Instant) {
     let lock = shared.lock.clone();
     let period = lock.lease / 3;
-    let mut last = grid_core::clock::now();
+    // Counted from when the lease was: a guard whose grant waited renews sooner.
+    let mut last = from;
     loop {
         let deadline = shared.deadline();
         tokio::time::sleep_until((last + period).min(deadline)).await;

@@ -27,6 +27,16 @@ struct Local {
     live: HashSet<CallId>,
     /// When the expiry timer is armed for (`None`: not armed, or fired).
     armed: Option<Instant>,
+    /// Whether this member owns the partition (for the metrics read at scrape).
+    owned: bool,
+    /// The largest fencing token of any table of this partition this member threw away or
+    /// replaced (member-local, kept across drops): a table that comes back empty or stale
+    /// (the runtime discarding a replica, a stale copy) never grants a smaller token here.
+    floor: u64,
+    /// Until when the partition grants no lock its table has no holder for: this member
+    /// threw away a copy of it whose holders' leases ran until then (member-local, kept
+    /// across drops; see [`crate::table::Env::quiet_until`]).
+    quiet_until: Option<Instant>,
 }
 
 /// The lock service of one member (registered on every member; lite members own nothing).
@@ -81,6 +91,24 @@ impl LockService {
         self.part(p).map(|t| t.records.len()).unwrap_or(0)
     }
 
+    /// Locks held and callers waiting in the partitions this member owns (what the
+    /// `grid_lock_held` and `grid_lock_waiters` gauges show).
+    pub fn owned_counts(&self) -> (usize, usize) {
+        let (mut held, mut waiting) = (0, 0);
+        for p in 0..self.parts.len() as u32 {
+            if !self.local(p).is_some_and(|l| l.owned) {
+                continue;
+            }
+            if let Some(t) = self.part(p) {
+                for r in t.records.values() {
+                    held += usize::from(r.holder.is_some());
+                    waiting += r.waiters.len();
+                }
+            }
+        }
+        (held, waiting)
+    }
+
     /// The table of partition `p` (tests look inside).
     pub fn table(&self, p: u32) -> Option<PartitionLocks> {
         self.part(p).map(|t| t.clone())
@@ -92,6 +120,13 @@ impl LockService {
 
     fn local(&self, p: u32) -> Option<MutexGuard<'_, Local>> {
         self.local.get(p as usize).map(lock)
+    }
+
+    /// Remembers `token` as the smallest token this member may grant next in `p`.
+    fn raise_floor(&self, p: u32, token: u64) {
+        if let Some(mut l) = self.local(p) {
+            l.floor = l.floor.max(token);
+        }
     }
 
     /// Arms the expiry timer at `at` unless it is armed for an earlier time already (a
@@ -139,6 +174,9 @@ impl PartitionService for LockService {
         let live_calls: HashSet<CallId> = self.local(p).map(|l| l.live.clone()).unwrap_or_default();
         let call = ctx.call;
         let is_live = move |c: CallId| live_calls.contains(&c) || Some(c) == call;
+        let (floor, quiet_until) = self
+            .local(p)
+            .map_or((0, None), |l| (l.floor, l.quiet_until));
         let t = self.part(p).ok_or(bad_partition(p))?;
         let env = Env {
             now: ctx.now,
@@ -148,8 +186,12 @@ impl PartitionService for LockService {
             call: ctx.call,
             quorum,
             live: &is_live,
+            floor,
+            quiet_until,
         };
-        let decision = t.decide(op, &env)?;
+        let decision = t.decide(op, &env).inspect_err(|e| {
+            metrics::counter!("grid_lock_refusals_total", "reason" => refusal(e)).increment(1);
+        })?;
         Ok(match (decision.reply, decision.change) {
             (Reply::Now(a), None) => Prepared::answer(a),
             (Reply::Now(a), Some(c)) => Prepared::change(a, c),
@@ -160,9 +202,21 @@ impl PartitionService for LockService {
 
     fn apply(&self, ctx: &Ctx, change: &Change, fx: &mut Effects<Self>) -> Result<(), LockError> {
         let p = ctx.partition;
-        let outputs = {
+        let (outputs, stranded) = {
             let mut t = self.part(p).ok_or(bad_partition(p))?;
-            t.apply(change, ctx.now)
+            if ctx.role == Role::Owner {
+                count_change(&t, change, ctx.now);
+            }
+            let outputs = t.apply(change, ctx.now);
+            // A waiter parked on a lock nobody holds (while the partition was quiet) is
+            // served by the expiry.
+            let stranded = match change {
+                Change::Park { lock, .. } => {
+                    t.records.get(lock).is_some_and(|r| r.holder.is_none())
+                }
+                _ => false,
+            };
+            (outputs, stranded)
         };
         if ctx.role != Role::Owner {
             return Ok(());
@@ -180,7 +234,18 @@ impl PartitionService for LockService {
             }
         }
         // Renewals only push leases later: a timer armed for an earlier lease end fires
-        // early, harmlessly (`on_timer` re-arms).
+        // early, harmlessly (`on_timer` re-arms). Waiters parked while the partition is quiet
+        // are served when it ends.
+        let quiet = local.quiet_until.filter(|q| *q > ctx.now);
+        let quiet = if stranded {
+            Some(quiet.unwrap_or(ctx.now))
+        } else {
+            quiet
+        };
+        let earliest = match (earliest, quiet) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         Self::arm_expiry(&mut local, earliest, fx);
         Ok(())
     }
@@ -189,11 +254,27 @@ impl PartitionService for LockService {
         let p = ctx.partition;
         // A new owner (promoted backup, migration's destination) waits out a whole lease
         // before any lock can expire.
-        let next = self.part(p).and_then(|mut t| t.restart_leases(ctx.now));
+        let (next, stranded) = self.part(p).map_or((None, false), |mut t| {
+            let stranded = t
+                .records
+                .values()
+                .any(|r| r.holder.is_none() && !r.waiters.is_empty());
+            (t.restart_leases(ctx.now), stranded)
+        });
         if let Some(mut l) = self.local(p) {
             l.live.clear();
             l.armed = None;
+            l.owned = true;
+            // Waiters of a lock nobody holds (parked on an earlier owner while it was
+            // quiet) are served by the expiry, once this member's own quiet ends.
+            let quiet = l.quiet_until.filter(|q| *q > ctx.now);
+            let quiet = if stranded {
+                Some(quiet.unwrap_or(ctx.now))
+            } else {
+                quiet
+            };
             Self::arm_expiry(&mut l, next, fx);
+            Self::arm_expiry(&mut l, quiet, fx);
         }
     }
 
@@ -201,6 +282,7 @@ impl PartitionService for LockService {
         if let Some(mut l) = self.local(p) {
             l.live.clear();
             l.armed = None;
+            l.owned = false;
         }
     }
 
@@ -219,13 +301,17 @@ impl PartitionService for LockService {
         if timer != EXPIRY {
             return;
         }
+        let quiet = self
+            .local(ctx.partition)
+            .and_then(|l| l.quiet_until)
+            .filter(|q| *q > ctx.now);
         let Some(t) = self.part(ctx.partition) else {
             return;
         };
-        let expired = t
-            .records
-            .values()
-            .any(|r| r.holder.as_ref().is_some_and(|h| h.deadline <= ctx.now));
+        let expired = t.records.values().any(|r| match &r.holder {
+            Some(h) => h.deadline <= ctx.now,
+            None => quiet.is_none() && !r.waiters.is_empty(),
+        });
         let later = t
             .records
             .values()
@@ -233,6 +319,10 @@ impl PartitionService for LockService {
             .filter(|d| *d > ctx.now)
             .min();
         drop(t);
+        let later = match (later, quiet) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let Some(mut local) = self.local(ctx.partition) else {
             return;
         };
@@ -280,19 +370,76 @@ impl PartitionService for LockService {
         let copy = rebuilt
             .downcast::<PartitionCopy>()
             .map_err(|_| LockError::BadCopy("not a lock table".into()))?;
-        let table = PartitionLocks::from_copy(*copy, grid_core::clock::now())?;
-        *self.part(partition).ok_or(bad_partition(partition))? = table;
+        let mut table = PartitionLocks::from_copy(*copy, grid_core::clock::now())?;
+        let old = {
+            let mut t = self.part(partition).ok_or(bad_partition(partition))?;
+            table.high_water = table.high_water.max(t.high_water);
+            std::mem::replace(&mut *t, table).high_water
+        };
+        self.raise_floor(partition, old);
         Ok(())
     }
 
     fn drop_partition(&self, partition: u32) {
-        if let Some(mut t) = self.part(partition) {
-            *t = PartitionLocks::default();
+        let old = self.part(partition).map(|mut t| std::mem::take(&mut *t));
+        if let Some(old) = old {
+            self.raise_floor(partition, old.high_water);
+            // Its holders may still believe they hold their locks until their leases end
+            // (counted on this replica from after they asked): should this member own the
+            // partition again meanwhile, with a table that lost them, it waits.
+            if let (Some(until), Some(mut l)) = (old.next_deadline_max(), self.local(partition)) {
+                l.quiet_until = l.quiet_until.max(Some(until));
+            }
         }
     }
 
     fn partition_len(&self, partition: u32) -> usize {
         self.locks_in(partition)
+    }
+}
+
+/// The `reason` label of `grid_lock_refusals_total`.
+fn refusal(e: &LockError) -> &'static str {
+    match e {
+        LockError::NoQuorum { .. } => "no_quorum",
+        LockError::NotHolder => "not_holder",
+        LockError::Lost => "lost",
+        LockError::NotReentrant => "not_reentrant",
+        LockError::TooManyHolds { .. } => "too_many_holds",
+        LockError::TooManyWaiters { .. } => "too_many_waiters",
+        LockError::TooManyLocks { .. } => "too_many_locks",
+        _ => "other",
+    }
+}
+
+/// Counts the grants and releases a change makes (on the owner, before applying it to `t`).
+fn count_change(t: &PartitionLocks, change: &Change, now: Instant) {
+    match change {
+        Change::Grant { .. } => {
+            metrics::counter!("grid_lock_grants_total", "how" => "free").increment(1);
+        }
+        Change::Reenter { .. } => {
+            metrics::counter!("grid_lock_grants_total", "how" => "reentered").increment(1);
+        }
+        Change::Exit { .. } => {
+            metrics::counter!("grid_lock_releases_total", "how" => "exited").increment(1);
+        }
+        Change::Free { lock, next, .. } => {
+            let holder = t.records.get(lock).and_then(|r| r.holder.as_ref());
+            if let Some(h) = holder {
+                let how = if h.deadline <= now {
+                    "expired"
+                } else {
+                    "released"
+                };
+                metrics::counter!("grid_lock_releases_total", "how" => how).increment(1);
+            }
+            if next.is_some() {
+                metrics::counter!("grid_lock_grants_total", "how" => "queued").increment(1);
+            }
+        }
+        Change::Many(changes) => changes.iter().for_each(|c| count_change(t, c, now)),
+        Change::Renew { .. } | Change::Park { .. } | Change::Unpark { .. } => {}
     }
 }
 

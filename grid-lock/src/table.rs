@@ -338,6 +338,15 @@ pub struct Env<'a> {
     /// Whether a queued call is parked on this member and alive (owner-local knowledge:
     /// after a promotion, the queue's calls were parked on the old owner).
     pub live: &'a dyn Fn(CallId) -> bool,
+    /// The smallest token this member may grant next, whatever the table says: the largest
+    /// token of any earlier table of this partition the member threw away or replaced
+    /// (member-local knowledge; 0 if none).
+    pub floor: u64,
+    /// Until when no lock of the partition may be granted unless this table records its
+    /// holder: the member threw away a copy of the partition whose holders' leases may still
+    /// run (member-local knowledge; `None` if none). Acquires wait (or `try_lock` is not
+    /// granted) until then; [`Op::Expire`] grants them afterwards.
+    pub quiet_until: Option<Instant>,
 }
 
 /// The lock table of one partition.
@@ -413,7 +422,7 @@ impl PartitionLocks {
                         Change::Exit { lock },
                     ));
                 }
-                let mut high_water = self.high_water;
+                let mut high_water = self.high_water.max(env.floor);
                 let free = self.free(&lock, &mut high_water, env);
                 Ok(Decision::change(Answer::Released(0), free))
             }
@@ -449,7 +458,7 @@ impl PartitionLocks {
                 };
                 if let Some(h) = &record.holder {
                     if h.who == who && h.count == 1 {
-                        let mut high_water = self.high_water;
+                        let mut high_water = self.high_water.max(env.floor);
                         let free = self.free(&lock, &mut high_water, env);
                         return Ok(Decision::change(Answer::Done, free));
                     }
@@ -490,11 +499,17 @@ impl PartitionLocks {
             }
             Op::Expire => {
                 Self::check_internal(env)?;
-                let mut high_water = self.high_water;
+                let mut high_water = self.high_water.max(env.floor);
+                let quiet = env.quiet_until.is_some_and(|q| env.now < q);
+                // Holds whose lease ran out, and (once the partition is no longer quiet)
+                // waiters of locks nobody holds.
                 let mut expired: Vec<&LockId> = self
                     .records
                     .iter()
-                    .filter(|(_, r)| r.holder.as_ref().is_some_and(|h| h.deadline <= env.now))
+                    .filter(|(_, r)| match &r.holder {
+                        Some(h) => h.deadline <= env.now,
+                        None => !quiet && !r.waiters.is_empty(),
+                    })
                     .map(|(l, _)| l)
                     .collect();
                 // Deterministic order of the tokens.
@@ -563,16 +578,23 @@ impl PartitionLocks {
                 },
             )
         };
-        let Some(record) = record else {
-            if self.records.len() >= MAX_LOCKS_PER_PARTITION {
+        let quiet = env.quiet_until.is_some_and(|q| env.now < q);
+        let empty = Record::default();
+        let record = match record {
+            Some(r) => r,
+            None if self.records.len() >= MAX_LOCKS_PER_PARTITION => {
                 return Err(LockError::TooManyLocks {
                     limit: MAX_LOCKS_PER_PARTITION,
                 });
             }
-            return Ok(grant(self.high_water));
+            None if !quiet => return Ok(grant(self.high_water.max(env.floor))),
+            // A holder this table lost may still hold it: wait (below) as for a held lock.
+            None => &empty,
         };
         match &record.holder {
-            None if record.waiters.is_empty() => return Ok(grant(self.high_water)),
+            None if record.waiters.is_empty() && !quiet => {
+                return Ok(grant(self.high_water.max(env.floor)))
+            }
             Some(h) if h.who.same_owner(&who) => {
                 if h.who.nonce == who.nonce {
                     // A retried acquire that got the lock: the same grant, lease renewed.
@@ -600,9 +622,9 @@ impl PartitionLocks {
                     Change::Reenter { lock, lease_ms },
                 ));
             }
-            Some(h) if h.deadline <= env.now && record.waiters.is_empty() => {
+            Some(h) if h.deadline <= env.now && record.waiters.is_empty() && !quiet => {
                 // The holder's lease ran out (its expiry is on its way): take it now.
-                return Ok(grant(self.high_water));
+                return Ok(grant(self.high_water.max(env.floor)));
             }
             _ => {}
         }
@@ -786,6 +808,14 @@ impl PartitionLocks {
             .min()
     }
 
+    /// The latest lease deadline, if any lock is held.
+    pub fn next_deadline_max(&self) -> Option<Instant> {
+        self.records
+            .values()
+            .filter_map(|r| r.holder.as_ref().map(|h| h.deadline))
+            .max()
+    }
+
     /// Whether some waiter belongs to `member`.
     pub fn has_waiters_of(&self, member: &str) -> bool {
         self.records
@@ -884,6 +914,12 @@ mod tests {
         }
     }
 
+    impl<'a> Env<'a> {
+        fn with_now(self, now: Instant) -> Self {
+            Self { now, ..self }
+        }
+    }
+
     fn all_live(_: CallId) -> bool {
         true
     }
@@ -897,6 +933,8 @@ mod tests {
             call: Some(CallId(call)),
             quorum: Ok(()),
             live: &all_live,
+            floor: 0,
+            quiet_until: None,
         }
     }
 
@@ -1434,6 +1472,44 @@ mod tests {
         assert_eq!(granted(&r), 3 << 32);
         let (r, _) = run(&mut moved, acquire("c", who("m2", 2, 3), true), &e).unwrap();
         assert_eq!(granted(&r), (3 << 32) + 1);
+    }
+
+    #[test]
+    fn a_quiet_partition_grants_nothing_it_has_no_holder_for_until_it_ends() {
+        let mut t = PartitionLocks::default();
+        let now = Instant::now();
+        let quiet = |now: Instant, call: u64| Env {
+            quiet_until: Some(now + Duration::from_secs(5)),
+            ..env(now, "a", call)
+        };
+        // A free lock is not granted to a try, and a waiter queues.
+        let (reply, _) = run(&mut t, acquire("x", who("a", 1, 1), false), &quiet(now, 1)).unwrap();
+        assert_eq!(reply, Reply::Now(Answer::NotGranted));
+        let (reply, _) = run(&mut t, acquire("x", who("a", 1, 2), true), &quiet(now, 2)).unwrap();
+        assert_eq!(reply, Reply::Park);
+        // Still quiet: expiry leaves the waiter.
+        let (_, out) = run(
+            &mut t,
+            Op::Expire,
+            &Env {
+                caller: Some("owner"),
+                ..quiet(now, 0)
+            },
+        )
+        .unwrap();
+        assert!(woken(&out).is_empty());
+        // Once it ends, expiry grants the waiter.
+        let later = now + Duration::from_secs(5);
+        let (_, out) = run(
+            &mut t,
+            Op::Expire,
+            &Env {
+                caller: Some("owner"),
+                ..quiet(now, 0).with_now(later)
+            },
+        )
+        .unwrap();
+        assert_eq!(woken(&out).len(), 1);
     }
 
     #[test]

@@ -21,6 +21,8 @@
 //!   --workload copies`).
 //! - [`exec_workload`]: the bucketed executor's clients, processors and checkers (`sim
 //!   --workload exec`).
+//! - [`locks_workload`]: the cluster locks' clients and checkers (`sim --workload
+//!   locks`): mutual exclusion, growing fencing tokens, no waiter left waiting.
 //! - [`sched_workload`]: the cluster scheduler's jobs, runners and checkers (`sim
 //!   --workload sched`).
 //! - [`scale`]: the figures of a large cluster (100 members) in simulated time.
@@ -33,6 +35,7 @@ pub mod cache_workload;
 pub mod copies_workload;
 pub mod exec_workload;
 pub mod linearizability;
+pub mod locks_workload;
 pub mod net;
 pub mod scale;
 pub mod sched_workload;

@@ -38,6 +38,8 @@ pub enum Workload {
     Cache,
     /// The bucketed executor ([`crate::exec_workload`]).
     Exec,
+    /// The cluster locks ([`crate::locks_workload`]).
+    Locks,
     /// The cluster scheduler ([`crate::sched_workload`]).
     Sched,
     /// Near and replicated copies converge ([`crate::copies_workload`]).
@@ -46,13 +48,20 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload.
-    pub const ALL: &'static [Self] = &[Self::Cache, Self::Exec, Self::Sched, Self::Copies];
+    pub const ALL: &'static [Self] = &[
+        Self::Cache,
+        Self::Exec,
+        Self::Locks,
+        Self::Sched,
+        Self::Copies,
+    ];
 
     /// Its name on the command line.
     pub fn name(self) -> &'static str {
         match self {
             Self::Cache => "cache",
             Self::Exec => "exec",
+            Self::Locks => "locks",
             Self::Sched => "sched",
             Self::Copies => "copies",
         }
@@ -69,6 +78,7 @@ pub fn run(opts: &RunOptions) -> SeedReport {
     match opts.workload {
         Workload::Cache => crate::cache_workload::run(opts),
         Workload::Exec => crate::exec_workload::run(opts),
+        Workload::Locks => crate::locks_workload::run(opts),
         Workload::Sched => crate::sched_workload::run(opts),
         Workload::Copies => crate::copies_workload::run(opts),
     }

@@ -55,6 +55,25 @@ fn regression_seed_0_cut_off_coordinator_shrinks_the_cluster_to_itself() {
     check(0, 30);
 }
 
+/// The locks workload (`sim --workload locks`): two fixed seeds.
+#[test]
+fn locks_fixed_seeds_pass() {
+    for seed in [1, 8] {
+        check_workload(Workload::Locks, seed, 20);
+    }
+}
+
+/// Locks (wire faults, a one-way cut, a leave): two holders of one lock with growing
+/// tokens, the earlier one believing it held the lock after the next two grants. Read as a
+/// grant from the queue that arrived late and was believed from its arrival (the holder
+/// counted a queued grant's lease from its arrival, less a tenth of the lease); passes
+/// since the holder counts the lease from the request that got the grant (grid-lock
+/// `attempt`, and `tests/locks.rs` reproduces the late grant directly).
+#[test]
+fn regression_locks_seed_109_late_grant_from_the_queue() {
+    check_workload(Workload::Locks, 109, 30);
+}
+
 /// A split of two members from three: the old coordinator, on the minority side, went on
 /// publishing tables until it saw the majority fail, under the same version numbers as the
 /// majority's new coordinator; at the heal, the majority's coordinator adopted the old

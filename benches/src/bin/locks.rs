@@ -11,12 +11,15 @@
 //! - keyed: `--tasks` tasks on `--keys` keys of one `KeyedLock<u64>` (random keys, seeded):
 //!   acquire + release per second (grid only: for redis it is the uncontended idiom).
 //!
-//! etcd is not measured: no etcd server is installed here and the bench does not bring a
-//! client for it; `uncontended_per_s_etcd` is `null`.
+//! - etcd (built with `--features etcd`): the uncontended scenario against `etcd` (Debian
+//!   package etcd-server, started by the bench on free loopback ports with a temporary data
+//!   directory), through the `etcd-client` crate: each task takes a lease once, then
+//!   `Lock(name, lease)` + `Unlock(key)` on its own name. Without the feature, or without
+//!   etcd installed, `uncontended_per_s_etcd` is `null`.
 //!
 //! ```sh
-//! scripts/install-bench-deps.sh        # redis-server (Debian package), once
-//! cargo run --release -p grid-bench --bin locks -- --json
+//! scripts/install-bench-deps.sh        # redis-server, etcd-server, protobuf-compiler, once
+//! cargo run --release -p grid-bench --bin locks --features etcd -- --json
 //! ```
 //!
 //! With `--json` the last line of stdout is one JSON object (`uncontended_per_s_grid`,
@@ -67,6 +70,9 @@ struct Args {
     /// Skip redis even when redis-server is installed.
     #[arg(long)]
     no_redis: bool,
+    /// Skip etcd even when built with it and etcd is installed.
+    #[arg(long)]
+    no_etcd: bool,
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -275,6 +281,116 @@ async fn redis_runs(args: &Args, client: &redis::Client) -> anyhow::Result<(Run,
     Ok((uncontended, contended))
 }
 
+// ---- etcd ----
+
+#[cfg(feature = "etcd")]
+mod etcd {
+    use std::time::{Duration, Instant};
+
+    use etcd_client::{Client, LockOptions};
+
+    use super::{drive, Args, Run};
+
+    /// An etcd server on free loopback ports with a temporary data directory; killed and its
+    /// directory removed when dropped.
+    pub(crate) struct EtcdServer {
+        child: std::process::Child,
+        dir: std::path::PathBuf,
+        pub(crate) endpoint: String,
+    }
+
+    impl Drop for EtcdServer {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn free_port() -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    }
+
+    impl EtcdServer {
+        /// Starts one and waits until it answers; `None` when etcd is not installed.
+        pub(crate) async fn start() -> anyhow::Result<Option<(Self, Client)>> {
+            let (client_port, peer_port) = (free_port()?, free_port()?);
+            let dir = std::env::temp_dir().join(format!("grid-bench-etcd-{}", std::process::id()));
+            let client_url = format!("http://127.0.0.1:{client_port}");
+            let peer_url = format!("http://127.0.0.1:{peer_port}");
+            let child = match std::process::Command::new("etcd")
+                .args(["--name", "bench"])
+                .arg("--data-dir")
+                .arg(&dir)
+                .args(["--listen-client-urls", &client_url])
+                .args(["--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &format!("bench={peer_url}")])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+            {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(anyhow::Error::new(e).context("starting etcd")),
+            };
+            let mut server = Self {
+                child,
+                dir,
+                endpoint: client_url,
+            };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(status) = server.child.try_wait()? {
+                    anyhow::bail!("etcd exited at start-up: {status}");
+                }
+                let attempt = async {
+                    let mut c = Client::connect([server.endpoint.as_str()], None).await?;
+                    c.status().await?;
+                    anyhow::Ok(c)
+                };
+                if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(2), attempt).await {
+                    return Ok(Some((server, c)));
+                }
+                if Instant::now() > deadline {
+                    anyhow::bail!("etcd did not answer within 20 s");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// The uncontended scenario: each task takes a lease (10 s, kept alive by nobody: the
+    /// run is shorter) once, then locks and unlocks a name of its own.
+    pub(crate) async fn uncontended(args: &Args, client: &Client) -> anyhow::Result<Run> {
+        let mut leases = Vec::with_capacity(args.tasks);
+        let mut c = client.clone();
+        for _ in 0..args.tasks {
+            let ttl = (args.warmup + args.seconds) as i64 + 30;
+            leases.push(c.lease_grant(ttl, None).await?.id());
+        }
+        let client = client.clone();
+        drive(args, move |i| {
+            let mut c = client.clone();
+            let lease = leases[i];
+            async move {
+                let name = format!("uncontended-{i}");
+                let t0 = Instant::now();
+                let held = c
+                    .lock(name, Some(LockOptions::new().with_lease(lease)))
+                    .await?;
+                c.unlock(held.key().to_vec()).await?;
+                Ok(t0.elapsed())
+            }
+        })
+        .await
+    }
+}
+
 #[derive(Serialize)]
 struct Report {
     uncontended_per_s_grid: f64,
@@ -295,9 +411,40 @@ struct Report {
     max_over_p50_wait_redis: Option<f64>,
     keyed_p50_us_grid: f64,
     keyed_p99_us_grid: f64,
+    uncontended_p50_us_etcd: Option<f64>,
+    uncontended_p99_us_etcd: Option<f64>,
     tasks: usize,
     seconds: f64,
     redis_retry_ms: u64,
+}
+
+/// The etcd reference, if built with it (`--features etcd`) and etcd is installed.
+async fn etcd_run(args: &Args) -> anyhow::Result<Option<Run>> {
+    if args.no_etcd {
+        return Ok(None);
+    }
+    #[cfg(feature = "etcd")]
+    {
+        match etcd::EtcdServer::start().await? {
+            Some((server, client)) => {
+                let run = etcd::uncontended(args, &client).await?;
+                eprintln!("etcd uncontended: {run:?}");
+                drop(server);
+                Ok(Some(run))
+            }
+            None => {
+                eprintln!("etcd not installed (scripts/install-bench-deps.sh): no etcd reference");
+                Ok(None)
+            }
+        }
+    }
+    #[cfg(not(feature = "etcd"))]
+    {
+        eprintln!(
+            "built without the etcd reference (--features etcd): uncontended_per_s_etcd is null"
+        );
+        Ok(None)
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -323,11 +470,12 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         };
+        let etcd = etcd_run(&args).await?;
         let ratio = |r: &Run| r.max_us / r.p50_us.max(1.0);
         let report = Report {
             uncontended_per_s_grid: u.per_s,
             uncontended_per_s_redis: redis.as_ref().map(|r| r.0.per_s),
-            uncontended_per_s_etcd: None,
+            uncontended_per_s_etcd: etcd.as_ref().map(|r| r.per_s),
             handoffs_per_s_grid: c.per_s,
             handoffs_per_s_redis: redis.as_ref().map(|r| r.1.per_s),
             p50_wait_us_grid: c.p50_us,
@@ -343,6 +491,8 @@ fn main() -> anyhow::Result<()> {
             max_over_p50_wait_redis: redis.as_ref().map(|r| ratio(&r.1)),
             keyed_p50_us_grid: k.p50_us,
             keyed_p99_us_grid: k.p99_us,
+            uncontended_p50_us_etcd: etcd.as_ref().map(|r| r.p50_us),
+            uncontended_p99_us_etcd: etcd.as_ref().map(|r| r.p99_us),
             tasks: args.tasks,
             seconds: args.seconds,
             redis_retry_ms: args.redis_retry_ms,
@@ -357,6 +507,12 @@ fn main() -> anyhow::Result<()> {
                 .map(|r| format!("{:.0}/s (p50 {} us, p99 {} us)", r.0.per_s, r.0.p50_us, r.0.p99_us))
                 .unwrap_or_else(|| "-".into())
         );
+        if let Some(e) = &etcd {
+            println!(
+                "uncontended: etcd {:.0}/s (p50 {} us, p99 {} us)",
+                e.per_s, e.p50_us, e.p99_us
+            );
+        }
         println!(
             "contended: grid {:.0} hand-offs/s (wait p50 {} us, p99 {} us, max/p50 {:.1}), redis {}",
             c.per_s,

@@ -177,9 +177,8 @@ impl ReplicaState {
         // the cluster's tables superseded at the heal. The cluster's copy replaces it
         // (else every copy is refused for ever and the cluster never settles: sched
         // workload, seed 18).
-        let forked = view.epoch < self.epoch
-            && view.version > self.epoch
-            && sender.epoch >= view.epoch;
+        let forked =
+            view.epoch < self.epoch && view.version > self.epoch && sender.epoch >= view.epoch;
         if older && !replaceable && !forked {
             return CopyVerdict::Older;
         }
@@ -381,7 +380,10 @@ mod tests {
             owner: Some("a"),
             epoch: 12,
         };
-        assert_ne!(st.judge_copy(&before, &from_a(4_100), 7), CopyVerdict::Install);
+        assert_ne!(
+            st.judge_copy(&before, &from_a(4_100), 7),
+            CopyVerdict::Install
+        );
     }
 
     /// The paused owner: "a" owned the partition in table 10 and was paused; "b", its

@@ -6,6 +6,7 @@
 //! sim --workload cache --seeds 10000 --members 5 --minutes 2 [--json] [--jobs 2]
 //! sim --workload cache --seed 42 --members 5 --seconds 120     # one seed, as reported
 //! sim --workload exec --seeds 100 --members 5 --minutes 1       # the bucketed executor
+//! sim --workload locks --seeds 24 --members 5 --seconds 30      # the cluster locks
 //! sim --workload sched --seeds 24 --seconds 30                  # the cluster scheduler
 //! ```
 
@@ -21,9 +22,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Parser, Debug)]
 #[command(about = "Deterministic simulation of a grid cluster under random faults")]
 struct Args {
-    /// Workload: `cache`, `exec` (the bucketed executor), `sched` (the scheduler), `copies`
-    /// (near and replicated copies converge), or `scale` (the figures of `--members`
-    /// members).
+    /// Workload: `cache`, `exec` (the bucketed executor), `locks`, `sched` (the scheduler),
+    /// `copies` (near and replicated copies converge), or `scale` (the figures of
+    /// `--members` members).
     #[arg(long, default_value = "cache")]
     workload: String,
     /// How many seeds to run (from --first-seed).
