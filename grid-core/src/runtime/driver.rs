@@ -148,12 +148,28 @@ async fn coordinate(
     drains: &mut mpsc::Receiver<Drain>,
     gate: &mut TakeoverGate,
 ) -> bool {
-    info!("this member is now the partition coordinator");
-    let newest = newest_table(rt).await;
+    info!(member = %rt.inner.me, "this member is now the partition coordinator");
+    let (newest, asked, answered) = newest_table(rt).await;
+    // Planning from a table most of the view did not confirm risks planning from a stale
+    // one (a member back from a split whose connections are still being dialled): its
+    // tables would rank below the cluster's and its first one could hand partitions to
+    // the wrong side (exec workload, seed 18). Ask again shortly.
+    // Counted over the members of the recent tables (the takeover gate's reference), or
+    // over the view once the gate let a minority proceed; tables of one or two exempt.
+    let reference = if gate.in_minority() {
+        asked + 1
+    } else {
+        gate.reference().max(asked + 1)
+    };
+    if reference > 2 && (answered + 1) * 2 <= reference {
+        info!(member = %rt.inner.me, asked, answered, reference, "too few members answered for the newest table; asking again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        return true;
+    }
     // Asking the others takes up to their timeout: the view may have changed meanwhile (a
     // member cut off sees the rest fail during that wait; seed 0 of the cache workload).
     if !may_coordinate(rt, gate) {
-        info!("this member is no longer the coordinator");
+        info!(member = %rt.inner.me, "this member is no longer the coordinator");
         return true;
     }
     let mut c = Coordinator::new(
@@ -173,6 +189,18 @@ async fn coordinate(
     let mut last_publish = Instant::now() - PUBLISH_INTERVAL;
     let mut repush = tokio::time::interval(REPUSH_INTERVAL);
     loop {
+        // A newer table than this coordinator's own: another coordinator published it (the
+        // other side of a split, or one that took over while this member was cut off, and
+        // `newest_table` did not reach it in time). Tables older than it are never applied,
+        // so planning from this one would go on for ever (sim, locks and sched workloads,
+        // seed 18: migrations refused at every retry, the cluster never settled). Start
+        // over from the newest table, in a term above it.
+        let applied = rt.table().version();
+        if applied > c.published().version() {
+            info!(member = %rt.inner.me, applied, published = c.published().version(), "a newer table than this coordinator's: starting over from it");
+            rt.inner.status.send_replace(CoordinatorStatus::default());
+            return true;
+        }
         for e in effects.drain(..) {
             carry_out(rt, &c, e, &results_tx, &mut last_publish);
         }
@@ -196,7 +224,7 @@ async fn coordinate(
                     return false;
                 }
                 if !may_coordinate(rt, gate) {
-                    info!("this member is no longer the coordinator");
+                    info!(member = %rt.inner.me, "this member is no longer the coordinator");
                     rt.inner.status.send_replace(CoordinatorStatus::default());
                     return true;
                 }
@@ -240,7 +268,9 @@ async fn coordinate(
 }
 
 /// The newest table any live member holds (a new coordinator continues from it).
-async fn newest_table(rt: &Runtime) -> PartitionTable {
+/// The newest table among this member's and those of the members in its view, with how
+/// many members were asked and how many answered.
+async fn newest_table(rt: &Runtime) -> (PartitionTable, usize, usize) {
     let mut newest = (*rt.table()).clone();
     let asks = rt
         .inner
@@ -260,11 +290,15 @@ async fn newest_table(rt: &Runtime) -> PartitionTable {
                 )
                 .await
                 .ok()
-                .and_then(|m| m.table)
+                .map(|m| m.table)
             }
         })
         .collect::<Vec<_>>();
-    for t in futures::future::join_all(asks).await.into_iter().flatten() {
+    let asked = asks.len();
+    // An answer without a table (a member that has none yet) counts as an answer.
+    let answers: Vec<Option<Option<PartitionTable>>> = futures::future::join_all(asks).await;
+    let answered = answers.iter().filter(|a| a.is_some()).count();
+    for t in answers.into_iter().flatten().flatten() {
         if t.version() > newest.version()
             && t.version() < u64::MAX
             && t.partitions() == newest.partitions()
@@ -273,7 +307,7 @@ async fn newest_table(rt: &Runtime) -> PartitionTable {
             newest = t;
         }
     }
-    newest
+    (newest, asked, answered)
 }
 
 /// How long a failed migration waits before the coordinator hears of it (and retries).
