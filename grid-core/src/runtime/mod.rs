@@ -941,7 +941,17 @@ impl Runtime {
         // that takes over starts far ahead of the one before (`first_version_of_term`).
         let alone = self.table().members().iter().all(|m| *m == self.inner.me);
         let own = alone && current.as_ref().is_none_or(|c| *c == self.inner.me);
-        let adopt = own && *source != self.inner.me && coordinator.as_ref() == Some(source);
+        let from_coordinator = *source != self.inner.me && coordinator.as_ref() == Some(source);
+        // Two tables of one version: two members coordinated at once (members that formed
+        // a cluster before they saw an older one, each publishing its first table). Equal
+        // versions are never "newer", so without this the two groups keep their tables
+        // for ever (locks workload, seeds 68, 132, 242: the cluster never formed); the
+        // coordinator's wins.
+        let tie = {
+            let ours = self.table();
+            table.version() == ours.version() && table != *ours
+        };
+        let adopt = from_coordinator && (own || tie);
         if table.version() > self.table().version() || adopt {
             *current = Some(source.clone());
             drop(current);
