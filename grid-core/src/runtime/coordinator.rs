@@ -188,6 +188,12 @@ impl Coordinator {
         // Moves to a destination that died are moot (a late answer is ignored).
         self.pending.retain(|(_, d)| alive.contains(&**d));
         self.in_flight.retain(|(_, d)| alive.contains(&**d));
+        // So are moves to a member that became a replica meanwhile (a backup promoted to
+        // owner when the owner died): copying to it would copy from it to itself, refused
+        // at every retry (locks workload, seed 35: the cluster never settled).
+        let published = &self.published;
+        self.in_flight
+            .retain(|(p, d)| published.rank_of(*p, d).is_none());
         // 2. Head for the plan from here.
         self.target = PartitionTable::plan(&self.published, members, &self.config);
         let moves: BTreeSet<(u32, Arc<str>)> = data_moves(&self.published, &self.target)
@@ -249,6 +255,9 @@ impl Coordinator {
             let Some(source) = self.published.owner(next.0).cloned() else {
                 continue;
             };
+            if self.published.rank_of(next.0, &next.1).is_some() {
+                continue; // already a replica: nothing to copy
+            }
             self.in_flight.insert(next.clone());
             self.stats.started += 1;
             effects.push(Effect::Migrate {
@@ -291,7 +300,8 @@ impl Coordinator {
         if !self.in_flight.remove(&key) {
             return effects; // superseded by a membership change
         }
-        let wanted = self.target.rank_of(partition, destination).is_some();
+        let wanted = self.target.rank_of(partition, destination).is_some()
+            && self.published.rank_of(partition, destination).is_none();
         if ok {
             self.stats.completed += 1;
         } else {
